@@ -1,0 +1,67 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The contracts adapters share.
+"""
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IMessageStore"]
+
+
+class IMessageStore(Interface):
+    """
+    Durable home of rooms and messages, and the one place that assigns
+    per-room sequence numbers.
+
+    Every method returns a Deferred; none blocks the reactor thread.
+    """
+
+    description = Attribute("A short human-readable name, e.g. 'memory'.")
+
+    def load_rooms():
+        """
+        @return: Deferred firing with a list of C{(name, last_seq)} tuples.
+        """
+
+    def create_room(name):
+        """
+        Create a room with no messages.
+
+        @return: Deferred firing with C{None}.
+        """
+
+    def append(room, nick, body, ts_ms, client_id):
+        """
+        Store a message, giving it the room's next seq (last seq + 1).
+
+        If C{client_id} is not C{None} and a message with that
+        C{client_id} is already stored in C{room}, store nothing.
+
+        @return: Deferred firing with C{(message, created)} where
+            C{message} is the stored L{chatd.core.Message} (the original one
+            when C{created} is C{False}).  It fires only after the message
+            is committed.
+        """
+
+    def read_after(room, after, limit):
+        """
+        Read stored messages with seq greater than C{after}.
+
+        @return: Deferred firing with C{(messages, first_seq)}: at most
+            C{limit} messages in seq order, and the oldest seq still held
+            for the room (the next seq to be issued, if none is held).
+        """
+
+    def read_before(room, before, limit):
+        """
+        Read the newest C{limit} messages with seq less than C{before}.
+
+        @return: Deferred firing with a list of messages in seq order.
+        """
+
+    def close():
+        """
+        Release connections and files.
+
+        @return: Deferred firing when done.
+        """

@@ -1,0 +1,98 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+A store that keeps a bounded number of each room's newest messages in
+memory and forgets everything on restart.  For tests and throwaway servers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from chatd.core import Message
+from chatd.interfaces import IMessageStore
+
+__all__ = ["MemoryStore"]
+
+
+class _RoomLog:
+    def __init__(self, retain: int) -> None:
+        self.last_seq = 0
+        self.messages: Deque[Message] = deque()
+        self.by_client_id: Dict[str, Message] = {}
+        self.retain = retain
+
+    def first_seq(self) -> int:
+        return self.messages[0].seq if self.messages else self.last_seq + 1
+
+
+@implementer(IMessageStore)
+class MemoryStore:
+    """
+    Keeps the newest C{retain} messages of each room; older ones are gone,
+    and so is their C{client_id} de-duplication.
+
+    @param retain: how many messages to keep per room.
+    """
+
+    description = "memory"
+
+    def __init__(self, retain: int = 500) -> None:
+        if retain < 1:
+            raise ValueError("retain must be at least 1")
+        self._retain = retain
+        self._rooms: Dict[str, _RoomLog] = {}
+
+    def load_rooms(self) -> Deferred:
+        return succeed([(name, log.last_seq) for name, log in self._rooms.items()])
+
+    def create_room(self, name: str) -> Deferred:
+        self._rooms.setdefault(name, _RoomLog(self._retain))
+        return succeed(None)
+
+    def append(
+        self,
+        room: str,
+        nick: str,
+        body: str,
+        ts_ms: int,
+        client_id: Optional[str],
+    ) -> Deferred:
+        log = self._rooms[room]
+        if client_id is not None and client_id in log.by_client_id:
+            return succeed((log.by_client_id[client_id], False))
+        log.last_seq += 1
+        message = Message(room, log.last_seq, nick, body, ts_ms, client_id)
+        log.messages.append(message)
+        if client_id is not None:
+            log.by_client_id[client_id] = message
+        if len(log.messages) > log.retain:
+            old = log.messages.popleft()
+            if old.client_id is not None:
+                log.by_client_id.pop(old.client_id, None)
+        return succeed((message, True))
+
+    def read_after(self, room: str, after: int, limit: int) -> Deferred:
+        log = self._rooms[room]
+        first = log.first_seq()
+        start = max(after + 1 - first, 0)
+        messages = log.messages
+        end = min(len(messages), start + limit)
+        result: Tuple[List[Message], int] = (
+            [messages[i] for i in range(start, end)],
+            first,
+        )
+        return succeed(result)
+
+    def read_before(self, room: str, before: int, limit: int) -> Deferred:
+        log = self._rooms[room]
+        first = log.first_seq()
+        end = min(max(before - first, 0), len(log.messages))
+        start = max(end - limit, 0)
+        return succeed([log.messages[i] for i in range(start, end)])
+
+    def close(self) -> Deferred:
+        return succeed(None)

@@ -1,0 +1,472 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+The HTTP adapter: HTML pages, the JSON/JSONP long-poll and POST API, the
+tutorial-compatible long-poll endpoint, static files, and the doorway to
+the WebSocket at C{/ws/<room>}.
+
+Every API error is a specific 4xx (or 500) with a JSON body
+C{{"error": CODE, "detail": TEXT}}; no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+from urllib.parse import parse_qs
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, NoResource
+from twisted.web.static import File
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from chatd.core import Batch, ChatCore, ChatError, Message, Room, encode_json, parse_cursor
+
+__all__ = ["ChatWeb", "MAX_REQUEST_BODY", "make_environment"]
+
+#: The largest request body read from a client, in bytes.
+MAX_REQUEST_BODY = 64 * 1024
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+DEFAULT_TIMEOUT = 25.0
+MAX_TIMEOUT = 60.0
+
+_CALLBACK = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*(?:\.[A-Za-z_$][A-Za-z0-9_$]*)*\Z")
+_MAX_CALLBACK = 64
+
+_JSON = b"application/json; charset=utf-8"
+_JAVASCRIPT = b"application/javascript; charset=utf-8"
+_HTML = b"text/html; charset=utf-8"
+
+# Pages may run scripts and open connections only to chatd itself.
+_CSP = (
+    b"default-src 'self'; script-src 'self'; style-src 'self'; "
+    b"img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+    b"form-action 'self'; frame-ancestors 'none'; object-src 'none'"
+)
+
+# Reason phrases twisted.web does not know.
+_REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}
+
+_HTTP_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+}
+
+
+def make_environment(templates: Path) -> Environment:
+    """
+    The Jinja2 environment for chatd's pages: autoescaping on, templates
+    from C{templates}.
+    """
+    return Environment(
+        loader=FileSystemLoader(str(templates)),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        auto_reload=False,
+    )
+
+
+def _query(request: IRequest, name: str) -> Optional[str]:
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ChatError("invalid_parameter", f"{name} is not valid UTF-8.")
+
+
+def _bounded_int(
+    request: IRequest, name: str, default: int, low: int, high: int
+) -> int:
+    value = _query(request, name)
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or int(value) < low:
+        raise ChatError(
+            "invalid_parameter", f"{name} must be a whole number of at least {low}."
+        )
+    return min(int(value), high)
+
+
+def _bounded_seconds(request: IRequest, name: str, default: float, high: float) -> float:
+    value = _query(request, name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ChatError("invalid_parameter", f"{name} must be a number of seconds >= 0.")
+    return min(seconds, high)
+
+
+def _callback(request: IRequest) -> Optional[bytes]:
+    """
+    The JSONP callback name, if any; never reflected unless it is a plain
+    JavaScript identifier path.
+    """
+    value = _query(request, "callback")
+    if value is None:
+        return None
+    if len(value) > _MAX_CALLBACK or not _CALLBACK.match(value):
+        raise ChatError(
+            "invalid_callback",
+            "callback must be a JavaScript identifier path "
+            "(letters, digits, '_', '$' and dots; at most 64 characters).",
+        )
+    return value.encode("ascii")
+
+
+def _read_body(request: IRequest) -> bytes:
+    length = request.getHeader(b"content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BODY:
+        raise ChatError(
+            "request_too_large",
+            f"The request body is over {MAX_REQUEST_BODY} bytes.",
+            413,
+        )
+    body = request.content.read(MAX_REQUEST_BODY + 1)
+    if len(body) > MAX_REQUEST_BODY:
+        raise ChatError(
+            "request_too_large",
+            f"The request body is over {MAX_REQUEST_BODY} bytes.",
+            413,
+        )
+    return body
+
+
+def _form_or_json(request: IRequest) -> Dict[str, Any]:
+    """
+    The fields of a POST body: a JSON object, or an URL-encoded form.
+
+    @raise ChatError: 400 for a malformed body, 413 for a large one, 415
+        for any other content type.
+    """
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0]
+    content_type = content_type.strip().lower()
+    body = _read_body(request)
+    if content_type == b"application/json":
+        try:
+            fields = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ChatError("invalid_json", "The request body is not valid JSON.")
+        if not isinstance(fields, dict):
+            raise ChatError("invalid_json", "The request body must be a JSON object.")
+        return fields
+    if content_type == b"application/x-www-form-urlencoded":
+        try:
+            form = parse_qs(
+                body.decode("ascii"), keep_blank_values=True, strict_parsing=False,
+                encoding="utf-8", errors="strict",
+            )
+        except (UnicodeDecodeError, ValueError):
+            raise ChatError("invalid_form", "The form is not valid URL-encoded UTF-8.")
+        return {key: values[-1] for key, values in form.items()}
+    raise ChatError(
+        "unsupported_media_type",
+        "Send application/json or application/x-www-form-urlencoded.",
+        415,
+    )
+
+
+def _room_info(room: Room) -> dict:
+    return {"name": room.name, "last_seq": room.last_seq, "clients": room.clients}
+
+
+class _StaticFiles(File):
+    """
+    Static files without directory listings.
+    """
+
+    def directoryListing(self) -> IResource:
+        return NoResource()
+
+
+class ChatWeb:
+    """
+    The Klein application.  State lives on the instance; the route table
+    on the class.
+
+    @param core: the chat core.
+    @param env: the Jinja2 environment for pages.
+    @param static: the folder of static files.
+    @param websocket: the resource that takes over a C{/ws/<room>} request.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        core: ChatCore,
+        env: Environment,
+        static: Path,
+        websocket: IResource,
+    ) -> None:
+        self._core = core
+        self._static = _StaticFiles(str(static))
+        self._websocket = websocket
+        # Loaded once here, never per request.
+        self._index = env.get_template("index.html")
+        self._room_page = env.get_template("room.html")
+        self._error_page = env.get_template("error.html")
+
+    def resource(self) -> IResource:
+        """
+        The root resource to serve.
+        """
+        return self.app.resource()
+
+    # -- responses -----------------------------------------------------------
+
+    def _json(
+        self, request: IRequest, body: bytes, status: int = 200, jsonp: bool = True
+    ) -> bytes:
+        callback = _callback(request) if jsonp else None
+        request.setResponseCode(status, _REASONS.get(status))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-store")
+        if callback is not None:
+            request.setHeader(b"content-type", _JAVASCRIPT)
+            return callback + b"(" + body + b");"
+        request.setHeader(b"content-type", _JSON)
+        return body
+
+    def _page(self, request: IRequest, template: Any, status: int = 200, **context: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", _HTML)
+        request.setHeader(b"content-security-policy", _CSP)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"x-frame-options", b"DENY")
+        request.setHeader(b"referrer-policy", b"same-origin")
+        return template.render(**context).encode("utf-8")
+
+    @app.handle_errors(ChatError)
+    def _chat_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: ChatError = failure.value
+        return self._error_json(request, error.status, error.code, error.detail)
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: HTTPException = failure.value
+        status = error.code or 500
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
+        code = _HTTP_ERROR_CODES.get(status, "http_error")
+        detail = error.description or error.name
+        return self._error_json(request, status, code, detail)
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure("Unhandled error serving {uri}", failure, uri=request.uri)
+        return self._error_json(
+            request, 500, "internal_error", "The server failed to handle this request."
+        )
+
+    def _error_json(self, request: IRequest, status: int, code: str, detail: str) -> bytes:
+        body = encode_json({"error": code, "detail": detail})
+        return self._json(request, body, status, jsonp=False)
+
+    # -- pages ---------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def index(self, request: IRequest) -> bytes:
+        """
+        The room list and the create-room form.
+        """
+        rooms = [_room_info(room) for room in self._core.rooms()]
+        return self._page(request, self._index, rooms=rooms)
+
+    def _chat_page(self, request: IRequest, name: str, transport: str) -> bytes:
+        try:
+            room = self._core.room(name)
+        except ChatError as e:
+            return self._page(
+                request, self._error_page, e.status, title="No such room", detail=e.detail
+            )
+        return self._page(request, self._room_page, room=_room_info(room), transport=transport)
+
+    @app.route("/rooms/<room>", methods=["GET"])
+    def room_page(self, request: IRequest, room: str) -> bytes:
+        """
+        A room's chat page, over WebSocket.
+        """
+        return self._chat_page(request, room, "websocket")
+
+    @app.route("/rooms/<room>/longpoll", methods=["GET"])
+    def longpoll_page(self, request: IRequest, room: str) -> bytes:
+        """
+        A room's chat page, over long-poll.
+        """
+        return self._chat_page(request, room, "longpoll")
+
+    @app.route("/static/", branch=True, methods=["GET"])
+    def static(self, request: IRequest) -> IResource:
+        """
+        JavaScript and CSS.
+        """
+        return self._static
+
+    # -- rooms API -----------------------------------------------------------
+
+    @app.route("/api/rooms", methods=["GET"])
+    def list_rooms(self, request: IRequest) -> bytes:
+        """
+        C{{"rooms": [{"name", "last_seq", "clients"}, ...]}}.
+        """
+        rooms = [_room_info(room) for room in self._core.rooms()]
+        return self._json(request, encode_json({"rooms": rooms}))
+
+    @app.route("/api/rooms", methods=["POST"])
+    def create_room(self, request: IRequest) -> Deferred:
+        """
+        Create a room from C{{"name": ...}} (JSON or form): 201, or 303 to
+        the room's page for a form.
+        """
+        fields = _form_or_json(request)
+        is_form = not (request.getHeader(b"content-type") or b"").lower().startswith(
+            b"application/json"
+        )
+
+        def created(room: Room) -> bytes:
+            location = f"/rooms/{room.name}".encode("ascii")
+            if is_form:
+                request.setResponseCode(303)
+                request.setHeader(b"location", location)
+                return b""
+            request.setHeader(b"location", b"/api/rooms/" + room.name.encode("ascii"))
+            return self._json(request, encode_json(_room_info(room)), 201, jsonp=False)
+
+        return self._core.create_room(fields.get("name")).addCallback(created)
+
+    @app.route("/api/rooms/<room>", methods=["GET"])
+    def room_info(self, request: IRequest, room: str) -> bytes:
+        """
+        One room's C{{"name", "last_seq", "clients"}}.
+        """
+        return self._json(request, encode_json(_room_info(self._core.room(room))))
+
+    # -- messages API --------------------------------------------------------
+
+    @app.route("/api/rooms/<room>/messages", methods=["GET"])
+    def get_messages(self, request: IRequest, room: str) -> Deferred:
+        """
+        Long-poll for messages after C{after}, or page back before
+        C{before}.
+        """
+        self._core.room(room)
+        _callback(request)  # refuse a bad callback before waiting
+        after = parse_cursor(_query(request, "after"), "after")
+        before = parse_cursor(_query(request, "before"), "before")
+        limit = _bounded_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        if before is not None:
+            if after is not None:
+                raise ChatError("invalid_parameter", "Give after or before, not both.")
+            d = self._core.read_before(room, before, limit)
+        else:
+            timeout = _bounded_seconds(request, "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT)
+            d = self._core.wait(room, after, limit, timeout)
+
+        def respond(batch: Batch) -> bytes:
+            return self._json(request, batch.json)
+
+        return d.addCallback(respond)
+
+    @app.route("/api/rooms/<room>/messages", methods=["POST"])
+    def post_message(self, request: IRequest, room: str) -> Deferred:
+        """
+        Post C{{"nick", "body", "client_id"}} (JSON or form); 201 with the
+        stored message once it is committed.
+        """
+        self._core.room(room)
+        fields = _form_or_json(request)
+        d = self._core.post(room, fields.get("nick"), fields.get("body"), fields.get("client_id"))
+
+        def respond(message: Message) -> bytes:
+            return self._json(request, message.json, 201, jsonp=False)
+
+        return d.addCallback(respond)
+
+    # -- WebSocket -----------------------------------------------------------
+
+    @app.route("/ws/<room>", methods=["GET"])
+    def websocket(self, request: IRequest, room: str) -> IResource:
+        """
+        Hand a WebSocket upgrade for an existing room to Autobahn.
+        """
+        self._core.room(room)
+        parse_cursor(_query(request, "after"), "after")
+        upgrade = request.getHeader(b"upgrade") or b""
+        if upgrade.lower() != b"websocket":
+            request.setHeader(b"upgrade", b"websocket")
+            raise ChatError(
+                "upgrade_required", "This is a WebSocket endpoint; connect with ws://.", 426
+            )
+        return self._websocket
+
+    # -- the tutorial's long-poll protocol -----------------------------------
+
+    def _tutorial(self, request: IRequest, payload: dict) -> bytes:
+        # Cross-origin, as in the tutorial: the page is served by another
+        # origin and reads these answers.  No credentials are involved.
+        request.setHeader(b"access-control-allow-origin", b"*")
+        return self._json(request, json.dumps(payload).encode("ascii"))
+
+    @app.route("/rooms/<room>/poll", methods=["GET"])
+    def tutorial_poll(self, request: IRequest, room: str) -> Any:
+        """
+        The tutorial's long-poll: one message after cursor C{lastupdate}
+        (the previous answer's C{timestamp}, which is a seq here).
+        """
+        self._core.room(room)
+        _callback(request)
+        raw = _query(request, "lastupdate")
+        if raw is None or raw == "-1":
+            return self._tutorial(
+                request, {"status": 1, "timestamp": 0, "data": "connected..."}
+            )
+        after = parse_cursor(raw, "lastupdate")
+        # The tutorial holds the request until a message exists; a client
+        # may ask for a bound with ?timeout=.
+        timeout: Optional[float] = None
+        if _query(request, "timeout") is not None:
+            timeout = _bounded_seconds(request, "timeout", 0, MAX_TIMEOUT)
+
+        def respond(batch: Batch) -> bytes:
+            if not batch.messages:
+                # Only reached with an explicit ?timeout=: no news, same cursor.
+                return self._tutorial(
+                    request, {"status": 0, "timestamp": after, "data": ""}
+                )
+            message = batch.messages[0]
+            return self._tutorial(
+                request, {"status": 1, "timestamp": message.seq, "data": message.body}
+            )
+
+        return self._core.wait(room, after, 1, timeout).addCallback(respond)
+
+    @app.route("/rooms/<room>/poll", methods=["POST"])
+    def tutorial_post(self, request: IRequest, room: str) -> Deferred:
+        """
+        The tutorial's post: form field C{new_message}.
+        """
+        self._core.room(room)
+        request.setHeader(b"access-control-allow-origin", b"*")
+        fields = _form_or_json(request)
+        d = self._core.post(room, fields.get("nick"), fields.get("new_message"))
+
+        def respond(message: Message) -> bytes:
+            return self._tutorial(
+                request, {"status": 1, "timestamp": message.seq, "data": message.body}
+            )
+
+        return d.addCallback(respond)
