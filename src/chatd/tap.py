@@ -14,11 +14,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from chatd._paths import find_data_dir
 from chatd._version import __version__
@@ -130,6 +131,25 @@ class Options(usage.Options):
                 self[name] = path
 
 
+@implementer(IStreamServerEndpoint)
+class _ReportingEndpoint:
+    """
+    An endpoint that tells its owner where it ended up listening (the
+    real port number of C{tcp:0}, say).
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, on_listen: Any) -> None:
+        self._endpoint = endpoint
+        self._on_listen = on_listen
+
+    def listen(self, factory: Any) -> Deferred:
+        return self._endpoint.listen(factory).addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self._on_listen(port)
+        return port
+
+
 class ChatService(MultiService):
     """
     chatd's root service: loads the core's rooms from the store, then
@@ -137,6 +157,7 @@ class ChatService(MultiService):
 
     @ivar ready: a Deferred that fires once the core is loaded and the
         listener started.
+    @ivar ports: the listening ports, once listening.
     """
 
     log = Logger()
@@ -148,6 +169,14 @@ class ChatService(MultiService):
         self._store = store
         self._reactor = reactor
         self.ready: Optional[Deferred] = None
+        self.ports: List[IListeningPort] = []
+
+    def listening(self, port: IListeningPort) -> None:
+        """
+        Record and log a port chatd listens on.
+        """
+        self.ports.append(port)
+        self.log.info("chatd listening on {address}", address=port.getHost())
 
     def startService(self) -> None:
         Service.startService(self)
@@ -195,6 +224,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     site = Site(web.resource())
     service = ChatService(core, options["rooms"], store, reactor)
-    listener = StreamServerEndpointService(serverFromString(reactor, options["port"]), site)
+    endpoint = _ReportingEndpoint(
+        serverFromString(reactor, options["port"]), service.listening
+    )
+    listener = StreamServerEndpointService(endpoint, site)
     listener.setServiceParent(service)
     return service

@@ -76,7 +76,15 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             )
         except ChatError as e:
             self._send_error(e)
-            self.sendClose(1011, e.detail)
+            self.close_with(1011, e.detail)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """
+        Start the closing handshake with a protocol-level close code
+        (1001, 1003, 1008, ...), which Autobahn's C{sendClose} reserves for
+        itself; the handshake timeout still applies.
+        """
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def _send_message(self, message: Message) -> None:
         self.sendPreparedMessage(self.factory.prepared(message))
@@ -101,7 +109,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         the connection usable; binary frames close it (1003).
         """
         if isBinary:
-            self.sendClose(CLOSE_UNSUPPORTED_DATA, "Binary frames are not supported.")
+            self.close_with(CLOSE_UNSUPPORTED_DATA, "Binary frames are not supported.")
             return
         try:
             self._handle(payload.decode("utf-8"))
@@ -180,6 +188,9 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             # No HTML status page (and its ?redirect=) for plain GETs; the
             # web adapter answers those itself.
             webStatus=False,
+            # Send the close frame (e.g. 1009 for an oversized message) so
+            # the client learns why, instead of just dropping the socket.
+            failByDrop=False,
         )
         self._last_message: Optional[Message] = None
         self._last_prepared: Any = None

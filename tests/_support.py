@@ -1,0 +1,229 @@
+"""
+Helpers shared by chatd's tests: an in-memory web app for StubTreq, a real
+chatd on a loopback port, and a WebSocket test client that waits on
+Deferreds instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import treq
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.resource import Resource
+
+from chatd._paths import find_data_dir
+from chatd.core import ChatCore
+from chatd.store.memory import MemoryStore
+from chatd.tap import ChatService, Options, makeService
+from chatd.web import ChatWeb, make_environment
+
+
+def make_web(history: int = 500, rooms: Sequence[str] = ()) -> Tuple[ChatCore, ChatWeb, Clock]:
+    """
+    A chat core on a fake clock with its web adapter, for StubTreq.
+    """
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    core = ChatCore(MemoryStore(history), clock, history)
+    core.start(rooms)
+    templates = find_data_dir("templates")
+    static = find_data_dir("static")
+    assert templates is not None and static is not None
+    web = ChatWeb(core, make_environment(templates), static, Resource())
+    return core, web, clock
+
+
+async def start_chatd(test: TestCase, *args: str) -> Tuple[ChatService, str]:
+    """
+    Start chatd on a free loopback port, as twistd would build it.
+
+    @return: the service and its base URL, e.g. C{http://127.0.0.1:4321}.
+    """
+    options = Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", *args])
+    service = makeService(options, reactor)
+    assert isinstance(service, ChatService)
+    service.startService()
+    test.addCleanup(service.stopService)
+    await service.ready
+    port = service.ports[0].getHost().port
+    return service, f"http://127.0.0.1:{port}"
+
+
+class HTTP:
+    """
+    treq with a connection pool that is closed when the test ends.
+    """
+
+    def __init__(self, test: TestCase, base: str) -> None:
+        self.base = base
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        test.addCleanup(self.pool.closeCachedConnections)
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Tuple[int, Any, bytes]:
+        response = await treq.request(method, self.base + path, pool=self.pool, **kwargs)
+        body = await response.content()
+        return response.code, response.headers, body
+
+    async def get_json(self, path: str) -> Tuple[int, Any]:
+        code, _, body = await self.request("GET", path)
+        return code, json.loads(body)
+
+    async def post_json(self, path: str, payload: Any) -> Tuple[int, Any]:
+        code, _, body = await self.request(
+            "POST",
+            path,
+            data=json.dumps(payload).encode("utf-8"),
+            headers={"Content-Type": ["application/json"]},
+        )
+        return code, json.loads(body)
+
+
+class _ClientProtocol(WebSocketClientProtocol):
+    factory: "_ClientFactory"
+
+    def onOpen(self) -> None:
+        self.factory.client._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.client._received(json.loads(payload.decode("utf-8")))
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        self.factory.client._closed_with(code, reason)
+
+
+class _ClientFactory(WebSocketClientFactory):
+    protocol = _ClientProtocol
+    client: "WSClient"
+
+
+class WSClient:
+    """
+    A WebSocket test client that records every frame and lets a test wait
+    for the frame it expects.
+    """
+
+    def __init__(self) -> None:
+        self.frames: List[Dict[str, Any]] = []
+        self.protocol: Optional[_ClientProtocol] = None
+        self.opened: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self.close_code: Optional[int] = None
+        self.close_reason: Optional[str] = None
+        self._waiting: List[Tuple[Callable[[], bool], Deferred]] = []
+        self._pings = 0
+
+    @classmethod
+    async def connect(cls, test: TestCase, base: str, path: str) -> "WSClient":
+        """
+        Connect and wait for the opening handshake to finish.
+        """
+        client = await cls.start(test, base, path)
+        if await client.opened is None:
+            raise ConnectionError(f"{path} refused: {client.close_reason}")
+        return client
+
+    @classmethod
+    async def start(cls, test: TestCase, base: str, path: str) -> "WSClient":
+        """
+        Connect without waiting for the handshake (to test refusals).
+        """
+        client = cls()
+        host, port = base.split("//")[1].split(":")
+        factory = _ClientFactory(f"ws://{host}:{port}{path}")
+        factory.client = client
+        endpoint = TCP4ClientEndpoint(reactor, host, int(port))
+        await endpoint.connect(factory)
+        test.addCleanup(client.close)
+        return client
+
+    # -- events --------------------------------------------------------------
+
+    def _opened(self, protocol: _ClientProtocol) -> None:
+        self.protocol = protocol
+        self.opened.callback(self)
+
+    def _received(self, frame: Dict[str, Any]) -> None:
+        self.frames.append(frame)
+        self._check()
+
+    def _closed_with(self, code: Optional[int], reason: Optional[str]) -> None:
+        self.close_code, self.close_reason = code, reason
+        self.protocol = None
+        if not self.opened.called:
+            self.opened.callback(None)
+        self.closed.callback(code)
+        self._check()
+
+    def _check(self) -> None:
+        still = []
+        for predicate, d in self._waiting:
+            if predicate():
+                d.callback(self)
+            elif self.closed.called:
+                d.errback(ConnectionError(f"closed ({self.close_code}) while waiting"))
+            else:
+                still.append((predicate, d))
+        self._waiting = still
+
+    # -- API -----------------------------------------------------------------
+
+    @property
+    def messages(self) -> List[Dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "message"]
+
+    @property
+    def seqs(self) -> List[int]:
+        return [f["seq"] for f in self.messages]
+
+    def wait_for(self, predicate: Callable[[], bool]) -> Deferred:
+        """
+        A Deferred that fires once C{predicate()} holds.
+        """
+        if predicate():
+            return succeed(self)
+        d: Deferred = Deferred()
+        self._waiting.append((predicate, d))
+        return d
+
+    def wait_for_seq(self, seq: int) -> Deferred:
+        return self.wait_for(lambda: bool(self.messages) and self.messages[-1]["seq"] >= seq)
+
+    def wait_for_frames(self, count: int) -> Deferred:
+        return self.wait_for(lambda: len(self.frames) >= count)
+
+    def send_json(self, payload: Any) -> None:
+        assert self.protocol is not None
+        self.protocol.sendMessage(json.dumps(payload).encode("utf-8"))
+
+    def send_raw(self, payload: bytes, binary: bool = False) -> None:
+        assert self.protocol is not None
+        self.protocol.sendMessage(payload, isBinary=binary)
+
+    async def sync(self) -> None:
+        """
+        A barrier: once the pong for this ping arrives, the server has
+        handled every frame sent before it.
+        """
+        self._pings += 1
+        ping_id = self._pings
+        self.send_json({"type": "ping", "id": ping_id})
+        await self.wait_for(
+            lambda: any(f["type"] == "pong" and f.get("id") == ping_id for f in self.frames)
+        )
+
+    def close(self) -> Deferred:
+        """
+        Close (if open) and wait until the connection is gone.
+        """
+        if self.protocol is not None:
+            self.protocol.sendClose(1000)
+        return self.closed if not self.closed.called else succeed(self.close_code)

@@ -1,0 +1,146 @@
+"""
+Tests for L{chatd.tap} and the twistd plugin: option parsing, clear
+errors, and a service that really listens.
+"""
+
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from chatd import tap
+
+
+def parse(*args: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    C{twistd chatd} options.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        Port tcp:8080, history 500, no extra rooms, data folders found.
+        """
+        options = parse()
+        self.assertEqual(options["port"], "tcp:8080")
+        self.assertEqual(options["history"], 500)
+        self.assertEqual(options["rooms"], [])
+        self.assertTrue((options["templates"] / "room.html").is_file())
+        self.assertTrue((options["static"] / "chat.js").is_file())
+
+    def test_bare_port_number(self) -> None:
+        """
+        A bare number means tcp:N; full descriptions pass through.
+        """
+        self.assertEqual(parse("--port", "9000")["port"], "tcp:9000")
+        self.assertEqual(
+            parse("--port", "tcp:0:interface=127.0.0.1")["port"], "tcp:0:interface=127.0.0.1"
+        )
+        self.assertEqual(parse("-p", "unix:/tmp/x.sock")["port"], "unix:/tmp/x.sock")
+
+    def test_bad_port(self) -> None:
+        """
+        An endpoint description that cannot be used is a UsageError naming
+        --port and giving examples.
+        """
+        for bad in ["banana", "tcp:notanumber", "tcp:"]:
+            with self.assertRaises(usage.UsageError) as e:
+                parse("--port", bad)
+            self.assertIn("--port", str(e.exception))
+            self.assertIn("Examples", str(e.exception))
+
+    def test_rooms(self) -> None:
+        """
+        --room is repeatable; invalid names are refused.
+        """
+        self.assertEqual(parse("--room", "a", "-r", "b", "--room", "a")["rooms"], ["a", "b"])
+        with self.assertRaises(usage.UsageError) as e:
+            parse("--room", "bad name")
+        self.assertIn("--room", str(e.exception))
+
+    def test_history(self) -> None:
+        """
+        --history is an integer from 1 to 100000.
+        """
+        self.assertEqual(parse("--history", "42")["history"], 42)
+        for bad in ["0", "100001", "-3"]:
+            with self.assertRaises(usage.UsageError) as e:
+                parse("--history", bad)
+            self.assertIn("--history", str(e.exception))
+        with self.assertRaises(usage.UsageError):
+            parse("--history", "lots")
+
+    def test_unknown_option(self) -> None:
+        """
+        Unknown options are refused.
+        """
+        with self.assertRaises(usage.UsageError):
+            parse("--bogus")
+
+    def test_missing_folder(self) -> None:
+        """
+        A --templates folder that does not exist is refused.
+        """
+        with self.assertRaises(usage.UsageError) as e:
+            parse("--templates", "/nonexistent/chatd")
+        self.assertIn("--templates", str(e.exception))
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    The twistd dropin.
+    """
+
+    def test_plugin_found(self) -> None:
+        """
+        twistd finds the chatd IServiceMaker, which names chatd.tap.
+        """
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("chatd", makers)
+        self.assertIsInstance(makers["chatd"].options(), tap.Options)
+
+
+class ServiceTests(TestCase):
+    """
+    makeService builds a service that listens where --port says.
+    """
+
+    async def test_listens_on_unix_socket(self) -> None:
+        """
+        With a unix: endpoint the service answers HTTP on that socket, and
+        stops cleanly.
+        """
+        path = self.mktemp() + ".sock"
+        service = tap.makeService(parse("--port", f"unix:{path}", "--room", "dev"), reactor)
+        service.startService()
+        await service.ready
+        self.assertEqual([r.name for r in service.core.rooms()], ["dev", "lobby"])
+
+        received: Deferred = Deferred()
+
+        class Get(Protocol):
+            def connectionMade(self) -> None:
+                self.data = b""
+                self.transport.write(b"GET /api/rooms HTTP/1.0\r\nHost: x\r\n\r\n")
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+            def connectionLost(self, reason: object) -> None:
+                received.callback(self.data)
+
+        await connectProtocol(UNIXClientEndpoint(reactor, path), Get())
+        answer = await received
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer)
+        self.assertIn(b'"name":"dev"', answer)
+        await service.stopService()
