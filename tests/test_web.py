@@ -7,8 +7,8 @@ import json
 from typing import Any, Tuple
 
 from treq.testing import StubTreq
-from twisted.web.client import ResponseNeverReceived
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 
 from tests._support import make_web
 

@@ -24,6 +24,7 @@ from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd.interfaces import IMessageStore
 
@@ -462,7 +463,7 @@ class ChatCore:
         try:
             return self._rooms[name]
         except (KeyError, TypeError):
-            raise _room_not_found(name)
+            raise _room_not_found(name) from None
 
     def rooms(self) -> List[Room]:
         """
@@ -650,7 +651,7 @@ class ChatCore:
         def forget(d: Deferred) -> None:
             room._waiters.pop(d, None)
 
-        d = Deferred(forget)
+        d: Deferred[Batch] = Deferred(forget)
         room._waiters[d] = None
 
         def timed_out(result: object, timeout: float) -> Batch:
@@ -714,7 +715,7 @@ class ChatCore:
                     return
                 subscription._queue = queue
 
-        def failed(failure: object) -> None:
+        def failed(failure: Failure) -> None:
             self.log.failure(
                 "Could not load history for a subscriber of {room}",
                 failure,

@@ -84,7 +84,7 @@ class Options(usage.Options):
         try:
             validate_room_name(name)
         except ChatError as e:
-            raise usage.UsageError(f"--room {name!r}: {e.detail}")
+            raise usage.UsageError(f"--room {name!r}: {e.detail}") from None
         if name not in self["rooms"]:
             self["rooms"].append(name)
 
@@ -114,7 +114,7 @@ class Options(usage.Options):
                 f"--port {self['port']!r} is not a valid endpoint description "
                 f"({e}). Examples: 8080, tcp:8080:interface=127.0.0.1, "
                 "unix:/tmp/chatd.sock."
-            )
+            ) from None
         for name in ("templates", "static"):
             if self[name] is None:
                 found = find_data_dir(name)
@@ -192,7 +192,6 @@ class ChatService(MultiService):
             )
             if IReactorCore.providedBy(self._reactor) and self._reactor.running:
                 self._reactor.stop()
-            return failure
 
         d.addCallback(start_children)
         d.addErrback(failed)

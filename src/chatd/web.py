@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 from urllib.parse import parse_qs
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -80,7 +80,7 @@ def _query(request: IRequest, name: str) -> Optional[str]:
     try:
         return values[-1].decode("utf-8")
     except UnicodeDecodeError:
-        raise ChatError("invalid_parameter", f"{name} is not valid UTF-8.")
+        raise ChatError("invalid_parameter", f"{name} is not valid UTF-8.") from None
 
 
 def _bounded_int(
@@ -158,7 +158,7 @@ def _form_or_json(request: IRequest) -> Dict[str, Any]:
         try:
             fields = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
-            raise ChatError("invalid_json", "The request body is not valid JSON.")
+            raise ChatError("invalid_json", "The request body is not valid JSON.") from None
         if not isinstance(fields, dict):
             raise ChatError("invalid_json", "The request body must be a JSON object.")
         return fields
@@ -169,7 +169,7 @@ def _form_or_json(request: IRequest) -> Dict[str, Any]:
                 encoding="utf-8", errors="strict",
             )
         except (UnicodeDecodeError, ValueError):
-            raise ChatError("invalid_form", "The form is not valid URL-encoded UTF-8.")
+            raise ChatError("invalid_form", "The form is not valid URL-encoded UTF-8.") from None
         return {key: values[-1] for key, values in form.items()}
     raise ChatError(
         "unsupported_media_type",
@@ -252,12 +252,12 @@ class ChatWeb:
 
     @app.handle_errors(ChatError)
     def _chat_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: ChatError = failure.value
+        error = cast(ChatError, failure.value)
         return self._error_json(request, error.status, error.code, error.detail)
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: HTTPException = failure.value
+        error = cast(HTTPException, failure.value)
         status = error.code or 500
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))

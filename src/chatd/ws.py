@@ -62,7 +62,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             after = request.params.get("after", [None])[-1]
             self._after = parse_cursor(after, "after")
         except ChatError as e:
-            raise ConnectionDeny(e.status, e.detail)
+            raise ConnectionDeny(e.status, e.detail) from None
         self._room = name
 
     def onOpen(self) -> None:
@@ -150,7 +150,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     def _post_failed(self, failure: Failure, client_id: Any) -> None:
         if self._closed:
             return
-        if failure.check(ChatError):
+        if isinstance(failure.value, ChatError):
             self._send_error(failure.value, client_id)
             return
         self.log.failure("Storing a message failed", failure)
@@ -177,7 +177,7 @@ class ChatWebSocketFactory(WebSocketServerFactory):
     written to every recipient.
     """
 
-    protocol = ChatWebSocketProtocol
+    protocol = ChatWebSocketProtocol  # type: ignore[assignment]
 
     def __init__(self, core: ChatCore, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
