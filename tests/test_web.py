@@ -260,6 +260,13 @@ class PostMessageTests(WebTestCase):
         self.assertError(result, 405, "method_not_allowed")
         self.assertIn("POST", result[1].getRawHeaders("allow")[0])
 
+    def test_non_utf8_url(self) -> None:
+        """
+        A URL path that is not UTF-8 is a JSON 400, not a text page.
+        """
+        self.assertError(self.get("/rooms/%ff"), 400, "invalid_url")
+        self.assertError(self.get("/api/rooms/%c3%28/messages"), 400, "invalid_url")
+
     def test_unknown_path(self) -> None:
         """
         An unknown path is a JSON 404.

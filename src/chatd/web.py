@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, NoResource
+from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -182,6 +182,31 @@ def _room_info(room: Room) -> dict:
     return {"name": room.name, "last_seq": room.last_seq, "clients": room.clients}
 
 
+class _Root(Resource):
+    """
+    The site's root: refuses URLs that are not UTF-8 with a JSON 400
+    (Klein would answer them with a bare text page), then routes.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: IResource) -> None:
+        super().__init__()
+        self._app = app
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", _JSON)
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            return encode_json(
+                {"error": "invalid_url", "detail": "The URL path is not valid UTF-8."}
+            )
+        return self._app.render(request)
+
+
 class _StaticFiles(File):
     """
     Static files without directory listings.
@@ -224,7 +249,7 @@ class ChatWeb:
         """
         The root resource to serve.
         """
-        return self.app.resource()
+        return _Root(self.app.resource())
 
     # -- responses -----------------------------------------------------------
 

@@ -40,7 +40,9 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     One WebSocket client following one room.
     """
 
-    log = Logger()
+    # Not "log": Autobahn's own txaio logger lives there and filters its
+    # per-frame debug chatter by level.
+    _log = Logger()
     factory: "ChatWebSocketFactory"
 
     _room: Optional[str] = None
@@ -153,7 +155,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if isinstance(failure.value, ChatError):
             self._send_error(failure.value, client_id)
             return
-        self.log.failure("Storing a message failed", failure)
+        self._log.failure("Storing a message failed", failure)
         self._send_error(
             ChatError("internal_error", "The message could not be stored.", 500),
             client_id,
