@@ -1,0 +1,44 @@
+"""
+Unit tests for L{chatd.ws} that need no socket.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from chatd.core import ChatCore
+from chatd.store.memory import MemoryStore
+from chatd.ws import MAX_FRAME, ChatWebSocketFactory
+
+
+class FactoryTests(SynchronousTestCase):
+    """
+    The factory frames each message once for all recipients.
+    """
+
+    def setUp(self) -> None:
+        self.core = ChatCore(MemoryStore(), Clock())
+        self.core.start()
+        self.factory = ChatWebSocketFactory(self.core)
+
+    def test_prepared_once_per_message(self) -> None:
+        """
+        prepared() returns the same framed payload for the same message,
+        and a new one for the next message.
+        """
+        first = self.successResultOf(self.core.post("lobby", "a", "one"))
+        second = self.successResultOf(self.core.post("lobby", "a", "two"))
+        framed = self.factory.prepared(first)
+        self.assertIs(self.factory.prepared(first), framed)
+        self.assertEqual(framed.payload, first.json)
+        self.assertIsNot(self.factory.prepared(second), framed)
+
+    def test_limits(self) -> None:
+        """
+        Frames and messages are capped, the HTML status page (with its
+        open redirect) is off, and failures send a close frame.
+        """
+        options = self.factory
+        self.assertEqual(options.maxFramePayloadSize, MAX_FRAME)
+        self.assertEqual(options.maxMessagePayloadSize, MAX_FRAME)
+        self.assertFalse(options.webStatus)
+        self.assertFalse(options.failByDrop)
