@@ -7,6 +7,7 @@ Deferreds instead of sleeping.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import treq
@@ -48,6 +49,11 @@ async def start_chatd(test: TestCase, *args: str) -> Tuple[ChatService, str]:
     @return: the service and its base URL, e.g. C{http://127.0.0.1:4321}.
     """
     options = Options()
+    if not any(arg.startswith(("--store", "-s")) for arg in args):
+        # The default store (SQLite), in a folder of this test's own.
+        data_dir = test.mktemp()
+        os.makedirs(data_dir)
+        args = ("--data-dir", data_dir, *args)
     options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", *args])
     service = makeService(options, reactor)
     assert isinstance(service, ChatService)

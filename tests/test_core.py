@@ -50,8 +50,14 @@ class ManualStore:
     def load_rooms(self):
         return self.inner.load_rooms()
 
-    def create_room(self, name):
-        return self.inner.create_room(name)
+    def open(self):
+        return self.inner.open()
+
+    def create_room(self, name, now_ms):
+        return self.inner.create_room(name, now_ms)
+
+    def prune(self, before_ms):
+        return self.inner.prune(before_ms)
 
     def append(self, *args):
         # The seq is assigned now (in call order); only the reply waits.

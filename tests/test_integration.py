@@ -105,11 +105,30 @@ class WebSocketTests(ChatdTestCase):
         await client.sync()
         self.assertEqual(client.seqs, [4, 5])
 
-    async def test_reset_frame(self) -> None:
+    async def test_old_cursor_served_from_store(self) -> None:
         """
-        A cursor older than what is held gets a reset frame first.
+        With a durable store, a cursor older than the in-memory cache is
+        served from the store: no reset, no gap, on both transports.
         """
         await self.start("--history", "3")
+        for i in range(8):
+            await self.post("lobby", f"m{i}")
+        client = await self.ws("/ws/lobby?after=1")
+        await client.wait_for_seq(8)
+        self.assertEqual(client.seqs, list(range(2, 9)))
+        self.assertNotIn("reset", [f["type"] for f in client.frames])
+        code, batch = await self.http.get_json("/api/rooms/lobby/messages?after=1&limit=4")
+        self.assertEqual([m["seq"] for m in batch["messages"]], [2, 3, 4, 5])
+        self.assertFalse(batch["reset"])
+        code, batch = await self.http.get_json("/api/rooms/lobby/messages?before=3")
+        self.assertEqual([m["seq"] for m in batch["messages"]], [1, 2])
+
+    async def test_reset_frame(self) -> None:
+        """
+        A cursor older than what is held gets a reset frame first (the
+        memory store holds only --history messages).
+        """
+        await self.start("--history", "3", "--store", "memory:")
         for i in range(6):
             await self.post("lobby", f"m{i}")
         client = await self.ws("/ws/lobby?after=1")

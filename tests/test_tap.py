@@ -121,7 +121,9 @@ class ServiceTests(TestCase):
         stops cleanly.
         """
         path = self.mktemp() + ".sock"
-        service = tap.makeService(parse("--port", f"unix:{path}", "--room", "dev"), reactor)
+        service = tap.makeService(
+            parse("--port", f"unix:{path}", "--room", "dev", "--store", "memory:"), reactor
+        )
         service.startService()
         await service.ready
         self.assertEqual([r.name for r in service.core.rooms()], ["dev", "lobby"])

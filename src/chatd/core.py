@@ -488,7 +488,10 @@ class ChatCore:
             return _fail(e)
         self._creating.add(name)
 
-        def created(_: object) -> Room:
+        def created(new: bool) -> Room:
+            if not new:
+                # Another process sharing the store made it first.
+                raise ChatError("room_exists", f"A room named {name!r} already exists.", 409)
             room = self._rooms[name] = Room(name, 0, self._history)
             return room
 
@@ -496,7 +499,9 @@ class ChatCore:
             self._creating.discard(name)
             return result
 
-        return self._store.create_room(name).addCallback(created).addBoth(done)
+        now_ms = int(self._clock.seconds() * 1000)
+        d = self._store.create_room(name, now_ms)
+        return d.addCallback(created).addBoth(done)
 
     # -- posting -------------------------------------------------------------
 

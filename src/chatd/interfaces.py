@@ -18,16 +18,24 @@ class IMessageStore(Interface):
 
     description = Attribute("A short human-readable name, e.g. 'memory'.")
 
+    def open():
+        """
+        Connect and create or upgrade the schema.
+
+        @return: Deferred firing when the store is ready.
+        """
+
     def load_rooms():
         """
         @return: Deferred firing with a list of C{(name, last_seq)} tuples.
         """
 
-    def create_room(name):
+    def create_room(name, now_ms):
         """
-        Create a room with no messages.
+        Create a room with no messages, unless it exists.
 
-        @return: Deferred firing with C{None}.
+        @return: Deferred firing with C{True} if it was created, C{False}
+            if a room of that name already existed.
         """
 
     def append(room, nick, body, ts_ms, client_id):
@@ -57,6 +65,15 @@ class IMessageStore(Interface):
         Read the newest C{limit} messages with seq less than C{before}.
 
         @return: Deferred firing with a list of messages in seq order.
+        """
+
+    def prune(before_ms):
+        """
+        Delete each room's messages older than C{before_ms} (oldest first,
+        stopping at the first message to keep), and remember the oldest
+        seq still held for L{read_after}'s C{first_seq}.
+
+        @return: Deferred firing with the number of messages deleted.
         """
 
     def close():

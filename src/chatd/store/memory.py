@@ -46,12 +46,17 @@ class MemoryStore:
         self._retain = retain
         self._rooms: Dict[str, _RoomLog] = {}
 
+    def open(self) -> Deferred:
+        return succeed(None)
+
     def load_rooms(self) -> Deferred:
         return succeed([(name, log.last_seq) for name, log in self._rooms.items()])
 
-    def create_room(self, name: str) -> Deferred:
-        self._rooms.setdefault(name, _RoomLog(self._retain))
-        return succeed(None)
+    def create_room(self, name: str, now_ms: int = 0) -> Deferred:
+        if name in self._rooms:
+            return succeed(False)
+        self._rooms[name] = _RoomLog(self._retain)
+        return succeed(True)
 
     def append(
         self,
@@ -93,6 +98,16 @@ class MemoryStore:
         end = min(max(before - first, 0), len(log.messages))
         start = max(end - limit, 0)
         return succeed([log.messages[i] for i in range(start, end)])
+
+    def prune(self, before_ms: int) -> Deferred:
+        deleted = 0
+        for log in self._rooms.values():
+            while log.messages and log.messages[0].ts_ms < before_ms:
+                old = log.messages.popleft()
+                if old.client_id is not None:
+                    log.by_client_id.pop(old.client_id, None)
+                deleted += 1
+        return succeed(deleted)
 
     def close(self) -> Deferred:
         return succeed(None)

@@ -1,0 +1,390 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+What the SQLite and PostgreSQL stores share: versioned schema files,
+group commit, and the one place a message's seq is assigned.
+
+All database work runs in L{twisted.enterprise.adbapi} thread pools; the
+reactor thread only queues work and fires Deferreds.
+
+Seq assignment happens inside the write transaction: the room's row is
+locked (C{BEGIN IMMEDIATE} in SQLite, C{SELECT ... FOR UPDATE} in
+PostgreSQL), its C{last_seq} read, the messages inserted with the following
+numbers, and C{last_seq} updated, all before COMMIT.  Two processes sharing
+one database therefore never hand out the same seq, and since the lock is
+held until commit, seq N+1 can only become visible after seq N.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatd.core import Message
+
+__all__ = ["SQLStore", "StoreError", "schema_files"]
+
+#: The schema version this chatd writes; databases at an older version are
+#: upgraded in place with the upgrade-to-vN.sql steps.
+SCHEMA_VERSION = 2
+
+#: The most messages one transaction commits.
+MAX_BATCH = 2000
+
+
+class StoreError(Exception):
+    """
+    The store cannot be used (unreachable, wrong schema, ...); the message
+    is one line a person can act on.
+    """
+
+
+def schema_files(backend: str, name: str) -> str:
+    """
+    Read one of the schema files shipped with chatd.
+    """
+    return (
+        importlib.resources.files("chatd.store") / "schema" / backend / name
+    ).read_text(encoding="utf-8")
+
+
+def _statements(script: str) -> List[str]:
+    """
+    Split a schema file into statements (our files keep semicolons out of
+    strings and comments).
+    """
+    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+_Append = Tuple[str, str, str, int, Optional[str]]
+
+
+class SQLStore:
+    """
+    An L{chatd.interfaces.IMessageStore} on a DB-API database, written by
+    one writer (so batches commit in order) and read by a small pool.
+
+    Subclasses set C{backend}, C{placeholder} and C{lock_rooms}, and build
+    the pools.
+    """
+
+    log = Logger()
+
+    backend = ""
+    description = ""
+    # DB-API paramstyle marker for this backend's driver.
+    placeholder = "?"
+    # Appended to the SELECT that reads a room's last_seq for writing.
+    lock_rooms = ""
+    # Executed first in every write transaction (None: the driver begins).
+    begin: Optional[str] = None
+
+    def __init__(self, write_pool: adbapi.ConnectionPool, read_pool: adbapi.ConnectionPool) -> None:
+        self._write = write_pool
+        self._read = read_pool
+        self._pending: List[Tuple[_Append, Deferred]] = []
+        self._flushing = False
+        self._idle: List[Deferred] = []
+        self._closed = False
+
+    def _sql(self, query: str) -> str:
+        return query.replace("?", self.placeholder)
+
+    # -- schema --------------------------------------------------------------
+
+    def _has_schema(self, conn: Any) -> bool:
+        raise NotImplementedError
+
+    def _lock_schema(self, conn: Any) -> None:
+        """
+        Keep two processes from migrating the same database at once.
+        """
+
+    def open(self) -> Deferred:
+        """
+        Connect, and create or upgrade the schema.
+
+        @return: a Deferred firing with the schema version, or failing with
+            L{StoreError}.
+        """
+        d = self._write.runWithConnection(self._migrate)
+
+        def explain(failure: Failure) -> Failure:
+            if failure.check(StoreError):
+                return failure
+            message = str(failure.value).strip().splitlines()
+            reason = message[0] if message else repr(failure.value)
+            raise StoreError(f"cannot open the {self.description} store: {reason}")
+
+        return d.addErrback(explain)
+
+    def _migrate(self, conn: Any) -> int:
+        if self.begin:
+            conn.execute(self.begin)
+        self._lock_schema(conn)
+        if not self._has_schema(conn):
+            for statement in _statements(schema_files(self.backend, f"v{SCHEMA_VERSION}.sql")):
+                conn.execute(statement)
+            return SCHEMA_VERSION
+        (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database's schema is version {version}, newer than this "
+                f"chatd knows ({SCHEMA_VERSION}); upgrade chatd"
+            )
+        while version < SCHEMA_VERSION:
+            version += 1
+            script = schema_files(self.backend, f"upgrade-to-v{version}.sql")
+            for statement in _statements(script):
+                conn.execute(statement)
+            self.log.info("Upgraded the {store} schema to v{version}", store=self.description, version=version)
+        return version
+
+    # -- rooms ---------------------------------------------------------------
+
+    def load_rooms(self) -> Deferred:
+        def load(conn: Any) -> List[Tuple[str, int]]:
+            rows = conn.execute("SELECT name, last_seq FROM rooms ORDER BY name").fetchall()
+            return [(name, last_seq) for name, last_seq in rows]
+
+        return self._read.runWithConnection(load)
+
+    def create_room(self, name: str, now_ms: int = 0) -> Deferred:
+        def create(conn: Any) -> bool:
+            if self.begin:
+                conn.execute(self.begin)
+            cursor = conn.execute(
+                self._sql(
+                    "INSERT INTO rooms (name, last_seq, created_ms) VALUES (?, 0, ?) "
+                    "ON CONFLICT (name) DO NOTHING"
+                ),
+                (name, now_ms),
+            )
+            return bool(cursor.rowcount == 1)
+
+        return self._write.runWithConnection(create)
+
+    # -- writing: group commit -----------------------------------------------
+
+    def append(
+        self, room: str, nick: str, body: str, ts_ms: int, client_id: Optional[str]
+    ) -> Deferred:
+        if self._closed:
+            return _failed(StoreError("the store is closed"))
+        d: Deferred = Deferred()
+        self._pending.append(((room, nick, body, ts_ms, client_id), d))
+        if not self._flushing:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        """
+        Commit everything queued in one transaction; whatever arrives
+        meanwhile waits for the next.  Under load, batches grow by
+        themselves; when idle, a message is committed at once.
+        """
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        self._flushing = True
+        d = self._write.runWithConnection(self._append_batch, [item for item, _ in batch])
+
+        def committed(results: List[Tuple[Message, bool]]) -> None:
+            for (_, waiter), result in zip(batch, results, strict=True):
+                waiter.callback(result)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Committing {count} messages failed", failure, count=len(batch))
+            for _, waiter in batch:
+                waiter.errback(failure)
+
+        def next_batch(_: object) -> None:
+            self._flushing = False
+            if self._pending:
+                self._flush()
+            else:
+                idle, self._idle = self._idle, []
+                for waiter in idle:
+                    waiter.callback(None)
+
+        d.addCallbacks(committed, failed).addBoth(next_batch)
+
+    def _append_batch(self, conn: Any, items: Sequence[_Append]) -> List[Tuple[Message, bool]]:
+        """
+        In a database thread: store a batch, giving each new message the
+        next seq of its room.  This is the one place seq numbers are made.
+        """
+        if self.begin:
+            conn.execute(self.begin)
+        rooms: Dict[str, List[int]] = {}
+        # Lock rooms in name order, so two processes cannot deadlock.
+        for name in sorted({item[0] for item in items}):
+            row = conn.execute(
+                self._sql("SELECT id, last_seq FROM rooms WHERE name = ?" + self.lock_rooms),
+                (name,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"room {name!r} is not in the database")
+            rooms[name] = [row[0], row[1]]
+        known: Dict[Tuple[str, str], Message] = {}
+        results: List[Tuple[Message, bool]] = []
+        rows = []
+        find = self._sql(
+            "SELECT seq, nick, body, ts_ms FROM messages WHERE room_id = ? AND client_id = ?"
+        )
+        for room, nick, body, ts_ms, client_id in items:
+            state = rooms[room]
+            if client_id is not None:
+                key = (room, client_id)
+                original = known.get(key)
+                if original is None:
+                    row = conn.execute(find, (state[0], client_id)).fetchone()
+                    if row is not None:
+                        original = Message(room, row[0], row[1], row[2], row[3], client_id)
+                        known[key] = original
+                if original is not None:
+                    results.append((original, False))
+                    continue
+            state[1] += 1
+            message = Message(room, state[1], nick, body, ts_ms, client_id)
+            if client_id is not None:
+                known[(room, client_id)] = message
+            rows.append((state[0], state[1], nick, body, ts_ms, client_id))
+            results.append((message, True))
+        if rows:
+            conn.cursor().executemany(
+                self._sql(
+                    "INSERT INTO messages (room_id, seq, nick, body, ts_ms, client_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                rows,
+            )
+            for room_id, last_seq in rooms.values():
+                conn.execute(
+                    self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"), (last_seq, room_id)
+                )
+        return results
+
+    # -- reading -------------------------------------------------------------
+
+    def read_after(self, room: str, after: int, limit: int) -> Deferred:
+        def read(conn: Any) -> Tuple[List[Message], int]:
+            room_id, first_seq = self._room_row(conn, room)
+            rows = conn.execute(
+                self._sql(
+                    "SELECT seq, nick, body, ts_ms, client_id FROM messages "
+                    "WHERE room_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+                ),
+                (room_id, after, limit),
+            ).fetchall()
+            return [Message(room, *row) for row in rows], first_seq
+
+        return self._read.runWithConnection(read)
+
+    def read_before(self, room: str, before: int, limit: int) -> Deferred:
+        def read(conn: Any) -> List[Message]:
+            room_id, _ = self._room_row(conn, room)
+            rows = conn.execute(
+                self._sql(
+                    "SELECT seq, nick, body, ts_ms, client_id FROM messages "
+                    "WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+                ),
+                (room_id, before, limit),
+            ).fetchall()
+            return [Message(room, *row) for row in reversed(rows)]
+
+        return self._read.runWithConnection(read)
+
+    def _room_row(self, conn: Any, room: str) -> Tuple[int, int]:
+        row = conn.execute(
+            self._sql("SELECT id, first_seq FROM rooms WHERE name = ?"), (room,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"room {room!r} is not in the database")
+        return row[0], row[1]
+
+    # -- retention -----------------------------------------------------------
+
+    def prune(self, before_ms: int, chunk: int = 5000) -> Deferred:
+        """
+        Delete each room's oldest messages, up to the first one sent at or
+        after C{before_ms}, in transactions of at most C{chunk} rows so
+        writers are never held up for long.
+
+        @return: a Deferred firing with the number of messages deleted.
+        """
+
+        async def prune() -> int:
+            rooms = await self._read.runWithConnection(
+                lambda conn: conn.execute("SELECT id, first_seq FROM rooms").fetchall()
+            )
+            deleted = 0
+            for room_id, first_seq in rooms:
+                keep = await self._write.runWithConnection(self._keep_from, room_id, before_ms)
+                while first_seq < keep:
+                    upto = min(keep, first_seq + chunk)
+                    deleted += await self._write.runWithConnection(
+                        self._delete_range, room_id, upto
+                    )
+                    first_seq = upto
+            return deleted
+
+        return Deferred.fromCoroutine(prune())
+
+    def _keep_from(self, conn: Any, room_id: int, before_ms: int) -> int:
+        """
+        The oldest seq to keep: the first message at or after the cutoff
+        (never one older than a message being kept), or the next seq if
+        every message is older.
+        """
+        (keep,) = conn.execute(
+            self._sql("SELECT MIN(seq) FROM messages WHERE room_id = ? AND ts_ms >= ?"),
+            (room_id, before_ms),
+        ).fetchone()
+        if keep is None:
+            (last_seq,) = conn.execute(
+                self._sql("SELECT last_seq FROM rooms WHERE id = ?"), (room_id,)
+            ).fetchone()
+            keep = last_seq + 1
+        return int(keep)
+
+    def _delete_range(self, conn: Any, room_id: int, upto: int) -> int:
+        if self.begin:
+            conn.execute(self.begin)
+        cursor = conn.execute(
+            self._sql("DELETE FROM messages WHERE room_id = ? AND seq < ?"), (room_id, upto)
+        )
+        conn.execute(
+            self._sql("UPDATE rooms SET first_seq = ? WHERE id = ? AND first_seq < ?"),
+            (upto, room_id, upto),
+        )
+        return int(cursor.rowcount)
+
+    # -- lifetime ------------------------------------------------------------
+
+    def close(self) -> Deferred:
+        """
+        Refuse new writes, wait for queued ones to commit, then close the
+        connections.
+        """
+        self._closed = True
+        if self._flushing or self._pending:
+            d: Deferred = Deferred()
+            self._idle.append(d)
+        else:
+            d = succeed(None)
+
+        def close_pools(_: object) -> None:
+            for pool in {id(self._write): self._write, id(self._read): self._read}.values():
+                pool.close()
+
+        return d.addCallback(close_pools)
+
+
+def _failed(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(error)
+    return d

@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The production store: PostgreSQL through psycopg 3.
+
+psycopg 3 is the maintained PostgreSQL driver; it is DB-API 2, so
+L{twisted.enterprise.adbapi} runs it in a thread pool and nothing blocks
+the reactor.  (Its asyncio API would need an asyncio reactor bridge for no
+gain here: every query is short, and group commit keeps the writer busy
+with few, large transactions.)
+
+Several chatd processes may share one database: a room's row is locked
+while its next seq numbers are handed out, so seqs are never duplicated
+and commit in order.
+
+URL: C{postgresql://user[:password]@host[:port]/dbname[?schema=NAME]}.
+C{schema} (chatd's own parameter) keeps chatd's tables in that schema,
+which is created if missing; other parameters go to libpq.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Tuple
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from twisted.enterprise import adbapi
+from zope.interface import implementer
+
+from chatd.interfaces import IMessageStore
+from chatd.store._sql import SQLStore, StoreError
+
+__all__ = ["PostgresStore", "redact"]
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+
+
+def redact(url: str) -> str:
+    """
+    The URL with any password replaced by C{***}, for logs and errors.
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _split_schema(url: str) -> Tuple[str, Optional[str]]:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = None
+    rest = []
+    for key, value in query:
+        if key == "schema":
+            schema = value
+        else:
+            rest.append((key, value))
+    if not any(key == "connect_timeout" for key, _ in rest):
+        rest.append(("connect_timeout", "5"))
+    if schema is not None and not _SCHEMA_NAME.match(schema):
+        raise StoreError(
+            "schema must be lower-case letters, digits and '_', starting with a letter or '_'"
+        )
+    return urlunsplit(parts._replace(query=urlencode(rest))), schema
+
+
+@implementer(IMessageStore)
+class PostgresStore(SQLStore):
+    """
+    Messages in a PostgreSQL database.
+    """
+
+    backend = "postgresql"
+    placeholder = "%s"
+    lock_rooms = " FOR UPDATE"
+
+    def __init__(self, url: str, reactor: Any = None) -> None:
+        self.description = redact(url)
+        conninfo, self.schema = _split_schema(url)
+        try:
+            # Imported only when PostgreSQL is chosen.
+            import psycopg
+        except ImportError:
+            raise StoreError(
+                "the postgresql store needs psycopg: pip install 'chatd[postgresql]'"
+            ) from None
+
+        def configure(conn: Any) -> None:
+            if self.schema is None:
+                return
+            try:
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                conn.commit()
+            except psycopg.errors.UniqueViolation:
+                # Another connection created it at the same moment.
+                conn.rollback()
+            conn.execute(f'SET search_path TO "{self.schema}"')
+            conn.commit()
+
+        def pool(threads: int) -> adbapi.ConnectionPool:
+            return adbapi.ConnectionPool(
+                "psycopg",
+                conninfo,
+                cp_min=1,
+                cp_max=threads,
+                cp_openfun=configure,
+                cp_reconnect=True,
+                cp_reactor=reactor,
+                cp_noisy=False,
+            )
+
+        super().__init__(pool(1), pool(3))
+
+    def _lock_schema(self, conn: Any) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('chatd-schema:' || current_schema()))")
+
+    def _has_schema(self, conn: Any) -> bool:
+        (found,) = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        return bool(found)

@@ -1,0 +1,26 @@
+-- chatd schema version 2 (PostgreSQL), for a new database.
+CREATE TABLE schema_version (
+    version INTEGER NOT NULL
+);
+INSERT INTO schema_version (version) VALUES (2);
+
+CREATE TABLE rooms (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    last_seq BIGINT NOT NULL DEFAULT 0,
+    created_ms BIGINT NOT NULL,
+    first_seq BIGINT NOT NULL DEFAULT 1
+);
+
+CREATE TABLE messages (
+    room_id BIGINT NOT NULL REFERENCES rooms (id),
+    seq BIGINT NOT NULL,
+    nick TEXT NOT NULL,
+    body TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    client_id TEXT,
+    PRIMARY KEY (room_id, seq)
+);
+
+CREATE UNIQUE INDEX messages_client_id ON messages (room_id, client_id)
+    WHERE client_id IS NOT NULL;
