@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import treq
@@ -15,7 +17,9 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -233,3 +237,74 @@ class WSClient:
         if self.protocol is not None:
             self.protocol.sendClose(1000)
         return self.closed if not self.closed.called else succeed(self.close_code)
+
+
+class ChatdProcess(ProcessProtocol):
+    """
+    chatd run the way users run it, C{twistd -n chatd ...}, in a child
+    process on a free loopback port.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+        self.exit_code: Optional[int] = None
+        self.signal: Optional[int] = None
+
+    @classmethod
+    async def start(cls, test: TestCase, *args: str) -> "ChatdProcess":
+        """
+        Start chatd and wait until it listens.
+        """
+        process = cls.spawn(test, "--port", "tcp:0:interface=127.0.0.1", *args)
+        await process.listening
+        return process
+
+    @classmethod
+    def spawn(cls, test: TestCase, *args: str) -> "ChatdProcess":
+        """
+        Start C{twistd -n chatd ARGS} without waiting for anything.
+        """
+        process = cls()
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        argv = [twistd, "-n", "--pidfile=", "chatd", *args]
+        reactor.spawnProcess(process, twistd, argv, env=os.environ.copy())
+        test.addCleanup(process.kill)
+        return process
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.listening.called:
+            found = re.search(rb"chatd listening on IPv4Address\(.*?port=(\d+)\)", self.output)
+            if found:
+                self.port = int(found.group(1))
+                self.listening.callback(self)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.exit_code = getattr(reason.value, "exitCode", None)
+        self.signal = getattr(reason.value, "signal", None)
+        if not self.listening.called:
+            self.listening.errback(
+                RuntimeError("chatd exited before listening:\n" + self.output.decode("utf-8", "replace"))
+            )
+        self.ended.callback(self.exit_code)
+
+    def stop(self, signal: str = "TERM") -> Deferred:
+        """
+        Send a signal and wait for the process to end.
+        """
+        if not self.ended.called:
+            self.transport.signalProcess(signal)
+        return self.ended
+
+    def kill(self) -> Deferred:
+        if self.ended.called:
+            return succeed(None)
+        return self.stop("KILL")

@@ -4,12 +4,13 @@ both transports, and a receiver that reconnects mid-stream.  Every receiver
 must end with exactly 1..N, no gap, no duplicate, in order.
 """
 
-from typing import List
+from typing import List, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from tests._support import HTTP, WSClient, start_chatd
+from tests.test_store import postgres_url
 
 PER_SENDER = 100
 WS_SENDERS = 2
@@ -17,12 +18,16 @@ HTTP_SENDERS = 2
 TOTAL = PER_SENDER * (WS_SENDERS + HTTP_SENDERS)
 
 
-class ManySendersManyReceiversTests(TestCase):
+class ManySendersManyReceiversMixin:
     """
-    The exactly-once, in-order guarantee under concurrent load.
+    The exactly-once, in-order guarantee under concurrent load, on the
+    store that store_args() names.
     """
 
     timeout = 120
+
+    def store_args(self) -> Tuple[str, ...]:
+        raise NotImplementedError
 
     async def test_everyone_sees_one_sequence(self) -> None:
         """
@@ -31,7 +36,7 @@ class ManySendersManyReceiversTests(TestCase):
         2 long-poll receivers; each ends with seq 1..400 exactly once, in
         order, with every body that was sent.
         """
-        _, base = await start_chatd(self, "--room", "load")
+        _, base = await start_chatd(self, "--room", "load", *self.store_args())
         http = HTTP(self, base)
         receivers = [await WSClient.connect(self, base, "/ws/load") for _ in range(2)]
         reconnector = await WSClient.connect(self, base, "/ws/load")
@@ -104,3 +109,30 @@ class ManySendersManyReceiversTests(TestCase):
         for n in range(WS_SENDERS):
             mine = [m["body"] for m in streams["ws0"] if m["nick"] == f"w{n}"]
             self.assertEqual(mine, [f"ws{n}-{i}" for i in range(PER_SENDER)])
+
+
+class MemoryStoreConcurrencyTests(ManySendersManyReceiversMixin, TestCase):
+    """
+    With the memory store (commits are synchronous).
+    """
+
+    def store_args(self) -> Tuple[str, ...]:
+        return ("--store", "memory:")
+
+
+class SQLiteConcurrencyTests(ManySendersManyReceiversMixin, TestCase):
+    """
+    With the default SQLite store (group commit in a database thread).
+    """
+
+    def store_args(self) -> Tuple[str, ...]:
+        return ()
+
+
+class PostgresConcurrencyTests(ManySendersManyReceiversMixin, TestCase):
+    """
+    With PostgreSQL.
+    """
+
+    def store_args(self) -> Tuple[str, ...]:
+        return ("--store", postgres_url(self))

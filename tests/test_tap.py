@@ -9,6 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -124,6 +125,8 @@ class ServiceTests(TestCase):
         service = tap.makeService(
             parse("--port", f"unix:{path}", "--room", "dev", "--store", "memory:"), reactor
         )
+        service.privilegedStartService()
+        self.assertEqual(service.ports, [], "listening before the rooms are loaded")
         service.startService()
         await service.ready
         self.assertEqual([r.name for r in service.core.rooms()], ["dev", "lobby"])
@@ -146,3 +149,52 @@ class ServiceTests(TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer)
         self.assertIn(b'"name":"dev"', answer)
         await service.stopService()
+
+
+class RetentionTests(SynchronousTestCase):
+    """
+    --retain-days prunes in the background on a timer.
+    """
+
+    def test_old_messages_pruned(self) -> None:
+        """
+        Messages older than the retention period disappear from the store
+        and from memory; an old cursor then gets a reset.
+        """
+        clock = MemoryReactorClock()
+        clock.advance(1_700_000_000)
+        service = tap.makeService(
+            parse("--store", "memory:", "--retain-days", "2", "--port", "tcp:0"), clock
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        core = service.core
+        self.successResultOf(core.post("lobby", "a", "old"))
+        clock.advance(86400)
+        self.successResultOf(core.post("lobby", "a", "newer"))
+        clock.advance(86400 + tap.RETENTION_INTERVAL)
+        batch = self.successResultOf(core.read("lobby", 0, 10))
+        self.assertEqual([m.body for m in batch.messages], ["newer"])
+        self.assertEqual((batch.reset, batch.first_seq), (True, 2))
+        clock.advance(86400)
+        batch = self.successResultOf(core.read("lobby", 0, 10))
+        self.assertEqual((batch.messages, batch.first_seq), ([], 3))
+
+    def test_no_retention_by_default(self) -> None:
+        """
+        Without --retain-days nothing is ever pruned.
+        """
+        clock = MemoryReactorClock()
+        service = tap.makeService(parse("--store", "memory:", "--port", "tcp:0"), clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.successResultOf(service.core.post("lobby", "a", "old"))
+        clock.advance(86400 * 365)
+        self.assertEqual(len(self.successResultOf(service.core.read("lobby", 0, 10)).messages), 1)
+
+    def test_negative_days(self) -> None:
+        """
+        --retain-days below 0 is refused.
+        """
+        with self.assertRaises(usage.UsageError):
+            parse("--retain-days", "-1")

@@ -441,6 +441,8 @@ class ChatCore:
 
         async def _start() -> None:
             for name, last_seq in await self._store.load_rooms():
+                if name in self._rooms:
+                    continue
                 room = Room(name, last_seq, self._history)
                 if last_seq:
                     newest = await self._store.read_before(
@@ -626,6 +628,24 @@ class ChatCore:
         last_seq = room.last_seq
         d = self._store.read_before(room.name, before, limit)
         return d.addCallback(lambda msgs: Batch(room.name, msgs, last_seq))
+
+    def prune(self, before_ms: int) -> Deferred:
+        """
+        Retention: delete messages sent before C{before_ms} from the store
+        and from memory, oldest first, stopping in each room at the first
+        message to keep.  Cursors older than what remains then get a reset.
+
+        @return: a Deferred firing with the number deleted from the store.
+        """
+
+        def forget(deleted: int) -> int:
+            for room in self._rooms.values():
+                cache = room._cache
+                while cache and cache[0].ts_ms < before_ms:
+                    cache.popleft()
+            return deleted
+
+        return self._store.prune(before_ms).addCallback(forget)
 
     def wait(
         self,

@@ -257,6 +257,13 @@ class ChatService(MultiService):
         self.ports.append(port)
         self.log.info("chatd listening on {address}", address=port.getHost())
 
+    def privilegedStartService(self) -> None:
+        # Children (the listener) start only in startService, once the
+        # store is open and the rooms are loaded: StreamServerEndpointService
+        # would otherwise listen here, before twistd even runs the reactor,
+        # and serve requests against a half-loaded core.
+        Service.privilegedStartService(self)
+
     def startService(self) -> None:
         Service.startService(self)
 
@@ -305,14 +312,14 @@ class _Retention:
 
     log = Logger()
 
-    def __init__(self, store: IMessageStore, clock: Any, days: int) -> None:
-        self._store = store
+    def __init__(self, core: ChatCore, clock: Any, days: int) -> None:
+        self._core = core
         self._clock = clock
         self._days = days
 
     def run(self) -> Deferred:
         cutoff_ms = int((self._clock.seconds() - self._days * 86400) * 1000)
-        d = self._store.prune(cutoff_ms)
+        d = self._core.prune(cutoff_ms)
 
         def done(count: int) -> None:
             if count:
@@ -354,7 +361,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     site = Site(web.resource())
     service = ChatService(core, options["rooms"], store, reactor, exit_on_failure=under_twistd)
     if options["retain-days"]:
-        retention = _Retention(store, reactor, options["retain-days"])
+        retention = _Retention(core, reactor, options["retain-days"])
         timer = TimerService(RETENTION_INTERVAL, retention.run)
         timer.clock = reactor
         timer.setServiceParent(service)
