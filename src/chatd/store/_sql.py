@@ -219,32 +219,30 @@ class SQLStore:
         """
         if self.begin:
             conn.execute(self.begin)
+        names = sorted({item[0] for item in items})
         rooms: Dict[str, List[int]] = {}
-        # Lock rooms in name order, so two processes cannot deadlock.
-        for name in sorted({item[0] for item in items}):
-            row = conn.execute(
-                self._sql("SELECT id, last_seq FROM rooms WHERE name = ?" + self.lock_rooms),
-                (name,),
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"room {name!r} is not in the database")
-            rooms[name] = [row[0], row[1]]
-        known: Dict[Tuple[str, str], Message] = {}
+        # One query locks every room of the batch, in name order so that two
+        # processes cannot deadlock.
+        for chunk in _chunks(names):
+            found = conn.execute(
+                self._sql(
+                    f"SELECT name, id, last_seq FROM rooms WHERE name IN ({_marks(chunk)}) "
+                    "ORDER BY name" + self.lock_rooms
+                ),
+                chunk,
+            ).fetchall()
+            for name, room_id, last_seq in found:
+                rooms[name] = [room_id, last_seq]
+        missing = set(names) - set(rooms)
+        if missing:
+            raise StoreError(f"rooms {sorted(missing)!r} are not in the database")
+        known = self._originals(conn, rooms, items)
         results: List[Tuple[Message, bool]] = []
         rows = []
-        find = self._sql(
-            "SELECT seq, nick, body, ts_ms FROM messages WHERE room_id = ? AND client_id = ?"
-        )
         for room, nick, body, ts_ms, client_id in items:
             state = rooms[room]
             if client_id is not None:
-                key = (room, client_id)
-                original = known.get(key)
-                if original is None:
-                    row = conn.execute(find, (state[0], client_id)).fetchone()
-                    if row is not None:
-                        original = Message(room, row[0], row[1], row[2], row[3], client_id)
-                        known[key] = original
+                original = known.get((room, client_id))
                 if original is not None:
                     results.append((original, False))
                     continue
@@ -262,11 +260,36 @@ class SQLStore:
                 ),
                 rows,
             )
-            for room_id, last_seq in rooms.values():
-                conn.execute(
-                    self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"), (last_seq, room_id)
-                )
+            conn.cursor().executemany(
+                self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"),
+                [(last_seq, room_id) for room_id, last_seq in rooms.values()],
+            )
         return results
+
+    def _originals(
+        self, conn: Any, rooms: Dict[str, List[int]], items: Sequence[_Append]
+    ) -> Dict[Tuple[str, str], Message]:
+        """
+        The stored messages whose client_id the batch uses again, one query
+        per room (the room rows are locked, so none can appear meanwhile).
+        """
+        wanted: Dict[str, List[str]] = {}
+        for room, _, _, _, client_id in items:
+            if client_id is not None:
+                wanted.setdefault(room, []).append(client_id)
+        known: Dict[Tuple[str, str], Message] = {}
+        for room, client_ids in wanted.items():
+            for chunk in _chunks(sorted(set(client_ids))):
+                found = conn.execute(
+                    self._sql(
+                        "SELECT client_id, seq, nick, body, ts_ms FROM messages "
+                        f"WHERE room_id = ? AND client_id IN ({_marks(chunk)})"
+                    ),
+                    [rooms[room][0], *chunk],
+                ).fetchall()
+                for client_id, seq, nick, body, ts_ms in found:
+                    known[(room, client_id)] = Message(room, seq, nick, body, ts_ms, client_id)
+        return known
 
     # -- reading -------------------------------------------------------------
 
@@ -382,6 +405,14 @@ class SQLStore:
                 pool.close()
 
         return d.addCallback(close_pools)
+
+
+def _chunks(values: List[str], size: int = 500) -> List[List[str]]:
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
 
 
 def _failed(error: Exception) -> Deferred:

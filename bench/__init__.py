@@ -1,0 +1,3 @@
+"""
+chatd's benchmarks.  Each module runs on its own: python -m bench.NAME --help.
+"""
