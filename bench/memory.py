@@ -106,7 +106,7 @@ async def run(reactor: Any, messages: int, window: int, history: int) -> dict:
     started = time.perf_counter()
     per_room = messages // ROOMS
     await gatherResults(
-        [Deferred.fromCoroutine(s.send_all(per_room, window, room)) for s, room in zip(senders, rooms)]
+        [Deferred.fromCoroutine(s.send_all(per_room, window, room)) for s, room in zip(senders, rooms, strict=True)]
     )
     seconds = time.perf_counter() - started
     rss_end = rss_kib(transport.pid)

@@ -1,6 +1,7 @@
 // chatd chat page: WebSocket first, long-poll as fallback (or when the page
 // asks for it).  Messages are ordered and de-duplicated by their per-room
-// seq; user content is only ever inserted as text.
+// seq; user content is only ever inserted as text.  Nothing here touches
+// built-in prototypes or globals.
 
 const chat = document.getElementById("chat");
 const room = chat.dataset.room;
@@ -10,18 +11,26 @@ const scroller = document.getElementById("message_list");
 const input = document.getElementById("inputbox");
 const nickInput = document.getElementById("nick");
 const statusEl = document.getElementById("status");
+const transportEl = document.getElementById("transport");
+const membersEl = document.getElementById("members");
+const olderButton = document.getElementById("load_older");
 const sendForm = document.getElementById("send");
 
 const NICK_KEY = "chatd.nick";
 const MAX_BACKOFF_MS = 30000;
+const GROUP_MS = 5 * 60 * 1000;   // consecutive messages within this are grouped
+const PAGE = 50;
 const api = `/api/rooms/${encodeURIComponent(room)}`;
 
 let lastSeq = null;          // the last seq shown; the resume cursor
-const pending = new Map();   // client_id -> {nick, body, li}
+let firstSeq = null;         // the oldest seq shown, for "load older"
+const pending = new Map();   // client_id -> {client_id, nick, body, li}
 let transport = null;        // the live transport object
-let attempts = 0;            // failed connection attempts in a row
-let wsFailures = 0;          // WebSocket opens that failed before working once
+let attempts = 0;            // failed connections in a row
+let wsFailures = 0;          // WebSocket opens that failed before one worked
 let wsWorked = false;
+let retryTimer = null;
+let retryTicker = null;
 
 nickInput.value = localStorage.getItem(NICK_KEY) || "";
 nickInput.addEventListener("change", () => {
@@ -37,11 +46,15 @@ function nearBottom() {
   return scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 40;
 }
 
+function toBottom() {
+  scroller.scrollTop = scroller.scrollHeight;
+}
+
 const URL_RE = /\bhttps?:\/\/[^\s<>"']+/g;
 
 function appendText(parent, text) {
   // Links become <a> elements whose text and href are set as data, never
-  // parsed as HTML.
+  // parsed as HTML; only http(s) URLs match.
   let last = 0;
   for (const match of text.matchAll(URL_RE)) {
     parent.append(document.createTextNode(text.slice(last, match.index)));
@@ -56,21 +69,21 @@ function appendText(parent, text) {
   parent.append(document.createTextNode(text.slice(last)));
 }
 
-function renderMessage(msg, li) {
-  li = li || document.createElement("li");
-  li.replaceChildren();
+function renderMessage(msg) {
+  const li = document.createElement("li");
   li.className = "message";
-  li.dataset.seq = msg.seq ?? "";
+  if (msg.seq !== undefined) li.dataset.seq = msg.seq;
+  li.dataset.nick = msg.nick;
+  li.dataset.ts = msg.ts;
   const nick = document.createElement("span");
   nick.className = "nick";
   nick.textContent = msg.nick;
   const time = document.createElement("time");
   time.className = "time";
-  if (msg.ts) {
-    const when = new Date(msg.ts * 1000);
-    time.dateTime = when.toISOString();
-    time.textContent = when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
-  }
+  const when = new Date(msg.ts * 1000);
+  time.dateTime = when.toISOString();
+  time.textContent = when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+  time.title = when.toLocaleString();
   const body = document.createElement("span");
   body.className = "body";
   appendText(body, msg.body);
@@ -78,39 +91,78 @@ function renderMessage(msg, li) {
   return li;
 }
 
+function regroup(li) {
+  // A message continues its group when the one before it is by the same
+  // nick and recent: the nick and time are then hidden.
+  const prev = li.previousElementSibling;
+  const same = prev && prev.classList.contains("message")
+    && prev.dataset.nick === li.dataset.nick
+    && (li.dataset.ts - prev.dataset.ts) * 1000 < GROUP_MS;
+  li.classList.toggle("cont", Boolean(same));
+}
+
 function show(msg) {
   if (lastSeq !== null && msg.seq <= lastSeq) return;  // seen already
   const stick = nearBottom();
   lastSeq = msg.seq;
+  if (firstSeq === null) firstSeq = msg.seq;
   const mine = msg.client_id && pending.get(msg.client_id);
   if (mine) {
     pending.delete(msg.client_id);
     mine.li.remove();
   }
   const li = renderMessage(msg);
-  const firstPending = list.querySelector("li.pending");
-  list.insertBefore(li, firstPending);
-  if (stick || mine) scroller.scrollTop = scroller.scrollHeight;
+  list.insertBefore(li, list.querySelector("li.pending"));
+  regroup(li);
+  if (li.nextElementSibling) regroup(li.nextElementSibling);
+  if (stick || mine) toBottom();
+  olderButton.hidden = firstSeq <= 1;
 }
 
-function reset(firstSeq) {
+function reset(first) {
   // The server no longer holds what came after our cursor: start over
   // from what it has, keeping unsent messages.
   for (const li of list.querySelectorAll("li:not(.pending)")) li.remove();
-  lastSeq = firstSeq - 1;
+  lastSeq = first - 1;
+  firstSeq = null;
 }
 
-function showError(detail) {
+function notice(text, kind = "notice") {
   const li = document.createElement("li");
-  li.className = "notice error";
-  li.textContent = detail;
-  list.append(li);
-  scroller.scrollTop = scroller.scrollHeight;
+  li.className = `notice ${kind}`;
+  li.textContent = text;
+  list.insertBefore(li, list.querySelector("li.pending"));
+  toBottom();
+}
+
+async function loadOlder() {
+  if (firstSeq === null || firstSeq <= 1) return;
+  olderButton.disabled = true;
+  try {
+    const batch = await getJSON(`${api}/messages?before=${firstSeq}&limit=${PAGE}`);
+    const anchor = list.firstElementChild;
+    const height = scroller.scrollHeight;
+    for (const msg of batch.messages) {
+      const li = renderMessage(msg);
+      list.insertBefore(li, anchor);
+      regroup(li);
+    }
+    if (anchor) regroup(anchor);
+    if (batch.messages.length) firstSeq = batch.messages[0].seq;
+    olderButton.hidden = batch.messages.length < PAGE || firstSeq <= 1;
+    // Keep what the reader was looking at in place.
+    scroller.scrollTop += scroller.scrollHeight - height;
+  } catch (err) {
+    notice("Could not load older messages.", "error");
+  } finally {
+    olderButton.disabled = false;
+  }
 }
 
 function newClientId() {
   if (crypto.randomUUID) return crypto.randomUUID();
-  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function queue(body) {
@@ -119,7 +171,7 @@ function queue(body) {
   li.classList.add("pending");
   li.title = "sending…";
   list.append(li);
-  scroller.scrollTop = scroller.scrollHeight;
+  toBottom();
   item.li = li;
   pending.set(item.client_id, item);
   if (transport && transport.open) transport.send(item);
@@ -132,27 +184,52 @@ function failed(clientId, detail) {
     item.li.classList.replace("pending", "failed");
     item.li.title = detail;
   }
-  showError(detail);
+  notice(detail, "error");
+}
+
+async function refreshMembers() {
+  try {
+    const info = await getJSON(api);
+    membersEl.textContent = `${info.clients} here`;
+  } catch (err) {
+    // The status already says we are disconnected.
+  }
 }
 
 function connected() {
   attempts = 0;
   setStatus("connected", "connected");
+  transportEl.textContent = transport.name;
   for (const item of pending.values()) transport.send(item);
+  refreshMembers();
 }
 
-function disconnected() {
+function disconnected(retryNow = false) {
   transport = null;
+  if (retryNow) {
+    connect();
+    return;
+  }
   attempts += 1;
+  // Exponential backoff with jitter, capped: half the delay is fixed,
+  // half random, so clients do not come back all at once.
   const delay = Math.min(MAX_BACKOFF_MS, 500 * 2 ** Math.min(attempts, 10));
   const wait = Math.round(delay / 2 + Math.random() * delay / 2);
-  let left = Math.ceil(wait / 1000);
-  setStatus("reconnecting", `reconnecting in ${left} s`);
-  const timer = setInterval(() => {
-    left -= 1;
-    if (left > 0) setStatus("reconnecting", `reconnecting in ${left} s`);
-  }, 1000);
-  setTimeout(() => { clearInterval(timer); connect(); }, wait);
+  const until = Date.now() + wait;
+  const tick = () => {
+    if (!navigator.onLine) {
+      setStatus("offline", "offline");
+    } else {
+      setStatus("reconnecting", `reconnecting in ${Math.max(1, Math.ceil((until - Date.now()) / 1000))} s`);
+    }
+  };
+  tick();
+  retryTicker = setInterval(tick, 1000);
+  retryTimer = setTimeout(() => {
+    clearInterval(retryTicker);
+    retryTimer = null;
+    connect();
+  }, wait);
 }
 
 function payload(item) {
@@ -161,6 +238,7 @@ function payload(item) {
 
 class WebSocketTransport {
   constructor() {
+    this.name = "websocket";
     this.open = false;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const after = lastSeq === null ? "" : `?after=${lastSeq}`;
@@ -168,13 +246,20 @@ class WebSocketTransport {
     this.ws.onopen = () => {
       this.open = true;
       wsWorked = true;
+      wsFailures = 0;
       connected();
     };
     this.ws.onmessage = (event) => this.receive(JSON.parse(event.data));
     this.ws.onclose = () => {
       const wasOpen = this.open;
       this.open = false;
-      if (!wasOpen && !wsWorked) wsFailures += 1;
+      if (!wasOpen && !wsWorked) {
+        // It never opened: try once more at once, then fall back to
+        // long-poll (a proxy or firewall may block WebSocket).
+        wsFailures += 1;
+        disconnected(true);
+        return;
+      }
       disconnected();
     };
   }
@@ -184,7 +269,7 @@ class WebSocketTransport {
     else if (frame.type === "reset") reset(frame.first_seq);
     else if (frame.type === "error") {
       if (frame.client_id) failed(frame.client_id, frame.detail);
-      else showError(frame.detail);
+      else notice(frame.detail, "error");
     }
   }
 
@@ -195,6 +280,7 @@ class WebSocketTransport {
 
 class LongPollTransport {
   constructor() {
+    this.name = "long-poll";
     this.open = false;
     this.run();
   }
@@ -204,9 +290,10 @@ class LongPollTransport {
       if (lastSeq === null) {
         // First visit: the newest page of history, then follow from there.
         const info = await getJSON(api);
-        const older = await getJSON(`${api}/messages?before=${info.last_seq + 1}&limit=100`);
-        for (const msg of older.messages) show(msg);
+        const newest = await getJSON(`${api}/messages?before=${info.last_seq + 1}&limit=${PAGE}`);
+        for (const msg of newest.messages) show(msg);
         lastSeq = Math.max(lastSeq ?? 0, info.last_seq);
+        olderButton.hidden = firstSeq === null || firstSeq <= 1;
       }
       this.open = true;
       connected();
@@ -260,6 +347,18 @@ sendForm.addEventListener("submit", (event) => {
   queue(body);
 });
 
-window.addEventListener("offline", () => setStatus("offline", "offline"));
+olderButton.addEventListener("click", loadOlder);
 
+window.addEventListener("offline", () => setStatus("offline", "offline"));
+window.addEventListener("online", () => {
+  if (retryTimer !== null) {
+    // Back online: retry now rather than at the end of the backoff.
+    clearTimeout(retryTimer);
+    clearInterval(retryTicker);
+    retryTimer = null;
+    connect();
+  }
+});
+
+setInterval(refreshMembers, 20000);
 connect();

@@ -1,22 +1,40 @@
-// chatd room list: create a room without leaving the page, with the
-// server's error shown next to the form.
+// chatd room list: create a room without leaving the page, with errors shown
+// next to the form, and times shown in the reader's time zone.
 
 const form = document.getElementById("create_room");
 const nameInput = document.getElementById("room_name");
 const errorEl = document.getElementById("create_error");
 
+for (const time of document.querySelectorAll("time[data-ts]")) {
+  const when = new Date(Number(time.dataset.ts) * 1000);
+  time.dateTime = when.toISOString();
+  time.title = when.toLocaleString();
+  time.textContent = when.toLocaleString([], {dateStyle: "medium", timeStyle: "short"});
+}
+
 function showError(text) {
   errorEl.textContent = text;
   errorEl.hidden = !text;
+  nameInput.setAttribute("aria-invalid", text ? "true" : "false");
 }
 
-nameInput.addEventListener("input", () => {
-  showError(nameInput.validity.patternMismatch
-    ? "Use 1 to 64 letters, digits, '_' or '-'." : "");
-});
+function check() {
+  const name = nameInput.value.trim();
+  if (!name) return "Give the room a name.";
+  if (name.length > 64) return "A room name is at most 64 characters.";
+  if (!/^[A-Za-z0-9_-]+$/.test(name)) return "Use only letters, digits, '_' and '-'.";
+  return "";
+}
+
+nameInput.addEventListener("input", () => showError(nameInput.value ? check() : ""));
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
+  const problem = check();
+  if (problem) {
+    showError(problem);
+    return;
+  }
   const name = nameInput.value.trim();
   try {
     const response = await fetch("/api/rooms", {

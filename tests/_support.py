@@ -253,11 +253,11 @@ class ChatdProcess(ProcessProtocol):
         self.signal: Optional[int] = None
 
     @classmethod
-    async def start(cls, test: TestCase, *args: str) -> "ChatdProcess":
+    async def start(cls, test: TestCase, *args: str, port: int = 0) -> "ChatdProcess":
         """
-        Start chatd and wait until it listens.
+        Start chatd and wait until it listens (on C{port}, or a free one).
         """
-        process = cls.spawn(test, "--port", "tcp:0:interface=127.0.0.1", *args)
+        process = cls.spawn(test, "--port", f"tcp:{port}:interface=127.0.0.1", *args)
         await process.listening
         return process
 

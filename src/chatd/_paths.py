@@ -22,14 +22,15 @@ _MARKERS = {"templates": "room.html", "static": "chat.js"}
 
 
 def _candidates(name: str) -> List[Path]:
+    # Running from a checkout (or an editable install): src/chatd/_paths.py
+    # -> the checkout's top folder, so edits show up without reinstalling.
+    found = [Path(__file__).resolve().parents[2] / name]
     roots = [Path(sysconfig.get_path("data")), Path(sys.prefix)]
     try:
         roots.append(Path(sysconfig.get_path("data", sysconfig.get_preferred_scheme("user"))))
     except (KeyError, AttributeError):
         pass
-    found = [root / "share" / "chatd" / name for root in roots]
-    # src/chatd/_paths.py -> the checkout's top folder.
-    found.append(Path(__file__).resolve().parents[2] / name)
+    found += [root / "share" / "chatd" / name for root in roots]
     return found
 
 

@@ -385,6 +385,13 @@ class Room:
         self._pending: Dict[int, Message] = {}
 
     @property
+    def last_activity(self) -> Optional[float]:
+        """
+        When the newest message was sent (seconds), if one is in memory.
+        """
+        return self._cache[-1].ts_ms / 1000.0 if self._cache else None
+
+    @property
     def clients(self) -> int:
         """
         How many clients are connected: subscribers plus waiting polls.

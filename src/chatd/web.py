@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, cast
 from urllib.parse import parse_qs
@@ -66,11 +67,21 @@ def make_environment(templates: Path) -> Environment:
     The Jinja2 environment for chatd's pages: autoescaping on, templates
     from C{templates}.
     """
-    return Environment(
+    env = Environment(
         loader=FileSystemLoader(str(templates)),
         autoescape=select_autoescape(default=True, default_for_string=True),
         auto_reload=False,
     )
+    env.filters["timestamp"] = _timestamp
+    return env
+
+
+def _timestamp(seconds: float) -> str:
+    """
+    A UTC time for pages rendered without JavaScript; the page's script
+    shows it in the reader's own time zone.
+    """
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
 def _query(request: IRequest, name: str) -> Optional[str]:
@@ -179,7 +190,12 @@ def _form_or_json(request: IRequest) -> Dict[str, Any]:
 
 
 def _room_info(room: Room) -> dict:
-    return {"name": room.name, "last_seq": room.last_seq, "clients": room.clients}
+    return {
+        "name": room.name,
+        "last_seq": room.last_seq,
+        "clients": room.clients,
+        "last_activity": room.last_activity,
+    }
 
 
 class _Root(Resource):

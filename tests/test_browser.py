@@ -1,0 +1,489 @@
+"""
+chatd in a real browser: Debian's Chromium driven by Playwright for Python,
+against chatd running as a twistd process on a free loopback port.
+
+Each scenario runs Playwright's synchronous API in a worker thread (so the
+reactor keeps serving); waits are on page conditions, never sleeps.
+
+Outside CI these tests skip when Chromium or Playwright is missing; under
+CI=true they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests._support import HTTP, ChatdProcess
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+#: Page conditions are met in milliseconds; this bounds a broken run.
+WAIT_MS = 20_000
+
+# Recorded in every page before its own scripts run: console errors, CSP
+# violations and dialogs (an executed payload would likely open one).
+_WATCH = """
+window.__chatd_test = {violations: []};
+document.addEventListener("securitypolicyviolation",
+  (e) => window.__chatd_test.violations.push(e.violatedDirective + " " + e.blockedURI));
+"""
+
+
+def _playwright() -> Any:
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "Playwright for Python is not installed (pip install '.[test]')"
+    else:
+        if not os.path.exists(CHROMIUM):
+            reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"browser tests must run in CI: {reason}")
+        raise SkipTest(reason)
+    return sync_playwright
+
+
+class Browser:
+    """
+    One Chromium for a scenario, with helpers that read the chat page the
+    way a person would.
+    """
+
+    def __init__(self, browser: Any, base: str) -> None:
+        self.browser = browser
+        self.base = base
+        self.console_errors: List[str] = []
+        self.dialogs: List[str] = []
+        self.requests: List[str] = []
+        self.pages: List[Any] = []
+        #: Console errors a scenario provokes on purpose (regexes).
+        self.expected_errors: List[str] = []
+
+    def open(
+        self,
+        path: str,
+        viewport: Optional[Dict[str, int]] = None,
+        init: str = "",
+        context: Any = None,
+    ) -> Any:
+        """
+        Open a page in a new browser profile (or in C{context}'s).
+        """
+        if context is None:
+            context = self.browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.add_init_script(_WATCH + init)
+        page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.response = page.goto(self.base + path)
+        self.pages.append(page)
+        return page
+
+    @staticmethod
+    def wait_connected(page: Any) -> None:
+        page.wait_for_function("() => document.getElementById('status').dataset.state === 'connected'")
+
+    @staticmethod
+    def say(page: Any, text: str, nick: Optional[str] = None) -> None:
+        if nick is not None:
+            page.fill("#nick", nick)
+        page.fill("#inputbox", text)
+        page.press("#inputbox", "Enter")
+
+    @staticmethod
+    def wait_messages(page: Any, count: int) -> None:
+        page.wait_for_function(f"() => document.querySelectorAll('#message_list li.message:not(.pending)').length >= {count}"
+        )
+
+    @staticmethod
+    def messages(page: Any) -> List[Dict[str, Any]]:
+        return page.eval_on_selector_all(
+            "#message_list li.message:not(.pending)",
+            """els => els.map(e => ({seq: Number(e.dataset.seq), nick: e.dataset.nick,
+                body: e.querySelector('.body').textContent}))""",
+        )
+
+
+class BrowserTestCase(TestCase):
+    timeout = 180
+
+    async def setUp(self) -> None:
+        self.sync_playwright = _playwright()
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+        self.server = await ChatdProcess.start(self, *self.chatd_args())
+        self.http = HTTP(self, self.server.base)
+
+    def chatd_args(self) -> List[str]:
+        return ["--data-dir", self.folder]
+
+    def in_browser(self, scenario: Callable[[Browser], None]) -> Any:
+        """
+        Run C{scenario} with a fresh Chromium in a worker thread; it fails
+        if any page logged a console error or a CSP violation, or opened a
+        dialog.
+        """
+        base = self.server.base
+
+        def run() -> None:
+            with self.sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+                try:
+                    b = Browser(browser, base)
+                    scenario(b)
+                    for page in b.pages:
+                        violations = page.evaluate("window.__chatd_test.violations")
+                        assert violations == [], violations
+                    unexpected = [
+                        e for e in b.console_errors
+                        if not any(re.search(pattern, e) for pattern in b.expected_errors)
+                    ]
+                    assert unexpected == [], unexpected
+                    assert b.dialogs == [], b.dialogs
+                finally:
+                    browser.close()
+
+        return deferToThread(run)
+
+    def screenshot(self, page: Any, name: str) -> None:
+        """
+        Save a screenshot in the test's folder, and in $CHATD_SCREENSHOTS
+        when set (tools/screenshots.sh uses it for the docs).
+        """
+        page.screenshot(path=os.path.join(self.folder, name))
+        target = os.environ.get("CHATD_SCREENSHOTS")
+        if target:
+            page.screenshot(path=os.path.join(target, name))
+
+
+class ChatInTheBrowserTests(BrowserTestCase):
+    """
+    What a person does with chatd's pages.
+    """
+
+    async def test_websocket_and_longpoll_pages_chat(self) -> None:
+        """
+        Two WebSocket pages and one long-poll page in one room exchange
+        messages typed into #inputbox + Enter, and all show them in the
+        same order.
+        """
+
+        def scenario(b: Browser) -> None:
+            pages = [b.open("/rooms/lobby"), b.open("/rooms/lobby"), b.open("/rooms/lobby/longpoll")]
+            for page in pages:
+                b.wait_connected(page)
+            self.assertEqual(
+                [p.text_content("#transport") for p in pages], ["websocket", "websocket", "long-poll"]
+            )
+            for round_ in range(2):
+                for i, page in enumerate(pages):
+                    b.say(page, f"hello {round_} from page {i}", nick=f"user{i}")
+                    b.wait_messages(page, round_ * 3 + i + 1)
+            for page in pages:
+                b.wait_messages(page, 6)
+            seen = [b.messages(page) for page in pages]
+            self.assertEqual([m["seq"] for m in seen[0]], [1, 2, 3, 4, 5, 6])
+            self.assertEqual(seen[0], seen[1])
+            self.assertEqual(seen[0], seen[2])
+            self.assertEqual(seen[0][5], {"seq": 6, "nick": "user2", "body": "hello 1 from page 2"})
+            # The nick is remembered for the next visit.
+            again = b.open("/rooms/lobby", context=pages[0].context)
+            self.assertEqual(again.input_value("#nick"), "user0")
+            b.wait_messages(again, 6)
+            self.screenshot(pages[0], "chat-desktop.png")
+
+        await self.in_browser(scenario)
+
+    async def test_html_payload_is_text(self) -> None:
+        """
+        HTML and script sent as a message show up as text on every page and
+        execute nothing; links are clickable but only http(s).
+        """
+        payload = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script><b>bold</b>'
+
+        def scenario(b: Browser) -> None:
+            sender, reader = b.open("/rooms/lobby"), b.open("/rooms/lobby/longpoll")
+            b.wait_connected(sender)
+            b.wait_connected(reader)
+            b.say(sender, payload)
+            b.say(sender, "see https://example.org/x?a=1 and javascript:alert(1)")
+            for page in (sender, reader):
+                b.wait_messages(page, 2)
+                self.assertEqual(b.messages(page)[0]["body"], payload)
+                self.assertIsNone(page.evaluate("window.__pwned"))
+                self.assertEqual(page.locator("#message_list img, #message_list script, #message_list b").count(), 0)
+                links = page.eval_on_selector_all("#message_list a", "els => els.map(a => a.href)")
+                self.assertEqual(links, ["https://example.org/x?a=1"])
+
+        await self.in_browser(scenario)
+
+    async def test_member_count_and_room_list(self) -> None:
+        """
+        The room list shows member counts and last activity; the form
+        creates rooms and shows the server's errors inline.
+        """
+
+        def scenario(b: Browser) -> None:
+            # The browser logs the 409 that the form then explains.
+            b.expected_errors.append(r"status of 409 \(Conflict\)")
+            chatting = b.open("/rooms/lobby")
+            b.wait_connected(chatting)
+            chatting.wait_for_function("() => document.getElementById('members').textContent === '1 here'")
+            b.say(chatting, "hi")
+            b.wait_messages(chatting, 1)
+            index = b.open("/")
+            row = index.locator("tr[data-room=lobby]")
+            self.assertEqual(row.locator(".members").text_content(), "1")
+            self.assertNotIn("no messages yet", row.locator(".activity").text_content())
+            index.fill("#room_name", "no spaces")
+            index.wait_for_selector("#create_error:not([hidden])")
+            self.assertIn("letters, digits", index.text_content("#create_error"))
+            index.fill("#room_name", "lobby")
+            index.click("#create_room button")
+            index.wait_for_function("() => document.getElementById('create_error').textContent.includes('already exists')")
+            index.fill("#room_name", "new-room")
+            index.click("#create_room button")
+            index.wait_for_url(re.compile(r".*/rooms/new-room$"))
+            b.wait_connected(index)
+            self.screenshot(b.open("/"), "rooms-desktop.png")
+
+        await self.in_browser(scenario)
+
+    async def test_phone_viewport(self) -> None:
+        """
+        On a phone-sized viewport the pages fit without sideways scrolling
+        and the input stays usable.
+        """
+        await self.http.post_json("/api/rooms/lobby/messages", {"nick": "ann", "body": "a long line " * 20})
+
+        def scenario(b: Browser) -> None:
+            phone = {"width": 375, "height": 667}
+            for path in ["/", "/rooms/lobby", "/rooms/lobby/longpoll"]:
+                page = b.open(path, viewport=phone)
+                if path != "/":
+                    b.wait_connected(page)
+                    b.wait_messages(page, 1)
+                    b.say(page, "from a phone")
+                    b.wait_messages(page, 2 if path == "/rooms/lobby" else 3)
+                width = page.evaluate("document.documentElement.scrollWidth")
+                self.assertLessEqual(width, 375, path)
+                if path == "/rooms/lobby":
+                    self.screenshot(page, "chat-phone.png")
+                if path == "/":
+                    self.screenshot(page, "rooms-phone.png")
+
+        await self.in_browser(scenario)
+
+
+class HistoryTests(BrowserTestCase):
+    """
+    Paging back through history kept in the store.
+    """
+
+    def chatd_args(self) -> List[str]:
+        return ["--data-dir", self.folder, "--history", "50"]
+
+    async def test_load_older_and_grouping(self) -> None:
+        """
+        "Load older messages" pages back through history from the store
+        until the first message; consecutive messages by one nick are
+        grouped.
+        """
+        for i in range(120):
+            await self.http.post_json(
+                "/api/rooms/lobby/messages", {"nick": "ann" if i < 60 else "bob", "body": f"m{i}"}
+            )
+
+        def scenario(b: Browser) -> None:
+            page = b.open("/rooms/lobby")
+            b.wait_messages(page, 50)
+            self.assertEqual([m["seq"] for m in b.messages(page)], list(range(71, 121)))
+            page.click("#load_older")
+            b.wait_messages(page, 100)
+            page.click("#load_older")
+            b.wait_messages(page, 120)
+            page.wait_for_selector("#load_older", state="hidden")
+            self.assertEqual([m["seq"] for m in b.messages(page)], list(range(1, 121)))
+            grouped = page.eval_on_selector_all(
+                "#message_list li.message", "els => els.map(e => e.classList.contains('cont'))"
+            )
+            self.assertEqual(grouped, [False] + [True] * 59 + [False] + [True] * 59)
+
+        await self.in_browser(scenario)
+
+
+class SafetyTests(BrowserTestCase):
+    """
+    Content-Security-Policy, console and built-ins.
+    """
+
+    async def test_csp_and_no_console_errors(self) -> None:
+        """
+        Pages carry a CSP that allows scripts only from chatd (no inline
+        script), load nothing from other hosts, and log no errors.
+        """
+
+        def scenario(b: Browser) -> None:
+            for path in ["/", "/rooms/lobby", "/rooms/lobby/longpoll"]:
+                page = b.open(path)
+                csp = page.response.headers["content-security-policy"]
+                self.assertIn("script-src 'self'", csp)
+                self.assertIn("connect-src 'self'", csp)
+                self.assertNotIn("unsafe-inline", csp)
+                if path != "/":
+                    b.wait_connected(page)
+                    b.say(page, f"csp check {path}")
+                    b.wait_messages(page, 1)
+            ws_base = b.base.replace("http://", "ws://")
+            self.assertTrue(b.requests)
+            self.assertEqual([u for u in b.requests if not u.startswith((b.base, ws_base))], [])
+
+        await self.in_browser(scenario)
+
+    async def test_natives_untouched(self) -> None:
+        """
+        After the page has run (connected, sent, received), built-in
+        functions are still native, prototypes have no added properties and
+        the page added no globals.
+        """
+
+        def scenario(b: Browser) -> None:
+            blank = b.browser.new_page()
+            blank.goto(b.base + "/static/chat.css")
+            baseline = set(blank.evaluate("Object.getOwnPropertyNames(window)"))
+            for path in ["/rooms/lobby", "/rooms/lobby/longpoll", "/"]:
+                page = b.open(path)
+                if path != "/":
+                    b.wait_connected(page)
+                    b.say(page, "natives")
+                    b.wait_messages(page, 1)
+                report = page.evaluate(
+                    """() => {
+                    const natives = {Object, Array, JSON, Function, Promise, Date, String, Map, Set,
+                                     fetch, WebSocket, setTimeout, setInterval};
+                    const bad = [];
+                    const isNative = (f) => Function.prototype.toString.call(f).includes("[native code]");
+                    for (const [name, owner] of Object.entries(natives)) {
+                      if (typeof owner === "function" && !isNative(owner)) bad.push(name);
+                      for (const key of Object.getOwnPropertyNames(owner)) {
+                        const d = Object.getOwnPropertyDescriptor(owner, key);
+                        if (typeof d.value === "function" && !isNative(d.value)) bad.push(name + "." + key);
+                      }
+                      const proto = owner.prototype;
+                      if (proto) for (const key of Object.getOwnPropertyNames(proto)) {
+                        const d = Object.getOwnPropertyDescriptor(proto, key);
+                        if (typeof d.value === "function" && !isNative(d.value)) bad.push(name + ".prototype." + key);
+                      }
+                    }
+                    const enumerable = [];
+                    for (const key in {}) enumerable.push("Object.prototype." + key);
+                    for (const key in []) enumerable.push("Array.prototype." + key);
+                    return {bad, enumerable, globals: Object.getOwnPropertyNames(window)};
+                }"""
+                )
+                self.assertEqual(report["bad"], [], path)
+                self.assertEqual(report["enumerable"], [], path)
+                added = set(report["globals"]) - baseline - {"__chatd_test"}
+                self.assertEqual(added, set(), path)
+
+        await self.in_browser(scenario)
+
+
+class ResilienceTests(BrowserTestCase):
+    """
+    Restarts, blips and blocked WebSockets.
+    """
+
+    async def test_server_restart_mid_conversation(self) -> None:
+        """
+        When the server restarts, both pages show "reconnecting", a message
+        typed meanwhile waits as "sending", and afterwards the conversation
+        continues with no gap and no duplicate.
+        """
+
+        def scenario(b: Browser) -> None:
+            # While the server is down the browser logs refused connections.
+            b.expected_errors += [r"ERR_CONNECTION_REFUSED", r"WebSocket connection to .* failed"]
+            ws, lp = b.open("/rooms/lobby"), b.open("/rooms/lobby/longpoll")
+            b.wait_connected(ws)
+            b.wait_connected(lp)
+            for i in range(3):
+                b.say(ws if i % 2 == 0 else lp, f"before {i}")
+                b.wait_messages(ws, i + 1)
+            b.wait_messages(lp, 3)
+            port = self.server.port
+            blockingCallFromThread(reactor, lambda: self.server.stop("TERM"))
+            for page in (ws, lp):
+                page.wait_for_function("() => document.getElementById('status').dataset.state === 'reconnecting'")
+                self.assertRegex(page.text_content("#status"), r"reconnecting in \d+ s")
+            b.say(ws, "typed while the server was down")
+            ws.wait_for_selector("#message_list li.pending")
+            blockingCallFromThread(
+                reactor,
+                lambda: ensureDeferred(ChatdProcess.start(self, *self.chatd_args(), port=port)),
+            )
+            for page in (ws, lp):
+                b.wait_connected(page)
+            b.wait_messages(ws, 4)
+            b.wait_messages(lp, 4)
+            b.say(lp, "after the restart")
+            b.wait_messages(ws, 5)
+            b.wait_messages(lp, 5)
+            self.assertEqual(ws.locator("#message_list li.pending").count(), 0)
+            for page in (ws, lp):
+                seen = b.messages(page)
+                self.assertEqual([m["seq"] for m in seen], [1, 2, 3, 4, 5])
+                self.assertEqual(
+                    [m["body"] for m in seen],
+                    ["before 0", "before 1", "before 2", "typed while the server was down", "after the restart"],
+                )
+
+        await self.in_browser(scenario)
+
+    async def test_websocket_blocked_falls_back_to_longpoll(self) -> None:
+        """
+        When WebSocket connections never open (a proxy that blocks them),
+        the chat page switches to long-poll by itself and chats with a
+        WebSocket page.
+        """
+        blocked = """
+        window.WebSocket = class {
+          constructor() { setTimeout(() => this.onclose && this.onclose({code: 1006}), 5); }
+          send() {} close() {}
+        };
+        """
+
+        def scenario(b: Browser) -> None:
+            stuck = b.open("/rooms/lobby", init=blocked)
+            normal = b.open("/rooms/lobby")
+            b.wait_connected(stuck)
+            b.wait_connected(normal)
+            self.assertEqual(stuck.text_content("#transport"), "long-poll")
+            self.assertEqual(normal.text_content("#transport"), "websocket")
+            b.say(stuck, "through long-poll")
+            b.say(normal, "through websocket")
+            b.wait_messages(stuck, 2)
+            b.wait_messages(normal, 2)
+            self.assertEqual(b.messages(stuck), b.messages(normal))
+
+        await self.in_browser(scenario)
