@@ -19,6 +19,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.server import Site
+from twisted.web.static import File
 
 from tests._support import HTTP, ChatdProcess
 
@@ -485,5 +487,51 @@ class ResilienceTests(BrowserTestCase):
             b.wait_messages(stuck, 2)
             b.wait_messages(normal, 2)
             self.assertEqual(b.messages(stuck), b.messages(normal))
+
+        await self.in_browser(scenario)
+
+
+class TutorialClientTests(BrowserTestCase):
+    """
+    The tutorial's jQuery long-poll client, served from another origin,
+    works against chatd by changing only its URL.
+    """
+
+    async def test_cross_origin_jquery_client(self) -> None:
+        """
+        JSONP long-poll and form POSTs from a page on another port: the
+        client greets, sends, and receives messages posted elsewhere.
+        """
+        fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tutorial")
+        other_origin = reactor.listenTCP(0, Site(File(fixture)), interface="127.0.0.1")
+        self.addCleanup(other_origin.stopListening)
+        page_url = f"http://127.0.0.1:{other_origin.getHost().port}/index.html"
+        poll_url = f"{self.server.base}/rooms/lobby/poll"
+
+        def scenario(b: Browser) -> None:
+            page = b.browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{page_url}#{poll_url}", wait_until="domcontentloaded")
+            page.wait_for_function("() => document.querySelectorAll('#message_list li').length >= 1")
+            page.evaluate("send('from the tutorial client')")
+            page.wait_for_function("() => window.lastPost !== undefined")
+            self.assertEqual(
+                page.evaluate("window.lastPost"),
+                {"status": 1, "timestamp": 1, "data": "from the tutorial client"},
+            )
+            blockingCallFromThread(
+                reactor,
+                lambda: ensureDeferred(
+                    self.http.post_json("/api/rooms/lobby/messages", {"body": "from the API"})
+                ),
+            )
+            page.wait_for_function("() => document.querySelectorAll('#message_list li').length >= 3")
+            items = page.eval_on_selector_all(
+                "#message_list li", "els => els.map(e => [e.dataset.timestamp, e.textContent])"
+            )
+            self.assertEqual(
+                items,
+                [["0", "connected..."], ["1", "from the tutorial client"], ["2", "from the API"]],
+            )
 
         await self.in_browser(scenario)
