@@ -46,6 +46,15 @@ def make_web(history: int = 500, rooms: Sequence[str] = ()) -> Tuple[ChatCore, C
     return core, web, clock
 
 
+def _unlimited(args: Sequence[str]) -> Tuple[str, ...]:
+    """
+    Tests post faster than a person: no posting limit unless a test sets one.
+    """
+    if any(arg.startswith("--rate-limit") for arg in args):
+        return tuple(args)
+    return ("--rate-limit", "off", *args)
+
+
 async def start_chatd(test: TestCase, *args: str) -> Tuple[ChatService, str]:
     """
     Start chatd on a free loopback port, as twistd would build it.
@@ -53,6 +62,7 @@ async def start_chatd(test: TestCase, *args: str) -> Tuple[ChatService, str]:
     @return: the service and its base URL, e.g. C{http://127.0.0.1:4321}.
     """
     options = Options()
+    args = _unlimited(args)
     if not any(arg.startswith(("--store", "-s")) for arg in args):
         # The default store (SQLite), in a folder of this test's own.
         data_dir = test.mktemp()
@@ -268,7 +278,7 @@ class ChatdProcess(ProcessProtocol):
         """
         process = cls()
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        argv = [twistd, "-n", "--pidfile=", "chatd", *args]
+        argv = [twistd, "-n", "--pidfile=", "chatd", *_unlimited(args)]
         reactor.spawnProcess(process, twistd, argv, env=os.environ.copy())
         test.addCleanup(process.kill)
         return process

@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from chatd.core import ChatCore
 from chatd.store.memory import MemoryStore
-from chatd.ws import MAX_FRAME, ChatWebSocketFactory
+from chatd.ws import ChatWebSocketFactory, frame_limit
 
 
 class FactoryTests(SynchronousTestCase):
@@ -38,7 +38,9 @@ class FactoryTests(SynchronousTestCase):
         open redirect) is off, and failures send a close frame.
         """
         options = self.factory
-        self.assertEqual(options.maxFramePayloadSize, MAX_FRAME)
-        self.assertEqual(options.maxMessagePayloadSize, MAX_FRAME)
+        self.assertEqual(options.maxFramePayloadSize, frame_limit(4096))
+        self.assertEqual(options.maxMessagePayloadSize, frame_limit(4096))
+        self.assertEqual(frame_limit(4096), 64 * 1024)
+        self.assertEqual(options.autoPingInterval, 30.0)
         self.assertFalse(options.webStatus)
         self.assertFalse(options.failByDrop)

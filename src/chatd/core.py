@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -27,13 +27,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd.interfaces import IMessageStore
+from chatd.limits import Limits
 
 __all__ = [
     "ChatCore",
     "ChatError",
     "Batch",
     "Message",
+    "Peer",
     "Room",
+    "Ticket",
     "Subscription",
     "DEFAULT_NICK",
     "MAX_BODY",
@@ -65,11 +68,15 @@ class ChatError(Exception):
     @ivar status: the HTTP status that matches (400, 404, 409, 413...).
     """
 
-    def __init__(self, code: str, detail: str, status: int = 400) -> None:
+    def __init__(
+        self, code: str, detail: str, status: int = 400, retry_after: Optional[float] = None
+    ) -> None:
         super().__init__(code, detail, status)
         self.code = code
         self.detail = detail
         self.status = status
+        #: For 429 and 503: seconds after which trying again may work.
+        self.retry_after = retry_after
 
 
 def _room_not_found(name: str) -> ChatError:
@@ -133,9 +140,9 @@ def validate_nick(nick: object) -> str:
     return nick
 
 
-def validate_body(body: object) -> str:
+def validate_body(body: object, max_body: int = MAX_BODY) -> str:
     """
-    Strip a message body and check it is 1 to L{MAX_BODY} characters.
+    Strip a message body and check it is 1 to C{max_body} characters.
 
     @raise ChatError: C{invalid_body} (400) if missing, not a string, blank
         or holding control characters; C{body_too_long} (413) if too long.
@@ -145,10 +152,10 @@ def validate_body(body: object) -> str:
     body = body.strip()
     if not body:
         raise ChatError("invalid_body", "body is empty.")
-    if len(body) > MAX_BODY:
+    if len(body) > max_body:
         raise ChatError(
             "body_too_long",
-            f"body is {len(body)} characters; the limit is {MAX_BODY}.",
+            f"body is {len(body)} characters; the limit is {max_body}.",
             413,
         )
     if _BAD_BODY_CHARS.search(body):
@@ -308,6 +315,43 @@ class Batch:
         return self._json
 
 
+class Peer:
+    """
+    Who is acting: the client's IP address and, for a WebSocket, its
+    connection (any hashable object), for the limits that apply to each.
+    """
+
+    __slots__ = ("ip", "connection")
+
+    def __init__(self, ip: str, connection: object = None) -> None:
+        self.ip = ip
+        self.connection = connection
+
+
+class Ticket:
+    """
+    A place among the server's concurrent connections; L{release} it when
+    the connection ends (safe to call twice).
+    """
+
+    __slots__ = ("_limits", "_ip")
+
+    def __init__(self, limits: Optional[Limits], ip: str) -> None:
+        self._limits = limits
+        self._ip = ip
+
+    def release(self) -> None:
+        limits, self._limits = self._limits, None
+        if limits is None:
+            return
+        limits.connections -= 1
+        left = limits.connections_by_ip[self._ip] - 1
+        if left:
+            limits.connections_by_ip[self._ip] = left
+        else:
+            del limits.connections_by_ip[self._ip]
+
+
 Deliver = Callable[[Message], None]
 OnReset = Callable[[int], None]
 
@@ -426,13 +470,23 @@ class ChatCore:
     log = Logger()
 
     def __init__(
-        self, store: IMessageStore, clock: IReactorTime, history: int = 500
+        self,
+        store: IMessageStore,
+        clock: IReactorTime,
+        history: int = 500,
+        limits: Optional[Limits] = None,
+        max_body: int = MAX_BODY,
     ) -> None:
         if history < 1:
             raise ValueError("history must be at least 1")
         self._store = store
         self._clock = clock
         self._history = history
+        #: None: no limits (embedding, unit tests); chatd's tap always sets them.
+        self.limits = limits
+        self.max_body = max_body
+        #: Told about commits and fan-outs (see L{chatd.metrics.Metrics}).
+        self.observer: Any = None
         self._rooms: Dict[str, Room] = {}
         self._creating: Set[str] = set()
 
@@ -480,12 +534,13 @@ class ChatCore:
         """
         return [self._rooms[name] for name in sorted(self._rooms)]
 
-    def create_room(self, name: object) -> Deferred:
+    def create_room(self, name: object, peer: Optional[Peer] = None) -> Deferred:
         """
         Create a room.
 
         @return: a Deferred firing with the new L{Room}, or failing with
-            L{ChatError} C{invalid_room_name} (400) or C{room_exists} (409).
+            L{ChatError} C{invalid_room_name} (400), C{room_exists} (409),
+            C{too_many_rooms} (403) or C{rate_limited} (429).
         """
         try:
             name = validate_room_name(name)
@@ -493,6 +548,7 @@ class ChatCore:
                 raise ChatError(
                     "room_exists", f"A room named {name!r} already exists.", 409
                 )
+            self._check_room_limits(peer)
         except ChatError as e:
             return _fail(e)
         self._creating.add(name)
@@ -512,6 +568,51 @@ class ChatCore:
         d = self._store.create_room(name, now_ms)
         return d.addCallback(created).addBoth(done)
 
+    def _check_room_limits(self, peer: Optional[Peer]) -> None:
+        limits = self.limits
+        if limits is None or peer is None:
+            return
+        if len(self._rooms) + len(self._creating) >= limits.max_rooms:
+            raise ChatError(
+                "too_many_rooms", f"This server holds its maximum of {limits.max_rooms} rooms.", 403
+            )
+        if limits.rooms_by_ip is not None:
+            wait = limits.rooms_by_ip.take(peer.ip)
+            if wait:
+                raise ChatError(
+                    "rate_limited",
+                    f"Too many rooms created from {peer.ip}; try again in {wait:.0f} s.",
+                    429,
+                    wait,
+                )
+
+    # -- connections ---------------------------------------------------------
+
+    def admit(self, ip: str) -> Ticket:
+        """
+        Take a place for a WebSocket connection or a waiting long-poll.
+
+        @raise ChatError: C{server_full} or C{too_many_connections} (503).
+        """
+        limits = self.limits
+        if limits is None:
+            return Ticket(None, ip)
+        if limits.connections >= limits.max_connections:
+            raise ChatError(
+                "server_full", "The server has no room for more connections.", 503, 5.0
+            )
+        mine = limits.connections_by_ip.get(ip, 0)
+        if mine >= limits.max_connections_per_ip:
+            raise ChatError(
+                "too_many_connections",
+                f"{ip} already has {mine} connections open; close some first.",
+                503,
+                5.0,
+            )
+        limits.connections += 1
+        limits.connections_by_ip[ip] = mine + 1
+        return Ticket(limits, ip)
+
     # -- posting -------------------------------------------------------------
 
     def post(
@@ -520,6 +621,7 @@ class ChatCore:
         nick: object,
         body: object,
         client_id: object = None,
+        peer: Optional[Peer] = None,
     ) -> Deferred:
         """
         Validate and store a message, then deliver it to the room.
@@ -533,19 +635,41 @@ class ChatCore:
         """
         try:
             room = self.room(room_name)
+            if peer is not None:
+                self._check_rate(peer)
             nick = validate_nick(nick)
-            body = validate_body(body)
+            body = validate_body(body, self.max_body)
             client_id = validate_client_id(client_id)
         except ChatError as e:
             return _fail(e)
-        ts_ms = int(self._clock.seconds() * 1000)
-        d = self._store.append(room.name, nick, body, ts_ms, client_id)
-        return d.addCallback(self._committed, room)
+        now = self._clock.seconds()
+        d = self._store.append(room.name, nick, body, int(now * 1000), client_id)
+        return d.addCallback(self._committed, room, now)
 
-    def _committed(self, result: Tuple[Message, bool], room: Room) -> Message:
+    def _check_rate(self, peer: Peer) -> None:
+        limits = self.limits
+        if limits is None or limits.posting_by_ip is None or limits.posting_by_connection is None:
+            return
+        wait = limits.posting_by_ip.take(peer.ip)
+        if not wait and peer.connection is not None:
+            wait = limits.posting_by_connection.take(peer.connection)
+        if wait:
+            raise ChatError(
+                "rate_limited",
+                f"Too many messages; try again in {wait:.1f} s.",
+                429,
+                wait,
+            )
+
+    def _committed(
+        self, result: Tuple[Message, bool], room: Room, started: Optional[float] = None
+    ) -> Message:
         message, created = result
         if not created:
             return message
+        observer = self.observer
+        if observer is not None and started is not None:
+            observer.committed(self._clock.seconds() - started)
         if message.seq <= room.last_seq:
             # Already delivered (a store that reports twice); never resend.
             return message
@@ -554,14 +678,22 @@ class ChatCore:
             # hold it so that every subscriber still sees seq order.
             room._pending[message.seq] = message
             return message
-        self._deliver(room, message)
+        subscribers, waiters = self._deliver(room, message)
+        if observer is not None and started is not None:
+            observer.delivered_to(subscribers, waiters, self._clock.seconds() - started)
         while room.last_seq + 1 in room._pending:
             self._deliver(room, room._pending.pop(room.last_seq + 1))
         return message
 
-    def _deliver(self, room: Room, message: Message) -> None:
+    def _deliver(self, room: Room, message: Message) -> Tuple[int, int]:
+        """
+        Hand a committed message to the room's waiters and subscribers.
+
+        @return: how many subscribers and waiters it went to.
+        """
         room.last_seq = message.seq
         room._cache.append(message)
+        waiters: List[Deferred] = []
         if room._waiters:
             waiters = list(room._waiters)
             room._waiters.clear()
@@ -570,7 +702,8 @@ class ChatCore:
             batch = Batch(room.name, [message], message.seq)
             for d in waiters:
                 d.callback(batch)
-        for subscription in list(room._subscriptions):
+        subscriptions = list(room._subscriptions)
+        for subscription in subscriptions:
             try:
                 subscription._offer(message)
             except Exception:
@@ -581,6 +714,7 @@ class ChatCore:
                     room=room.name,
                 )
                 subscription.stop()
+        return len(subscriptions), len(waiters)
 
     # -- reading -------------------------------------------------------------
 
@@ -635,6 +769,36 @@ class ChatCore:
         last_seq = room.last_seq
         d = self._store.read_before(room.name, before, limit)
         return d.addCallback(lambda msgs: Batch(room.name, msgs, last_seq))
+
+    def ping(self, timeout: float) -> Deferred:
+        """
+        Readiness: a Deferred that fires if the store answers within
+        C{timeout} seconds.
+        """
+        d = self._store.ping()
+        d.addTimeout(timeout, self._clock)
+        return d
+
+    def waiting(self) -> int:
+        """
+        How many long-poll requests are waiting, in all rooms.
+        """
+        return sum(len(room._waiters) for room in self._rooms.values())
+
+    def release_waiters(self) -> int:
+        """
+        Shutting down: answer every waiting long-poll with an empty batch
+        now, and say how many there were.
+        """
+        count = 0
+        for room in self._rooms.values():
+            waiters = list(room._waiters)
+            room._waiters.clear()
+            batch = Batch(room.name, [], room.last_seq)
+            for d in waiters:
+                d.callback(batch)
+            count += len(waiters)
+        return count
 
     def prune(self, before_ms: int) -> Deferred:
         """

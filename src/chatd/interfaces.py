@@ -76,6 +76,13 @@ class IMessageStore(Interface):
         @return: Deferred firing with the number of messages deleted.
         """
 
+    def ping():
+        """
+        Check the store answers (a trivial query).
+
+        @return: Deferred firing with C{None}, or failing.
+        """
+
     def close():
         """
         Release connections and files.

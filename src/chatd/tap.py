@@ -7,27 +7,33 @@ implementations and wires store, core, web and WebSocket together.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
+from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from chatd._http import HeaderDeadlineFactory
 from chatd._paths import find_data_dir
 from chatd._version import __version__
-from chatd.core import ChatCore, ChatError, validate_room_name
+from chatd.core import MAX_BODY, ChatCore, ChatError, validate_room_name
 from chatd.interfaces import IMessageStore
+from chatd.limits import DEFAULT_RATE, Limits, parse_rate
+from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.store.postgres import redact
 from chatd.web import ChatWeb, make_environment
 from chatd.ws import ChatWebSocketFactory
@@ -90,6 +96,32 @@ class Options(usage.Options):
             "(0: keep everything).",
             int,
         ],
+        [
+            "rate-limit",
+            None,
+            DEFAULT_RATE,
+            "Posting limit per client IP and per WebSocket: BURST/PER_SECOND "
+            "(a token bucket), or off.",
+        ],
+        ["max-message", None, MAX_BODY, "Longest message body, in characters.", int],
+        ["max-connections", None, 10_000, "WebSockets and waiting long-polls, in all.", int],
+        [
+            "max-connections-per-ip",
+            None,
+            100,
+            "WebSockets and waiting long-polls from one IP address.",
+            int,
+        ],
+        ["max-rooms", None, 1_000, "Rooms in all.", int],
+        ["rooms-per-hour", None, 20, "Rooms one IP address may create per hour (0: no limit).", int],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Serve /metrics on this endpoint only (e.g. tcp:9100:interface=127.0.0.1) "
+            "instead of on --port.",
+        ],
+        ["log-format", None, "text", "Log as text (twistd's own) or json (one object a line)."],
         ["templates", None, None, "Folder of HTML templates (default: the installed ones)."],
         ["static", None, None, "Folder of static files (default: the installed ones)."],
     ]
@@ -97,6 +129,19 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["rooms"] = []
+        self["allow-origins"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """
+        Also accept WebSocket connections from pages of this origin, e.g.
+        https://chat.example.org (repeatable).
+        """
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise usage.UsageError(
+                f"--allow-origin {origin!r}: give scheme://host[:port], e.g. https://chat.example.org"
+            )
+        self["allow-origins"].append(origin.rstrip("/"))
 
     def opt_room(self, name: str) -> None:
         """
@@ -123,6 +168,29 @@ class Options(usage.Options):
         Check the endpoint and find the template and static folders.
         """
         self["store"] = self._check_store(self["store"])
+        try:
+            self["rate-limit"] = parse_rate(self["rate-limit"])
+        except ValueError as e:
+            raise usage.UsageError(f"--rate-limit {e}") from None
+        for name, low in [
+            ("max-message", 1),
+            ("max-connections", 1),
+            ("max-connections-per-ip", 1),
+            ("max-rooms", 1),
+            ("rooms-per-hour", 0),
+        ]:
+            if self[name] < low:
+                raise usage.UsageError(f"--{name} {self[name]}: give a number of at least {low}.")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json.")
+        if self["metrics-port"] is not None:
+            self["metrics-port"] = _port(self["metrics-port"])
+            try:
+                serverFromString(None, self["metrics-port"])
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--metrics-port {self['metrics-port']!r} is not a valid endpoint ({e})."
+                ) from None
         if self["retain-days"] < 0:
             raise usage.UsageError(
                 f"--retain-days {self['retain-days']}: give 0 (keep everything) or more days."
@@ -240,13 +308,19 @@ class ChatService(MultiService):
         store: IMessageStore,
         reactor: Any,
         exit_on_failure: bool = False,
+        web: Optional[ChatWeb] = None,
+        websockets: Optional[ChatWebSocketFactory] = None,
+        json_logs: bool = False,
     ) -> None:
         super().__init__()
         self.core = core
         self.store = store
+        self.web = web
+        self.websockets = websockets
         self._rooms = rooms
         self._reactor = reactor
         self._exit_on_failure = exit_on_failure
+        self._json_logs = json_logs
         self.ready: Optional[Deferred] = None
         self.ports: List[IListeningPort] = []
 
@@ -272,6 +346,8 @@ class ChatService(MultiService):
             await self.core.start(self._rooms)
             for service in self:
                 service.startService()
+            if self._exit_on_failure:
+                self._install_sigterm()
 
         def failed(failure: Failure) -> Failure:
             self.log.critical("chatd could not start: {error}", error=failure.getErrorMessage())
@@ -298,10 +374,60 @@ class ChatService(MultiService):
         else:
             self._reactor.callWhenRunning(self._reactor.stop)
 
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Under twistd the parent is the application; twistd starts logging
+        after this, with the application's log observer if it has one.
+        """
+        if self._json_logs and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
+        super().setServiceParent(parent)
+
+    def _install_sigterm(self) -> None:
+        """
+        twistd ends itself with SIGTERM after a SIGTERM-initiated shutdown
+        (exit status 143); a clean shutdown should say 0.  This handler
+        stops the reactor the same way, without recording the signal.
+        """
+        reactor = self._reactor
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.log.info("Received SIGTERM, shutting down.")
+            reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
     def stopService(self) -> Deferred:
-        d = super().stopService()
-        d.addCallback(lambda _: self.store.close())
-        return d
+        """
+        Shut down in order: stop accepting, answer waiting long-polls,
+        close WebSockets with 1001, let the store commit what it was
+        given, all within SHUTDOWN_TIMEOUT seconds.
+        """
+        if self.web is not None:
+            self.web.shutting_down = True
+
+        async def stop() -> None:
+            Service.stopService(self)
+            # Children that never started (the store failed to open) have
+            # nothing to stop.
+            await DeferredList(
+                [maybeDeferred(s.stopService) for s in reversed(list(self)) if s.running],
+                consumeErrors=True,
+            )
+            released = self.core.release_waiters()
+            if self.websockets is not None:
+                closing = len(self.websockets.connections)
+                await self.websockets.shutdown(SHUTDOWN_TIMEOUT / 2, self._reactor)
+                self.log.info(
+                    "Shut down: answered {polls} long-polls, closed {sockets} WebSockets",
+                    polls=released,
+                    sockets=closing,
+                )
+            closing_store = self.store.close()
+            closing_store.addTimeout(SHUTDOWN_TIMEOUT / 2, self._reactor)
+            await closing_store
+
+        return Deferred.fromCoroutine(stop())
 
 
 class _Retention:
@@ -333,6 +459,13 @@ class _Retention:
 
 #: How often retention runs.
 RETENTION_INTERVAL = 3600.0
+#: Idle HTTP connections are closed after this many seconds (more than the
+#: longest long-poll).
+IDLE_TIMEOUT = 75
+#: A new connection must send its request head within this many seconds.
+HEADER_TIMEOUT = 10.0
+#: The longest a shutdown waits for WebSockets to close and writes to finish.
+SHUTDOWN_TIMEOUT = 10.0
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -350,16 +483,42 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = _reactor
     history = options["history"]
     store = make_store(options["store"], history, reactor)
-    core = ChatCore(store, reactor, history)
-    factory = ChatWebSocketFactory(core)
+    limits = Limits(
+        reactor,
+        rate=options["rate-limit"],
+        max_connections=options["max-connections"],
+        max_connections_per_ip=options["max-connections-per-ip"],
+        max_rooms=options["max-rooms"],
+        rooms_per_ip_per_hour=options["rooms-per-hour"],
+    )
+    core = ChatCore(store, reactor, history, limits=limits, max_body=options["max-message"])
+    metrics = Metrics()
+    core.observer = metrics
+    metrics.watch_waiters(core.waiting)
+    factory = ChatWebSocketFactory(core, metrics=metrics)
     web = ChatWeb(
         core,
         make_environment(options["templates"]),
         options["static"],
         WebSocketResource(factory),
+        metrics=metrics,
+        allow_origins=options["allow-origins"],
+        serve_metrics=options["metrics-port"] is None,
     )
-    site = Site(web.resource())
-    service = ChatService(core, options["rooms"], store, reactor, exit_on_failure=under_twistd)
+    # Idle connections are closed after IDLE_TIMEOUT (longer than any
+    # long-poll), and a new one must send its request head promptly.
+    site = Site(web.resource(), timeout=IDLE_TIMEOUT)
+    front = HeaderDeadlineFactory(site, reactor, HEADER_TIMEOUT)
+    service = ChatService(
+        core,
+        options["rooms"],
+        store,
+        reactor,
+        exit_on_failure=under_twistd,
+        web=web,
+        websockets=factory,
+        json_logs=options["log-format"] == "json",
+    )
     if options["retain-days"]:
         retention = _Retention(core, reactor, options["retain-days"])
         timer = TimerService(RETENTION_INTERVAL, retention.run)
@@ -368,6 +527,31 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     endpoint = _ReportingEndpoint(
         serverFromString(reactor, options["port"]), service.listening
     )
-    listener = StreamServerEndpointService(endpoint, site)
+    listener = StreamServerEndpointService(endpoint, front)
     listener.setServiceParent(service)
+    if options["metrics-port"] is not None:
+        metrics_site = Site(_MetricsPage(metrics))
+        metrics_endpoint = _ReportingEndpoint(
+            serverFromString(reactor, options["metrics-port"]), service.listening
+        )
+        StreamServerEndpointService(metrics_endpoint, metrics_site).setServiceParent(service)
     return service
+
+
+class _MetricsPage(Resource):
+    """
+    /metrics alone, for --metrics-port.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            return b"Not found; see /metrics\n"
+        request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+        return self._metrics.render()

@@ -11,15 +11,16 @@ C{{"error": CODE, "detail": TEXT}}; no traceback reaches a client.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, cast
-from urllib.parse import parse_qs
+from typing import Any, Dict, Optional, Sequence, cast
+from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -27,7 +28,8 @@ from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from chatd.core import Batch, ChatCore, ChatError, Message, Room, encode_json, parse_cursor
+from chatd.core import Batch, ChatCore, ChatError, Message, Peer, Room, encode_json, parse_cursor
+from chatd.metrics import CONTENT_TYPE, Metrics
 
 __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "make_environment"]
 
@@ -189,6 +191,29 @@ def _form_or_json(request: IRequest) -> Dict[str, Any]:
     )
 
 
+def _ip(request: IRequest) -> str:
+    return getattr(request.getClientAddress(), "host", "?")
+
+
+#: A long-poll answer holds at most this many bytes of messages (the client
+#: asks again for the rest), so a slow reader pins a bounded buffer.
+MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+def _within_budget(batch: Batch) -> bytes:
+    body = batch.json
+    if len(body) <= MAX_RESPONSE_BYTES or len(batch.messages) <= 1:
+        return body
+    size, keep = 0, 0
+    for message in batch.messages:
+        size += len(message.json) + 1
+        if size > MAX_RESPONSE_BYTES - 256:
+            break
+        keep += 1
+    smaller = Batch(batch.room, batch.messages[: max(keep, 1)], batch.last_seq, batch.reset, batch.first_seq)
+    return smaller.json
+
+
 def _room_info(room: Room) -> dict:
     return {
         "name": room.name,
@@ -252,8 +277,17 @@ class ChatWeb:
         env: Environment,
         static: Path,
         websocket: IResource,
+        metrics: Optional[Metrics] = None,
+        allow_origins: Sequence[str] = (),
+        serve_metrics: bool = True,
     ) -> None:
         self._core = core
+        self._metrics = metrics
+        self._allow_origins = {o.rstrip("/").lower() for o in allow_origins}
+        self._serve_metrics = serve_metrics
+        #: Set when the server starts shutting down: /readyz says no, and
+        #: long-polls are answered at once.
+        self.shutting_down = False
         self._static = _StaticFiles(str(static))
         self._websocket = websocket
         # Loaded once here, never per request.
@@ -294,7 +328,22 @@ class ChatWeb:
     @app.handle_errors(ChatError)
     def _chat_error(self, request: IRequest, failure: Failure) -> bytes:
         error = cast(ChatError, failure.value)
+        if error.retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % (max(1, math.ceil(error.retry_after)),))
+        if error.status in (403, 413, 429, 503):
+            self._log_rejection(request, error.code)
         return self._error_json(request, error.status, error.code, error.detail)
+
+    def _log_rejection(self, request: IRequest, reason: str) -> None:
+        self.log.info(
+            "Refused {method} {path} from {ip}: {reason}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            ip=_ip(request),
+            reason=reason,
+        )
+        if self._metrics is not None:
+            self._metrics.rejected.labels(reason).inc()
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -387,7 +436,7 @@ class ChatWeb:
             request.setHeader(b"location", b"/api/rooms/" + room.name.encode("ascii"))
             return self._json(request, encode_json(_room_info(room)), 201, jsonp=False)
 
-        return self._core.create_room(fields.get("name")).addCallback(created)
+        return self._core.create_room(fields.get("name"), Peer(_ip(request))).addCallback(created)
 
     @app.route("/api/rooms/<room>", methods=["GET"])
     def room_info(self, request: IRequest, room: str) -> bytes:
@@ -415,12 +464,34 @@ class ChatWeb:
             d = self._core.read_before(room, before, limit)
         else:
             timeout = _bounded_seconds(request, "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT)
-            d = self._core.wait(room, after, limit, timeout)
+            d = self._wait(request, room, after, limit, timeout)
 
         def respond(batch: Batch) -> bytes:
-            return self._json(request, batch.json)
+            return self._json(request, _within_budget(batch))
 
         return d.addCallback(respond)
+
+    def _wait(
+        self, request: IRequest, room: str, after: Optional[int], limit: int, timeout: Optional[float]
+    ) -> Deferred:
+        """
+        Long-poll within the connection limits, counted as a connection
+        while it waits.
+        """
+        if self.shutting_down:
+            timeout = 0
+        ticket = self._core.admit(_ip(request))
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.connections.labels("longpoll").inc()
+
+        def done(result: object) -> object:
+            ticket.release()
+            if metrics is not None:
+                metrics.connections.labels("longpoll").dec()
+            return result
+
+        return self._core.wait(room, after, limit, timeout).addBoth(done)
 
     @app.route("/api/rooms/<room>/messages", methods=["POST"])
     def post_message(self, request: IRequest, room: str) -> Deferred:
@@ -430,9 +501,12 @@ class ChatWeb:
         """
         self._core.room(room)
         fields = _form_or_json(request)
-        d = self._core.post(room, fields.get("nick"), fields.get("body"), fields.get("client_id"))
+        d = self._core.post(
+            room, fields.get("nick"), fields.get("body"), fields.get("client_id"), Peer(_ip(request))
+        )
 
         def respond(message: Message) -> bytes:
+            self._count_post()
             return self._json(request, message.json, 201, jsonp=False)
 
         return d.addCallback(respond)
@@ -446,6 +520,7 @@ class ChatWeb:
         """
         self._core.room(room)
         parse_cursor(_query(request, "after"), "after")
+        self._check_origin(request)
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade.lower() != b"websocket":
             request.setHeader(b"upgrade", b"websocket")
@@ -453,6 +528,68 @@ class ChatWeb:
                 "upgrade_required", "This is a WebSocket endpoint; connect with ws://.", 426
             )
         return self._websocket
+
+    def _check_origin(self, request: IRequest) -> None:
+        """
+        Refuse cross-site WebSocket hijacking: a browser's Origin must be
+        this server's own, or one given with --allow-origin.  Clients that
+        send no Origin (not browsers) are let through.
+        """
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return
+        text = origin.decode("latin-1").rstrip("/").lower()
+        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+        if text in self._allow_origins or urlsplit(text).netloc == host and host:
+            return
+        raise ChatError(
+            "origin_not_allowed",
+            f"WebSocket connections from {text!r} are not allowed here.",
+            403,
+        )
+
+    def _count_post(self) -> None:
+        if self._metrics is not None:
+            self._metrics.posted.labels("http").inc()
+
+    # -- health and metrics --------------------------------------------------
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        """
+        Liveness: the process answers.
+        """
+        return self._json(request, b'{"status":"ok"}', jsonp=False)
+
+    @app.route("/readyz", methods=["GET"])
+    def readyz(self, request: IRequest) -> Deferred:
+        """
+        Readiness: accepting work, and the store answers within 2 seconds.
+        """
+        if self.shutting_down:
+            return succeed(self._not_ready(request, "The server is shutting down."))
+        d = self._core.ping(2.0)
+
+        def ready(_: object) -> bytes:
+            return self._json(request, b'{"status":"ready"}', jsonp=False)
+
+        def failed(failure: Failure) -> bytes:
+            return self._not_ready(request, f"The store does not answer: {failure.getErrorMessage()}")
+
+        return d.addCallbacks(ready, failed)
+
+    def _not_ready(self, request: IRequest, detail: str) -> bytes:
+        return self._error_json(request, 503, "not_ready", detail)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        """
+        Prometheus metrics (unless they are served on --metrics-port).
+        """
+        if self._metrics is None or not self._serve_metrics:
+            raise ChatError("not_found", "Metrics are not served here.", 404)
+        request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+        return self._metrics.render()
 
     # -- the tutorial's long-poll protocol -----------------------------------
 
@@ -493,7 +630,7 @@ class ChatWeb:
                 request, {"status": 1, "timestamp": message.seq, "data": message.body}
             )
 
-        return self._core.wait(room, after, 1, timeout).addCallback(respond)
+        return self._wait(request, room, after, 1, timeout).addCallback(respond)
 
     @app.route("/rooms/<room>/poll", methods=["POST"])
     def tutorial_post(self, request: IRequest, room: str) -> Deferred:
@@ -503,9 +640,12 @@ class ChatWeb:
         self._core.room(room)
         request.setHeader(b"access-control-allow-origin", b"*")
         fields = _form_or_json(request)
-        d = self._core.post(room, fields.get("nick"), fields.get("new_message"))
+        d = self._core.post(
+            room, fields.get("nick"), fields.get("new_message"), None, Peer(_ip(request))
+        )
 
         def respond(message: Message) -> bytes:
+            self._count_post()
             return self._tutorial(
                 request, {"status": 1, "timestamp": message.seq, "data": message.body}
             )

@@ -11,7 +11,7 @@ C{{"type": "ping"}}, or plain text, which is taken as a message body.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Set
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import (
@@ -19,20 +19,68 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from chatd.core import ChatCore, ChatError, Message, Subscription, encode_json, parse_cursor
+from chatd.core import (
+    ChatCore,
+    ChatError,
+    Message,
+    Peer,
+    Subscription,
+    Ticket,
+    encode_json,
+    parse_cursor,
+)
 
-__all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "MAX_FRAME"]
+__all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "frame_limit"]
 
-# Large enough for any valid message (4096 characters, up to 4 bytes each in
-# UTF-8, JSON-escaped) with room to spare; anything bigger is abuse and gets
-# close code 1009 from Autobahn.
-MAX_FRAME = 64 * 1024
-
-# RFC 6455 close code for data of a type the endpoint cannot accept.
+# RFC 6455 close codes.
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+
+#: Rate-limited posts in a row after which a connection is closed (1008).
+FLOOD_CLOSE_AFTER = 20
+
+#: Outgoing bytes a connection may have waiting (the kernel and Twisted
+#: buffers full) before it is closed as too slow (1008).
+SLOW_CONSUMER_LIMIT = 1024 * 1024
+
+
+def frame_limit(max_body: int) -> int:
+    """
+    The largest frame or message accepted: room for any valid message
+    (each character up to 6 bytes once JSON-escaped) and its other fields.
+    """
+    return max(64 * 1024, 6 * max_body + 4096)
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    Registered with the connection's transport, which pauses it when its
+    write buffer is full: while paused, what the connection is sent
+    accumulates there, and past the limit the reader is too slow.
+    """
+
+    def __init__(self, protocol: "ChatWebSocketProtocol") -> None:
+        self._protocol = protocol
+        self.paused = False
+        self.backlog = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
 
 
 class ChatWebSocketProtocol(WebSocketServerProtocol):
@@ -48,22 +96,35 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _room: Optional[str] = None
     _after: Optional[int] = None
     _subscription: Optional[Subscription] = None
+    _ticket: Optional[Ticket] = None
+    _backpressure: Optional[_Backpressure] = None
     _closed = False
+    _rejected = 0
+    _ip = "?"
 
     def onConnect(self, request: ConnectionRequest) -> None:
         """
-        Accept C{/ws/<room>[?after=SEQ]} for a room that exists.
+        Accept C{/ws/<room>[?after=SEQ]} for a room that exists, within the
+        connection limits.
         """
         prefix = "/ws/"
         path = request.path
         if not path.startswith(prefix):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "No such endpoint.")
         name = unquote(path[len(prefix):])
+        transport: Any = self.transport
+        self._ip = getattr(transport.getPeer(), "host", "?")
+        core = self.factory.core
         try:
-            self.factory.core.room(name)
+            core.room(name)
             after = request.params.get("after", [None])[-1]
             self._after = parse_cursor(after, "after")
+            self._ticket = core.admit(self._ip)
         except ChatError as e:
+            self._log.info(
+                "Refused WebSocket from {ip} to {path}: {reason}", ip=self._ip, path=path, reason=e.code
+            )
+            self.factory.rejected(e.code)
             raise ConnectionDeny(e.status, e.detail) from None
         self._room = name
 
@@ -72,6 +133,14 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         Start following the room: history first, then live messages.
         """
         assert self._room is not None
+        self.factory.opened(self)
+        self._log.info("WebSocket open: {ip} in {room}", ip=self._ip, room=self._room)
+        self._backpressure = _Backpressure(self)
+        # The HTTP channel that carried the handshake registered itself as
+        # the transport's producer; the connection is ours now.
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.registerProducer(self._backpressure, True)
         try:
             self._subscription = self.factory.core.subscribe(
                 self._room, self._after, self._send_message, self._send_reset
@@ -89,7 +158,32 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def _send_message(self, message: Message) -> None:
-        self.sendPreparedMessage(self.factory.prepared(message))
+        prepared = self.factory.prepared(message)
+        backpressure = self._backpressure
+        if backpressure is not None and backpressure.paused:
+            backpressure.backlog += len(prepared.payloadHybi)
+            if backpressure.backlog > self.factory.slow_consumer_limit:
+                self._too_slow()
+                return
+        self.sendPreparedMessage(prepared)
+
+    def _too_slow(self) -> None:
+        """
+        The client stopped reading: stop following the room and drop the
+        connection, so the server never buffers without bound for it.
+        """
+        self._log.warn(
+            "Closing WebSocket {ip} in {room}: more than {limit} bytes waiting to be read",
+            ip=self._ip,
+            room=self._room,
+            limit=self.factory.slow_consumer_limit,
+        )
+        self.factory.rejected("slow_consumer")
+        if self._subscription is not None:
+            self._subscription.stop()
+            self._subscription = None
+        # A close frame would only queue behind the unread data.
+        self.dropConnection(abort=True)
 
     def _send_reset(self, first_seq: int) -> None:
         self.sendMessage(encode_json({"type": "reset", "first_seq": first_seq}))
@@ -101,6 +195,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             "status": error.status,
             "detail": error.detail,
         }
+        if error.retry_after is not None:
+            frame["retry_after"] = round(error.retry_after, 3)
         if isinstance(client_id, str):
             frame["client_id"] = client_id
         self.sendMessage(encode_json(frame))
@@ -111,12 +207,17 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         the connection usable; binary frames close it (1003).
         """
         if isBinary:
+            self.factory.rejected("binary_frame")
             self.close_with(CLOSE_UNSUPPORTED_DATA, "Binary frames are not supported.")
             return
         try:
             self._handle(payload.decode("utf-8"))
         except ChatError as e:
             self._send_error(e)
+        except Exception:
+            # A bug must cost this frame, not the connection or the process.
+            self._log.failure("Handling a frame from {ip} failed", ip=self._ip)
+            self._send_error(ChatError("internal_error", "The frame could not be handled.", 500))
 
     def _handle(self, text: str) -> None:
         frame: Any
@@ -143,17 +244,32 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         assert self._room is not None
         client_id = frame.get("client_id")
         d = self.factory.core.post(
-            self._room, frame.get("nick"), frame.get("body"), client_id
+            self._room,
+            frame.get("nick"),
+            frame.get("body"),
+            client_id,
+            Peer(self._ip, self),
         )
         # The sender's acknowledgement is its own message coming back
         # through the room, like everyone else's; only failures are ours.
-        d.addErrback(self._post_failed, client_id)
+        d.addCallbacks(self._posted, self._post_failed, errbackArgs=(client_id,))
+
+    def _posted(self, message: Message) -> None:
+        self._rejected = 0
+        self.factory.posted()
 
     def _post_failed(self, failure: Failure, client_id: Any) -> None:
         if self._closed:
             return
-        if isinstance(failure.value, ChatError):
-            self._send_error(failure.value, client_id)
+        error = failure.value
+        if isinstance(error, ChatError):
+            self.factory.rejected(error.code)
+            self._send_error(error, client_id)
+            if error.code == "rate_limited":
+                self._rejected += 1
+                if self._rejected >= FLOOD_CLOSE_AFTER:
+                    self._log.warn("Closing WebSocket {ip}: flooding", ip=self._ip)
+                    self.close_with(CLOSE_POLICY_VIOLATION, "Too many messages.")
             return
         self._log.failure("Storing a message failed", failure)
         self._send_error(
@@ -163,12 +279,23 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         """
-        Stop following the room, also if the history is still loading.
+        Stop following the room, also if the history is still loading, and
+        give back the connection's place.
         """
         self._closed = True
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
+        if self._ticket is not None:
+            self._ticket.release()
+            self._ticket = None
+            self.factory.closed(self)
+            self._log.info(
+                "WebSocket closed: {ip} in {room} (code {code})",
+                ip=self._ip,
+                room=self._room,
+                code=code,
+            )
 
 
 class ChatWebSocketFactory(WebSocketServerFactory):
@@ -177,22 +304,40 @@ class ChatWebSocketFactory(WebSocketServerFactory):
 
     Each message is framed once (C{prepareMessage}) and the same bytes are
     written to every recipient.
+
+    @param metrics: optional; told about connections, posts and rejections.
     """
 
     protocol = ChatWebSocketProtocol  # type: ignore[assignment]
 
-    def __init__(self, core: ChatCore, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        core: ChatCore,
+        *args: Any,
+        metrics: Any = None,
+        auto_ping: float = 30.0,
+        slow_consumer_limit: int = SLOW_CONSUMER_LIMIT,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.core = core
+        self.metrics = metrics
+        self.slow_consumer_limit = slow_consumer_limit
+        self.connections: Set[ChatWebSocketProtocol] = set()
+        limit = frame_limit(core.max_body)
         self.setProtocolOptions(
-            maxFramePayloadSize=MAX_FRAME,
-            maxMessagePayloadSize=MAX_FRAME,
+            maxFramePayloadSize=limit,
+            maxMessagePayloadSize=limit,
             # No HTML status page (and its ?redirect=) for plain GETs; the
             # web adapter answers those itself.
             webStatus=False,
             # Send the close frame (e.g. 1009 for an oversized message) so
             # the client learns why, instead of just dropping the socket.
             failByDrop=False,
+            # Reap dead and half-open connections: ping when idle, drop if
+            # no pong comes back.
+            autoPingInterval=auto_ping,
+            autoPingTimeout=auto_ping,
         )
         self._last_message: Optional[Message] = None
         self._last_prepared: Any = None
@@ -207,3 +352,39 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             self._last_prepared = self.prepareMessage(message.json)
             self._last_message = message
         return self._last_prepared
+
+    # -- bookkeeping -----------------------------------------------------------
+
+    def opened(self, protocol: ChatWebSocketProtocol) -> None:
+        self.connections.add(protocol)
+        if self.metrics is not None:
+            self.metrics.connections.labels("websocket").inc()
+
+    def closed(self, protocol: ChatWebSocketProtocol) -> None:
+        if protocol in self.connections:
+            self.connections.discard(protocol)
+            if self.metrics is not None:
+                self.metrics.connections.labels("websocket").dec()
+
+    def posted(self) -> None:
+        if self.metrics is not None:
+            self.metrics.posted.labels("websocket").inc()
+
+    def rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+
+    def shutdown(self, timeout: float, clock: Any) -> Deferred:
+        """
+        Close every connection with 1001 (going away) and wait, at most
+        C{timeout} seconds, for them to go.
+        """
+        waits = []
+        for protocol in list(self.connections):
+            done: Deferred = Deferred()
+            protocol.is_closed.addBoth(lambda _, d=done: d.callback(None))
+            waits.append(done)
+            protocol.close_with(CLOSE_GOING_AWAY, "The server is shutting down.")
+        d = DeferredList(waits, consumeErrors=True)
+        d.addTimeout(timeout, clock, onTimeoutCancel=lambda *_: None)
+        return d

@@ -388,6 +388,9 @@ class SQLStore:
 
     # -- lifetime ------------------------------------------------------------
 
+    def ping(self) -> Deferred:
+        return self._read.runWithConnection(lambda conn: conn.execute("SELECT 1").fetchone())
+
     def close(self) -> Deferred:
         """
         Refuse new writes, wait for queued ones to commit, then close the

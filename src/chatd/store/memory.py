@@ -109,5 +109,8 @@ class MemoryStore:
                 deleted += 1
         return succeed(deleted)
 
+    def ping(self) -> Deferred:
+        return succeed(None)
+
     def close(self) -> Deferred:
         return succeed(None)

@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_hardening -*-
+"""
+Prometheus metrics, through the prometheus_client library.
+
+The core reports commits and fan-outs to an observer (L{Metrics}); the
+adapters count connections, posts and rejections.  Each chatd service has
+its own registry, so tests and embedded servers never share counters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """
+    chatd's metrics and their registry.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "chatd_connections", "Open connections.", ["transport"], registry=r
+        )
+        self.posted = Counter(
+            "chatd_messages_posted", "Messages stored, by the transport they came in on.",
+            ["transport"], registry=r,
+        )
+        self.delivered = Counter(
+            "chatd_messages_delivered", "Messages handed to clients, by transport.",
+            ["transport"], registry=r,
+        )
+        self.rejected = Counter(
+            "chatd_rejected", "Requests and frames refused, by reason.", ["reason"], registry=r
+        )
+        self.waiters = Gauge("chatd_longpoll_waiters", "Long-poll requests waiting.", registry=r)
+        self.delivery_latency = Histogram(
+            "chatd_delivery_latency_seconds",
+            "From a message arriving to its delivery to the room's clients.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.commit_latency = Histogram(
+            "chatd_store_commit_seconds",
+            "From a message arriving to the store's commit of it.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        for transport in ("websocket", "longpoll"):
+            self.connections.labels(transport)
+            self.posted.labels(transport)
+            self.delivered.labels(transport)
+
+    def watch_waiters(self, count: Callable[[], int]) -> None:
+        """
+        Read the number of waiting long-polls from C{count} at each scrape.
+        """
+        self.waiters.set_function(count)
+
+    # The core's observer interface.
+
+    def committed(self, seconds: float) -> None:
+        self.commit_latency.observe(seconds)
+
+    def delivered_to(self, subscribers: int, waiters: int, seconds: float) -> None:
+        if subscribers:
+            self.delivered.labels("websocket").inc(subscribers)
+        if waiters:
+            self.delivered.labels("longpoll").inc(waiters)
+        self.delivery_latency.observe(seconds)
+
+    def render(self) -> bytes:
+        """
+        The Prometheus text exposition of every metric.
+        """
+        return generate_latest(self.registry)
+
+
