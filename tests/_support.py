@@ -142,25 +142,31 @@ class WSClient:
         self._pings = 0
 
     @classmethod
-    async def connect(cls, test: TestCase, base: str, path: str) -> "WSClient":
+    async def connect(
+        cls, test: TestCase, base: str, path: str, source: Optional[str] = None, origin: Optional[str] = None
+    ) -> "WSClient":
         """
-        Connect and wait for the opening handshake to finish.
+        Connect (from loopback address C{source}, sending C{origin}) and
+        wait for the opening handshake to finish.
         """
-        client = await cls.start(test, base, path)
+        client = await cls.start(test, base, path, source, origin)
         if await client.opened is None:
             raise ConnectionError(f"{path} refused: {client.close_reason}")
         return client
 
     @classmethod
-    async def start(cls, test: TestCase, base: str, path: str) -> "WSClient":
+    async def start(
+        cls, test: TestCase, base: str, path: str, source: Optional[str] = None, origin: Optional[str] = None
+    ) -> "WSClient":
         """
         Connect without waiting for the handshake (to test refusals).
         """
         client = cls()
         host, port = base.split("//")[1].split(":")
-        factory = _ClientFactory(f"ws://{host}:{port}{path}")
+        factory = _ClientFactory(f"ws://{host}:{port}{path}", origin=origin)
         factory.client = client
-        endpoint = TCP4ClientEndpoint(reactor, host, int(port))
+        bind = (source, 0) if source else None
+        endpoint = TCP4ClientEndpoint(reactor, host, int(port), bindAddress=bind)
         await endpoint.connect(factory)
         test.addCleanup(client.close)
         return client

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import noLongerProvides
 
 __all__ = ["HeaderDeadlineFactory"]
 
@@ -20,6 +21,14 @@ class _HeaderDeadline(ProtocolWrapper):
     factory: "HeaderDeadlineFactory"
     _deadline: Optional[IDelayedCall] = None
     _seen = b""
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        # The wrapper copies its transport's interfaces; claiming to be the
+        # TLS transport itself would make Autobahn look for TLS internals on
+        # it (channel binding) and fail the WebSocket handshake.
+        if ISSLTransport.providedBy(self):
+            noLongerProvides(self, ISSLTransport)
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -507,7 +507,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and a new one must send its request head promptly.
-    site = Site(web.resource(), timeout=IDLE_TIMEOUT)
+    site = web.site(IDLE_TIMEOUT)
     front = HeaderDeadlineFactory(site, reactor, HEADER_TIMEOUT)
     service = ChatService(
         core,

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.server import Request, Site
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -248,6 +249,29 @@ class _Root(Resource):
         return self._app.render(request)
 
 
+class ChatRequest(Request):
+    """
+    A request whose body twisted.web does not parse: chatd reads POST
+    bodies itself (JSON or URL-encoded forms) and refuses multipart with a
+    JSON 415, where twisted.web would answer a malformed multipart body
+    with a bare 400 of its own and drop the connection.
+    """
+
+    _content_type: Optional[Sequence[bytes]] = None
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._content_type = self.requestHeaders.getRawHeaders(b"content-type")
+        if self._content_type is not None:
+            self.requestHeaders.removeHeader(b"content-type")
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        # Called by requestReceived once the arguments are parsed.
+        if self._content_type is not None:
+            self.requestHeaders.setRawHeaders(b"content-type", self._content_type)
+        super().process()
+
+
 class _StaticFiles(File):
     """
     Static files without directory listings.
@@ -300,6 +324,15 @@ class ChatWeb:
         The root resource to serve.
         """
         return _Root(self.app.resource())
+
+    def site(self, timeout: float) -> Site:
+        """
+        The Site to serve: L{resource} with L{ChatRequest}, closing
+        connections idle for C{timeout} seconds.
+        """
+        site = Site(self.resource(), timeout=timeout)
+        site.requestFactory = ChatRequest
+        return site
 
     # -- responses -----------------------------------------------------------
 

@@ -157,7 +157,14 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         """
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
+    def _send_frame(self, frame: dict) -> None:
+        # After our close frame (or the peer's) nothing more may be sent.
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(encode_json(frame))
+
     def _send_message(self, message: Message) -> None:
+        if self.state != self.STATE_OPEN:
+            return
         prepared = self.factory.prepared(message)
         backpressure = self._backpressure
         if backpressure is not None and backpressure.paused:
@@ -186,7 +193,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def _send_reset(self, first_seq: int) -> None:
-        self.sendMessage(encode_json({"type": "reset", "first_seq": first_seq}))
+        self._send_frame({"type": "reset", "first_seq": first_seq})
 
     def _send_error(self, error: ChatError, client_id: Any = None) -> None:
         frame: dict = {
@@ -199,7 +206,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             frame["retry_after"] = round(error.retry_after, 3)
         if isinstance(client_id, str):
             frame["client_id"] = client_id
-        self.sendMessage(encode_json(frame))
+        self._send_frame(frame)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """
@@ -211,7 +218,12 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             self.close_with(CLOSE_UNSUPPORTED_DATA, "Binary frames are not supported.")
             return
         try:
-            self._handle(payload.decode("utf-8"))
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                # Autobahn checks text frames are UTF-8; this is a safety net.
+                raise ChatError("invalid_utf8", "Text frames must be UTF-8.") from None
+            self._handle(text)
         except ChatError as e:
             self._send_error(e)
         except Exception:
@@ -234,7 +246,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             pong: dict = {"type": "pong"}
             if "id" in frame:
                 pong["id"] = frame["id"]
-            self.sendMessage(encode_json(pong))
+            self._send_frame(pong)
             return
         if kind != "message":
             raise ChatError(

@@ -1,0 +1,527 @@
+"""
+Abuse, slow clients, shutdown, TLS, health and metrics: chatd keeps
+serving everyone else, loses nothing, and refuses with documented answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from typing import Any, List, Tuple
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from chatd._http import HeaderDeadlineFactory
+from chatd.limits import RateLimiter, parse_rate
+from tests._support import HTTP, ChatdProcess, WSClient, start_chatd
+
+
+class RateLimiterTests(SynchronousTestCase):
+    """
+    Token buckets.
+    """
+
+    def test_burst_then_rate(self) -> None:
+        """
+        BURST posts pass at once; then one per 1/RATE seconds.
+        """
+        clock = Clock()
+        limiter = RateLimiter(clock, 3, 2.0)
+        self.assertEqual([limiter.take("a") for _ in range(3)], [0, 0, 0])
+        self.assertAlmostEqual(limiter.take("a"), 0.5)
+        self.assertEqual(limiter.take("b"), 0)
+        clock.advance(0.5)
+        self.assertEqual(limiter.take("a"), 0)
+        self.assertGreater(limiter.take("a"), 0)
+
+    def test_idle_buckets_forgotten(self) -> None:
+        """
+        Buckets that have refilled are dropped: memory follows active keys.
+        """
+        clock = Clock()
+        limiter = RateLimiter(clock, 2, 1.0)
+        for i in range(1000):
+            limiter.take(f"k{i}")
+        clock.advance(10)
+        limiter.take("new")
+        self.assertEqual(len(limiter), 1)
+
+    def test_parse(self) -> None:
+        """
+        --rate-limit takes BURST/PER_SECOND or off.
+        """
+        self.assertEqual(parse_rate("10/5"), (10, 5.0))
+        self.assertEqual(parse_rate("3/0.5"), (3, 0.5))
+        self.assertIsNone(parse_rate("off"))
+        for bad in ["10", "a/b", "0/5", "5/0", "5/-1", "1/inf"]:
+            with self.assertRaises(ValueError):
+                parse_rate(bad)
+
+
+class HeaderDeadlineTests(SynchronousTestCase):
+    """
+    Slow-loris: a connection that never completes its request head is cut.
+    """
+
+    def connect(self) -> Tuple[Clock, StringTransport, Any]:
+        clock = Clock()
+        factory = HeaderDeadlineFactory(Factory.forProtocol(Protocol), clock, 10)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return clock, transport, protocol
+
+    def test_dribbling_headers_cut(self) -> None:
+        """
+        Bytes that never end the head do not keep the connection.
+        """
+        clock, transport, protocol = self.connect()
+        for _ in range(9):
+            protocol.dataReceived(b"X")
+            clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_complete_head_kept(self) -> None:
+        """
+        Once the head is complete the deadline is gone (a long-poll may
+        then wait as long as it is allowed).
+        """
+        clock, transport, protocol = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        protocol.dataReceived(b"\r\n")
+        clock.advance(3600)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ChatdCase(TestCase):
+    timeout = 60
+
+    async def start(self, *args: str) -> None:
+        self.service, self.base = await start_chatd(self, "--store", "memory:", *args)
+        self.http = HTTP(self, self.base)
+
+    async def ws(self, path: str, source: str = "127.0.0.1") -> WSClient:
+        """
+        A WebSocket client; C{source} picks its loopback address, i.e. the
+        IP the server sees.
+        """
+        return await WSClient.connect(self, self.base, path, source=source)
+
+    async def origin_accepted(self, origin: str) -> bool:
+        client = await WSClient.start(self, self.base, "/ws/lobby", origin=origin)
+        return await client.opened is not None
+
+
+class RateLimitTests(ChatdCase):
+    """
+    --rate-limit BURST/PER_SECOND.
+    """
+
+    async def test_http_post_429(self) -> None:
+        """
+        Past the burst a POST gets 429 with Retry-After and a JSON error,
+        and nothing is stored.
+        """
+        await self.start("--rate-limit", "3/0.5")
+        for i in range(3):
+            code, _ = await self.http.post_json("/api/rooms/lobby/messages", {"body": f"m{i}"})
+            self.assertEqual(code, 201)
+        code, headers, body = await self.http.request(
+            "POST",
+            "/api/rooms/lobby/messages",
+            data=b'{"body": "too many"}',
+            headers={"Content-Type": ["application/json"]},
+        )
+        self.assertEqual(code, 429)
+        self.assertEqual(json.loads(body)["error"], "rate_limited")
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["2"])
+        code, info = await self.http.get_json("/api/rooms/lobby")
+        self.assertEqual(info["last_seq"], 3)
+
+    async def test_flooder_closed_others_unaffected(self) -> None:
+        """
+        One WebSocket floods while ten others (other IPs) chat: the flooder
+        gets error frames, then is closed with 1008; everyone else's
+        messages all arrive.
+        """
+        await self.start("--rate-limit", "10/5")
+        flooder = await self.ws("/ws/lobby", source="127.0.0.2")
+        others = [await self.ws("/ws/lobby", source=f"127.0.1.{i}") for i in range(1, 11)]
+        for i in range(200):
+            flooder.send_json({"body": f"flood {i}"})
+        for round_ in range(3):
+            for n, client in enumerate(others):
+                client.send_json({"body": f"client {n} round {round_}"})
+        code = await flooder.closed
+        self.assertEqual(code, 1008)
+        errors = [f for f in flooder.frames if f["type"] == "error"]
+        self.assertGreaterEqual(len(errors), 20)
+        self.assertEqual(errors[0]["code"], "rate_limited")
+        self.assertGreater(errors[0]["retry_after"], 0)
+        flood_count = sum(1 for f in flooder.messages if f["body"].startswith("flood"))
+        self.assertLessEqual(flood_count, 11)
+        for client in others:
+            await client.wait_for(
+                lambda c=client: sum(1 for m in c.messages if m["body"].startswith("client")) == 30
+            )
+        bodies = [m["body"] for m in others[0].messages if m["body"].startswith("client")]
+        self.assertEqual(len(set(bodies)), 30)
+
+
+class CapTests(ChatdCase):
+    """
+    Connection, room and size caps.
+    """
+
+    async def test_connections_per_ip(self) -> None:
+        """
+        Past --max-connections-per-ip, WebSockets are refused (503) and
+        long-polls get a JSON 503 with Retry-After; other IPs still connect.
+        """
+        await self.start("--max-connections-per-ip", "2")
+        first = await self.ws("/ws/lobby")
+        await self.ws("/ws/lobby")
+        refused = await WSClient.start(self, self.base, "/ws/lobby")
+        await refused.closed
+        self.assertIn("503", refused.close_reason or "")
+        code, headers, body = await self.http.request("GET", "/api/rooms/lobby/messages?timeout=1")
+        self.assertEqual(code, 503)
+        self.assertEqual(json.loads(body)["error"], "too_many_connections")
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["5"])
+        await self.ws("/ws/lobby", source="127.0.0.3")
+        await first.close()
+        await self.ws("/ws/lobby")
+
+    async def test_total_connections(self) -> None:
+        """
+        Past --max-connections the server is full for everyone.
+        """
+        await self.start("--max-connections", "2")
+        await self.ws("/ws/lobby", source="127.0.0.4")
+        await self.ws("/ws/lobby", source="127.0.0.5")
+        code, _, body = await self.http.request("GET", "/api/rooms/lobby/messages?timeout=1")
+        self.assertEqual((code, json.loads(body)["error"]), (503, "server_full"))
+
+    async def test_rooms(self) -> None:
+        """
+        --rooms-per-hour limits one IP (429); --max-rooms all (403).
+        """
+        await self.start("--rooms-per-hour", "2", "--max-rooms", "4")
+        for name in ("a", "b"):
+            code, _ = await self.http.post_json("/api/rooms", {"name": name})
+            self.assertEqual(code, 201)
+        code, answer = await self.http.post_json("/api/rooms", {"name": "c"})
+        self.assertEqual((code, answer["error"]), (429, "rate_limited"))
+        await self.service.core.create_room("c")
+        code, answer = await self.http.post_json("/api/rooms", {"name": "d"})
+        self.assertEqual((code, answer["error"]), (403, "too_many_rooms"))
+
+    async def test_max_message(self) -> None:
+        """
+        --max-message sets the longest body: 413 over HTTP, an error frame
+        over WebSocket.
+        """
+        await self.start("--max-message", "10")
+        code, answer = await self.http.post_json("/api/rooms/lobby/messages", {"body": "x" * 11})
+        self.assertEqual((code, answer["error"]), (413, "body_too_long"))
+        client = await self.ws("/ws/lobby")
+        client.send_json({"body": "y" * 11})
+        await client.wait_for_frames(1)
+        self.assertEqual(client.frames[0]["code"], "body_too_long")
+
+
+class OriginTests(ChatdCase):
+    """
+    Cross-site WebSocket hijacking is refused.
+    """
+
+    async def refused(self, origin: str) -> None:
+        code, _, body = await self.http.request(
+            "GET",
+            "/ws/lobby",
+            headers={
+                "Origin": [origin],
+                "Upgrade": ["websocket"],
+                "Connection": ["Upgrade"],
+                "Sec-WebSocket-Version": ["13"],
+                "Sec-WebSocket-Key": ["dGhlIHNhbXBsZSBub25jZQ=="],
+            },
+        )
+        self.assertEqual((code, json.loads(body)["error"]), (403, "origin_not_allowed"))
+
+    async def test_other_origin_refused(self) -> None:
+        """
+        A page from another site gets 403; this site's own pages and
+        --allow-origin ones are let in, and so are clients sending no Origin.
+        """
+        await self.start("--allow-origin", "https://chat.example.org")
+        await self.refused("https://evil.example")
+        await self.refused("null")
+        await self.refused(self.base + ".evil.example")
+        self.assertTrue(await self.origin_accepted(self.base))
+        self.assertTrue(await self.origin_accepted("https://chat.example.org"))
+        self.assertTrue(await self.origin_accepted(None))
+
+
+class SlowConsumerTests(ChatdCase):
+    """
+    A client that stops reading cannot make the server buffer without
+    bound.
+    """
+
+    async def test_stalled_reader_dropped(self) -> None:
+        """
+        A WebSocket that never reads is dropped once 1 MiB waits for it;
+        a normal client gets every message.
+        """
+        await self.start()
+        port = int(self.base.rsplit(":", 1)[1])
+        stalled = StalledClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), stalled)
+        await stalled.upgraded
+        reader = await self.ws("/ws/lobby")
+        body = "x" * 4000
+        sends = []
+        for i in range(2000):
+            sends.append(ensureDeferred(self.http.post_json("/api/rooms/lobby/messages", {"body": f"{i} {body}"})))
+            if len(sends) >= 50:
+                await DeferredList(sends, fireOnOneErrback=True)
+                sends = []
+        await DeferredList(sends, fireOnOneErrback=True)
+        await reader.wait_for_seq(2000)
+        self.assertEqual(reader.seqs, list(range(1, 2001)))
+        # Every message has been fanned out, so the stalled one is gone.
+        _, _, metrics = await self.http.request("GET", "/metrics")
+        self.assertIn(b'chatd_rejected_total{reason="slow_consumer"} 1.0', metrics)
+        self.assertEqual(self.service.core.room("lobby").clients, 1)
+        self.assertEqual(len(self.service.websockets.connections), 1)
+        # Reading again, the client finds the connection closed.
+        stalled.transport.resumeProducing()
+        await stalled.lost
+
+
+class StalledClient(Protocol):
+    """
+    Completes the WebSocket handshake, then never reads again.
+    """
+
+    def __init__(self) -> None:
+        self.upgraded: Deferred = Deferred()
+        self.lost: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        # A small, fixed receive buffer (no autotuning up to tens of MB), so
+        # that what the server sends backs up into its own buffers soon.
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        self.transport.write(
+            b"GET /ws/lobby HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.upgraded.called and b"101" in data:
+            self.transport.pauseProducing()  # stop reading: the kernel buffers fill up
+            self.upgraded.callback(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+
+class HealthTests(ChatdCase):
+    """
+    /healthz, /readyz, /metrics.
+    """
+
+    async def test_health_and_metrics(self) -> None:
+        """
+        Liveness and readiness answer 200; metrics are Prometheus text with
+        connections, messages, rejections, waiters and latencies.
+        """
+        await self.start("--rate-limit", "1/0.1")
+        self.assertEqual(await self.http.get_json("/healthz"), (200, {"status": "ok"}))
+        self.assertEqual(await self.http.get_json("/readyz"), (200, {"status": "ready"}))
+        client = await self.ws("/ws/lobby")
+        await self.http.post_json("/api/rooms/lobby/messages", {"body": "one"})
+        await self.http.post_json("/api/rooms/lobby/messages", {"body": "two"})
+        await client.wait_for_seq(1)
+        code, headers, body = await self.http.request("GET", "/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn("text/plain", headers.getRawHeaders("content-type")[0])
+        text = body.decode()
+        for line in [
+            'chatd_connections{transport="websocket"} 1.0',
+            'chatd_messages_posted_total{transport="http"} 1.0',
+            'chatd_messages_delivered_total{transport="websocket"} 1.0',
+            'chatd_rejected_total{reason="rate_limited"} 1.0',
+            "chatd_longpoll_waiters 0.0",
+            "chatd_delivery_latency_seconds_count 1.0",
+            "chatd_store_commit_seconds_count 1.0",
+        ]:
+            self.assertIn(line, text)
+
+    async def test_metrics_port(self) -> None:
+        """
+        With --metrics-port, /metrics moves there.
+        """
+        await self.start("--metrics-port", "tcp:0:interface=127.0.0.1")
+        code, _, _ = await self.http.request("GET", "/metrics")
+        self.assertEqual(code, 404)
+        port = self.service.ports[1].getHost().port
+        other = HTTP(self, f"http://127.0.0.1:{port}")
+        code, _, body = await other.request("GET", "/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn(b"chatd_connections", body)
+
+    async def test_not_ready_when_store_fails(self) -> None:
+        """
+        /readyz is 503 when the store does not answer.
+        """
+        await self.start()
+
+        def broken() -> Deferred:
+            d: Deferred = Deferred()
+            d.errback(RuntimeError("disk on fire"))
+            return d
+
+        self.service.store.ping = broken  # type: ignore[method-assign]
+        code, answer = await self.http.get_json("/readyz")
+        self.assertEqual(code, 503)
+        self.assertIn("disk on fire", answer["detail"])
+
+
+class ShutdownTests(TestCase):
+    """
+    SIGTERM during traffic against a real twistd process.
+    """
+
+    timeout = 60
+
+    async def test_sigterm_during_traffic(self) -> None:
+        """
+        WebSockets get 1001, a waiting long-poll an empty answer, the
+        process exits 0, and every acknowledged message is in the store.
+        """
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        process = await ChatdProcess.start(self, "--data-dir", folder, "--room", "quiet")
+        http = HTTP(self, process.base)
+        watchers = [await WSClient.connect(self, process.base, "/ws/lobby") for _ in range(3)]
+        waiting = ensureDeferred(http.get_json("/api/rooms/quiet/messages?timeout=60"))
+        acked: List[Tuple[int, str]] = []
+
+        async def poster(n: int) -> None:
+            for i in range(1000):
+                try:
+                    code, answer = await http.post_json("/api/rooms/lobby/messages", {"body": f"{n}-{i}"})
+                except Exception:
+                    return
+                if code != 201:
+                    return
+                acked.append((answer["seq"], answer["body"]))
+                if len(acked) == 50:
+                    process.transport.signalProcess("TERM")
+
+        await DeferredList([ensureDeferred(poster(n)) for n in range(3)])
+        await process.ended
+        self.assertEqual((process.exit_code, process.signal), (0, None), process.output)
+        for watcher in watchers:
+            self.assertEqual(await watcher.closed, 1001)
+        code, batch = await waiting
+        self.assertEqual((code, batch["messages"]), (200, []))
+        self.assertIn(b"Shut down: answered", process.output)
+
+        process = await ChatdProcess.start(self, "--data-dir", folder)
+        http = HTTP(self, process.base)
+        code, batch = await http.get_json("/api/rooms/lobby/messages?after=0&limit=1000")
+        stored = {m["seq"]: m["body"] for m in batch["messages"]}
+        for seq, body in acked:
+            self.assertEqual(stored.get(seq), body)
+
+
+class TLSTests(TestCase):
+    """
+    chatd over ssl:, with a certificate made for the test.
+    """
+
+    timeout = 20
+
+    async def test_wss_chat(self) -> None:
+        """
+        A wss:// client chats through an ssl: endpoint.
+        """
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        key, cert = os.path.join(folder, "key.pem"), os.path.join(folder, "cert.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+             "-keyout", key, "-out", cert],
+            check=True, capture_output=True,
+        )
+        service, _ = await start_chatd(
+            self, "--store", "memory:", "--port",
+            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        )
+        port = service.ports[0].getHost().port
+        from twisted.internet import ssl
+
+        with open(cert) as f:
+            authority = ssl.Certificate.loadPEM(f.read())
+        context = ssl.optionsForClientTLS("localhost", trustRoot=authority)
+        received: Deferred = Deferred()
+        closed: Deferred = Deferred()
+
+        class Client(WebSocketClientProtocol):
+            def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+                closed.callback(code)
+
+            def onOpen(self) -> None:
+                self.sendMessage(b'{"body": "over TLS"}')
+
+            def onMessage(self, payload: bytes, isBinary: bool) -> None:
+                if not received.called:
+                    received.callback(json.loads(payload))
+                    self.sendClose(1000)
+
+        factory = WebSocketClientFactory(f"wss://localhost:{port}/ws/lobby")
+        factory.protocol = Client
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        await SSL4ClientEndpoint(reactor, "127.0.0.1", port, context).connect(factory)
+        frame = await received
+        self.assertEqual((frame["seq"], frame["body"]), (1, "over TLS"))
+        self.assertEqual(await closed, 1000)
+
+
+class MultipartTests(ChatdCase):
+    """
+    chatd's Site leaves request bodies to chatd.
+    """
+
+    async def test_malformed_multipart(self) -> None:
+        """
+        A malformed multipart body gets chatd's JSON 415, not twisted.web's
+        bare 400, and the connection is not dropped mid-answer.
+        """
+        await self.start()
+        for body in [b"\x00", b"--x\r\n", b"\xff" * 100]:
+            code, headers, content = await self.http.request(
+                "POST",
+                "/api/rooms/lobby/messages",
+                data=body,
+                headers={"Content-Type": ["multipart/form-data; boundary=x"]},
+            )
+            self.assertEqual((code, json.loads(content)["error"]), (415, "unsupported_media_type"))
