@@ -44,7 +44,7 @@ class Server(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        found = re.search(rb"chatd listening on IPv4Address\(.*?port=(\d+)\)", self.output)
+        found = re.search(rb"chatd listening on 127\.0\.0\.1:(\d+)", self.output)
         if found and not self.port.called:
             self.port.callback(int(found.group(1)))
 

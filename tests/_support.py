@@ -296,9 +296,12 @@ class ChatdProcess(ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         self.output += data
         if not self.listening.called:
-            found = re.search(rb"chatd listening on IPv4Address\(.*?port=(\d+)\)", self.output)
+            # Text logs, or JSON ones (--log-format json).
+            found = re.search(
+                rb'chatd listening on 127\.0\.0\.1:(\d+)|"address": "127\.0\.0\.1:(\d+)"', self.output
+            )
             if found:
-                self.port = int(found.group(1))
+                self.port = int(found.group(1) or found.group(2))
                 self.listening.callback(self)
 
     errReceived = outReceived

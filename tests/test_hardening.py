@@ -525,3 +525,65 @@ class MultipartTests(ChatdCase):
                 headers={"Content-Type": ["multipart/form-data; boundary=x"]},
             )
             self.assertEqual((code, json.loads(content)["error"]), (415, "unsupported_media_type"))
+
+
+class LoggingTests(TestCase):
+    """
+    --log-format json, and what is logged.
+    """
+
+    timeout = 60
+
+    async def test_json_logs(self) -> None:
+        """
+        With --log-format json every log line is one JSON object, with
+        connection and rejection events among them.
+        """
+        process = await ChatdProcess.start(
+            self, "--store", "memory:", "--log-format", "json", "--rate-limit", "1/0.1"
+        )
+        http = HTTP(self, process.base)
+        client = await WSClient.connect(self, process.base, "/ws/lobby")
+        await http.post_json("/api/rooms/lobby/messages", {"body": "one"})
+        code, _ = await http.post_json("/api/rooms/lobby/messages", {"body": "two"})
+        self.assertEqual(code, 429)
+        await client.close()
+        await process.stop("TERM")
+        events = [json.loads(line) for line in process.output.decode().splitlines() if line.strip()]
+        formats = [e.get("log_format", "") for e in events]
+        self.assertIn("chatd listening on {address}", formats)
+        self.assertIn("WebSocket open: {ip} in {room}", formats)
+        self.assertIn("WebSocket closed: {ip} in {room} (code {code})", formats)
+        rejected = [e for e in events if e.get("log_format", "").startswith("Refused")]
+        self.assertEqual(rejected[0]["reason"], "rate_limited")
+
+
+class FaultIsolationTests(ChatdCase):
+    """
+    A bug while handling one request or frame costs only that request.
+    """
+
+    async def test_exception_in_handler(self) -> None:
+        """
+        An unexpected exception is logged, answered with a JSON 500 (an
+        error frame on WebSocket), and everything else keeps working.
+        """
+        await self.start()
+        client = await self.ws("/ws/lobby")
+        core = self.service.core
+        real_post = core.post
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("bug")
+
+        core.post = broken  # type: ignore[method-assign]
+        code, answer = await self.http.post_json("/api/rooms/lobby/messages", {"body": "x"})
+        self.assertEqual((code, answer["error"]), (500, "internal_error"))
+        self.assertNotIn("bug", answer["detail"])
+        client.send_json({"body": "x"})
+        await client.wait_for_frames(1)
+        self.assertEqual((client.frames[0]["type"], client.frames[0]["status"]), ("error", 500))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        core.post = real_post  # type: ignore[method-assign]
+        client.send_json({"body": "works again"})
+        await client.wait_for_seq(1)

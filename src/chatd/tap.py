@@ -329,7 +329,12 @@ class ChatService(MultiService):
         Record and log a port chatd listens on.
         """
         self.ports.append(port)
-        self.log.info("chatd listening on {address}", address=port.getHost())
+        host = port.getHost()
+        if hasattr(host, "port"):
+            address = f"{host.host}:{host.port}"
+        else:
+            address = str(getattr(host, "name", host))
+        self.log.info("chatd listening on {address}", address=address)
 
     def privilegedStartService(self) -> None:
         # Children (the listener) start only in startService, once the
