@@ -176,8 +176,10 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
 
     def _too_slow(self) -> None:
         """
-        The client stopped reading: stop following the room and drop the
-        connection, so the server never buffers without bound for it.
+        The client stopped reading: stop following the room and close with
+        1008.  The close frame waits behind what the client has not read, so
+        Autobahn's close-handshake timeout (1 s) then drops the connection;
+        nothing more is queued for it meanwhile.
         """
         self._log.warn(
             "Closing WebSocket {ip} in {room}: more than {limit} bytes waiting to be read",
@@ -189,8 +191,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
-        # A close frame would only queue behind the unread data.
-        self.dropConnection(abort=True)
+        self.close_with(CLOSE_POLICY_VIOLATION, "Too slow: messages were not being read.")
 
     def _send_reset(self, first_seq: int) -> None:
         self._send_frame({"type": "reset", "first_seq": first_seq})
