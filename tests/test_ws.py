@@ -20,17 +20,20 @@ class FactoryTests(SynchronousTestCase):
         self.core.start()
         self.factory = ChatWebSocketFactory(self.core)
 
-    def test_prepared_once_per_message(self) -> None:
+    def test_framed_once_per_message(self) -> None:
         """
-        prepared() returns the same framed payload for the same message,
-        and a new one for the next message.
+        frame() returns the same WebSocket frame for the same message, and
+        a new one for the next message; the frame is an unmasked text frame
+        carrying the message's JSON.
         """
         first = self.successResultOf(self.core.post("lobby", "a", "one"))
         second = self.successResultOf(self.core.post("lobby", "a", "two"))
-        framed = self.factory.prepared(first)
-        self.assertIs(self.factory.prepared(first), framed)
-        self.assertEqual(framed.payload, first.json)
-        self.assertIsNot(self.factory.prepared(second), framed)
+        framed = self.factory.frame(first)
+        self.assertIs(self.factory.frame(first), framed)
+        self.assertEqual(framed[0], 0x81)  # FIN + text
+        self.assertEqual(framed[2:], first.json)
+        self.assertEqual(framed[1], len(first.json))
+        self.assertIsNot(self.factory.frame(second), framed)
 
     def test_limits(self) -> None:
         """

@@ -59,6 +59,14 @@ class _HeaderDeadline(ProtocolWrapper):
             self._deadline = None
             self._seen = b""
 
+    @property
+    def direct_transport(self) -> Any:
+        """
+        The transport under this wrapper, for writers that want to skip
+        it once the request head deadline no longer matters.
+        """
+        return self.transport
+
     def connectionLost(self, reason: Any = None) -> None:
         self._cancel()
         super().connectionLost(reason)

@@ -329,7 +329,7 @@ class ChatService(MultiService):
         Record and log a port chatd listens on.
         """
         self.ports.append(port)
-        host = port.getHost()
+        host: Any = port.getHost()
         if hasattr(host, "port"):
             address = f"{host.host}:{host.port}"
         else:

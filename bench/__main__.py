@@ -1,0 +1,273 @@
+"""
+chatd's benchmark: chatd and its peers side by side, driven by one load
+generator (Node.js, bench/loadgen), in one run.
+
+    python -m bench [--runs 3] [--only fanout,latency,idle,longpoll,getcost,store]
+                    [--servers chatd,autobahn,websockets,tornado,socketio]
+                    [--out bench/results.jsonl]
+
+Every server runs pinned to CPU 0 and the load generator to CPU 1 (when
+the machine has two); each cell runs --runs times.  Results are JSON lines;
+python -m bench.report turns them into docs/benchmarks.md and its chart.
+Needs: node and npm (the loadgen installs ws and socket.io-client), and
+pip install '.[bench]' for the peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+LOADGEN = HERE / "loadgen"
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+TICKS = os.sysconf("SC_CLK_TCK")
+CPUS = os.cpu_count() or 1
+
+
+def pin(cpu: int) -> List[str]:
+    if CPUS >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class Server:
+    """
+    One server process, started and waited for.
+    """
+
+    def __init__(self, name: str, extra: Optional[List[str]] = None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.folder = tempfile.mkdtemp(prefix="chatd-bench-")
+        if name.startswith("chatd"):
+            store = ["--store", "memory:"] if name == "chatd" else ["--data-dir", self.folder]
+            argv = [TWISTD, "-n", "--pidfile=", "chatd", "--port",
+                    f"tcp:{self.port}:interface=127.0.0.1", *store, "--rate-limit", "off",
+                    "--room", "bench", "--max-connections", "1000000",
+                    "--max-connections-per-ip", "1000000", *(extra or [])]
+            ready = re.compile(rb"chatd listening on 127\.0\.0\.1:(\d+)")
+            self.path = "/ws/bench"
+        else:
+            argv = [PYTHON, str(HERE / "peers" / f"{name}_peer.py"), str(self.port)]
+            ready = re.compile(rb"READY (\d+)")
+            self.path = "/ws/bench"
+        self.process = subprocess.Popen(
+            pin(0) + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.folder
+        )
+        output = b""
+        deadline = time.monotonic() + 30
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{name} exited: {output.decode(errors='replace')}")
+            output += line
+            if ready.search(line):
+                break
+        else:
+            raise RuntimeError(f"{name} did not start: {output.decode(errors='replace')}")
+        # Keep draining its output so it never blocks on a full pipe.
+        self._drain = subprocess.Popen(["cat"], stdin=self.process.stdout, stdout=subprocess.DEVNULL)
+        self.url = f"ws://127.0.0.1:{self.port}{self.path}"
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._drain.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def loadgen(config: Dict[str, Any], timeout: float = 300) -> Dict[str, Any]:
+    result = subprocess.run(
+        pin(1) + ["node", str(LOADGEN / "loadgen.js"), json.dumps(config)],
+        capture_output=True, timeout=timeout, check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {result.stderr.decode(errors='replace')[-2000:]}")
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+def measured(server: Server, config: Dict[str, Any]) -> Dict[str, Any]:
+    before = cpu_seconds(server.process.pid)
+    result = loadgen(config)
+    result["server_cpu_s"] = round(cpu_seconds(server.process.pid) - before, 3)
+    return result
+
+
+def protocol(name: str) -> str:
+    return "socketio" if name == "socketio" else "ws"
+
+
+def fanout(name: str, receivers: int) -> Dict[str, Any]:
+    server = Server(name)
+    try:
+        r = measured(server, {"mode": "fanout", "url": server.url, "receivers": receivers,
+                              "window": 100, "duration": 5, "protocol": protocol(name)})
+    finally:
+        server.stop()
+    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
+    return {"bench": "fanout", "server": name, "receivers": receivers, **r}
+
+
+def latency(name: str, receivers: int) -> Dict[str, Any]:
+    server = Server(name)
+    try:
+        r = measured(server, {"mode": "latency", "url": server.url, "receivers": receivers,
+                              "rate": 20, "duration": 10, "protocol": protocol(name)})
+    finally:
+        server.stop()
+    return {"bench": "latency", "server": name, "receivers": receivers, **r}
+
+
+def idle(name: str, connections: int) -> Dict[str, Any]:
+    server = Server(name)
+    try:
+        time.sleep(0.5)  # let start-up allocations settle before the baseline
+        base = rss_kib(server.process.pid)
+        gen = subprocess.Popen(
+            pin(1) + ["node", str(LOADGEN / "loadgen.js"),
+                      json.dumps({"mode": "idle", "url": server.url, "connections": connections,
+                                  "protocol": protocol(name)})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        assert gen.stdout is not None and gen.stdin is not None
+        ready = json.loads(gen.stdout.readline())
+        time.sleep(1.0)  # every handshake handled
+        held = rss_kib(server.process.pid)
+        gen.stdin.write(b"done\n")
+        gen.stdin.flush()
+        gen.wait(30)
+    finally:
+        server.stop()
+    return {"bench": "idle", "server": name, "connections": ready["ready"],
+            "rss_base_kib": base, "rss_held_kib": held,
+            "kib_per_connection": round((held - base) / max(ready["ready"], 1), 2)}
+
+
+def longpoll(clients: int) -> Dict[str, Any]:
+    server = Server("chatd")
+    try:
+        r = measured(server, {"mode": "longpoll", "base": server.base, "room": "bench",
+                              "clients": clients, "rate": 20, "duration": 10})
+    finally:
+        server.stop()
+    return {"bench": "longpoll", "server": "chatd", "clients": clients, **r}
+
+
+def getcost(messages: int) -> Dict[str, Any]:
+    """
+    GET ?after= (the newest 10) in a room holding `messages` messages, on
+    the SQLite store filled beforehand.
+    """
+    folder = tempfile.mkdtemp(prefix="chatd-getcost-")
+    fill = subprocess.run(
+        [PYTHON, "-m", "bench.fill", os.path.join(folder, "chatd.sqlite3"), "bench", str(messages)],
+        capture_output=True, check=True, cwd=HERE.parent,
+    )
+    last = int(fill.stdout.decode().split()[-1])
+    server = Server("chatd-sqlite", ["--data-dir", folder])
+    try:
+        r = measured(server, {"mode": "getcost", "base": server.base, "room": "bench",
+                              "after": last - 10, "requests": 2000})
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"bench": "getcost", "server": "chatd", "messages": messages, **r}
+
+
+def store() -> List[Dict[str, Any]]:
+    out = subprocess.run(
+        [PYTHON, "-m", "bench.store", "--messages", "20000", "--stores", "sqlite,postgresql"],
+        capture_output=True, check=True, cwd=HERE.parent,
+    )
+    return [json.loads(line) for line in out.stdout.decode().splitlines() if line.strip()]
+
+
+def main(argv: List[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="fanout,latency,idle,longpoll,getcost,store")
+    parser.add_argument("--servers", default="chatd,autobahn,websockets,tornado,socketio")
+    parser.add_argument("--out", default=str(HERE / "results.jsonl"))
+    parser.add_argument("--idle-connections", type=int, default=5000)
+    args = parser.parse_args(argv)
+    # Thousands of sockets on each side: raise the open-file limit as far
+    # as this process may (children inherit it).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not (LOADGEN / "node_modules" / "ws").is_dir():
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=LOADGEN, check=True)
+    only = args.only.split(",")
+    servers = args.servers.split(",")
+    session = uuid.uuid4().hex[:8]
+    with open(args.out, "a") as out:
+        def emit(row: Dict[str, Any], run: int) -> None:
+            row.update(session=session, run=run, cpus=CPUS)
+            line = json.dumps(row)
+            print(line, flush=True)
+            out.write(line + "\n")
+            out.flush()
+
+        for run in range(1, args.runs + 1):
+            if "fanout" in only:
+                for receivers in (100, 1000):
+                    for name in servers:
+                        emit(fanout(name, receivers), run)
+            if "latency" in only:
+                for name in servers:
+                    emit(latency(name, 1000), run)
+            if "idle" in only:
+                for name in servers:
+                    emit(idle(name, args.idle_connections), run)
+            if "longpoll" in only:
+                for clients in (100, 1000):
+                    emit(longpoll(clients), run)
+            if "getcost" in only:
+                for messages in (10, 100_000):
+                    emit(getcost(messages), run)
+            if "store" in only:
+                for row in store():
+                    emit(row, run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,213 @@
+// chatd benchmark load generator: many clients in one Node.js process, so
+// the server, not the load generator, is what saturates.
+//
+//   node loadgen.js '{"mode": "fanout", ...}'   -> prints one JSON line
+//
+// Modes: fanout, latency, idle (WebSocket or Socket.IO), longpoll (chatd's
+// HTTP API).  All clients share this process's clock, so latencies are
+// send-to-receive on one clock.
+
+"use strict";
+const WebSocket = require("ws");
+const http = require("http");
+
+const cfg = JSON.parse(process.argv[2]);
+const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
+
+function connect(url) {
+  if (cfg.protocol === "socketio") {
+    const {io} = require("socket.io-client");
+    const u = new URL(url);
+    const socket = io(`http://${u.host}`, {transports: ["websocket"], reconnection: false, forceNew: true});
+    return new Promise((resolve, reject) => {
+      const client = {
+        onmessage: null,
+        send: (text) => socket.emit("message", text),
+        close: () => socket.close(),
+      };
+      socket.on("message", (data) => client.onmessage && client.onmessage(typeof data === "string" ? data : JSON.stringify(data)));
+      socket.on("connect", () => resolve(client));
+      socket.on("connect_error", reject);
+    });
+  }
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, {perMessageDeflate: false});
+    const client = {onmessage: null, send: (text) => ws.send(text), close: () => ws.close()};
+    ws.on("message", (data) => client.onmessage && client.onmessage(data));
+    ws.on("open", () => resolve(client));
+    ws.on("error", reject);
+  });
+}
+
+async function connectMany(count) {
+  const clients = [];
+  for (let start = 0; start < count; start += 100) {
+    const batch = [];
+    for (let i = start; i < Math.min(count, start + 100); i++) batch.push(connect(cfg.url));
+    clients.push(...(await Promise.all(batch)));
+  }
+  return clients;
+}
+
+function message(body) {
+  return JSON.stringify({type: "message", nick: "bench", body});
+}
+
+function percentile(sorted, p) {
+  if (!sorted.length) return null;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+function finish(result) {
+  const cpu = process.cpuUsage();
+  result.loadgen_cpu_s = (cpu.user + cpu.system) / 1e6;
+  process.stdout.write(JSON.stringify(result) + "\n");
+  process.exit(0);
+}
+
+async function fanout() {
+  // One sender with a bounded window of messages in flight (sent, not yet
+  // echoed back to it), R receivers that only count.
+  const receivers = await connectMany(cfg.receivers);
+  const sender = await connect(cfg.url);
+  let delivered = 0;
+  for (const r of receivers) r.onmessage = () => { delivered += 1; };
+  let sent = 0, echoed = 0, stop = false;
+  const started = now();
+  const send = () => { sender.send(message(`f${sent}`)); sent += 1; };
+  sender.onmessage = () => {
+    echoed += 1;
+    if (!stop) send();
+  };
+  for (let i = 0; i < cfg.window; i++) send();
+  await new Promise((r) => setTimeout(r, cfg.duration * 1000));
+  stop = true;
+  const expected = () => sent * receivers.length;
+  const deadline = now() + 10000;
+  while (delivered < expected() && now() < deadline) await new Promise((r) => setTimeout(r, 5));
+  const seconds = (now() - started) / 1000;
+  finish({delivered, sent, seconds, deliveries_per_s: delivered / seconds,
+          undelivered: expected() - delivered});
+}
+
+async function latency() {
+  // R receivers; one sender at a fixed rate; each receiver notes when
+  // each message arrives.
+  const receivers = await connectMany(cfg.receivers);
+  const sender = await connect(cfg.url);
+  sender.onmessage = () => {};
+  const sentAt = [];
+  const latencies = [];
+  let received = 0;
+  const re = /L(\d+)/;
+  for (const r of receivers) {
+    r.onmessage = (data) => {
+      const t = now();
+      const m = re.exec(data.toString());
+      if (m) { latencies.push(t - sentAt[Number(m[1])]); received += 1; }
+    };
+  }
+  const total = Math.round(cfg.rate * cfg.duration);
+  const interval = 1000 / cfg.rate;
+  const started = now();
+  for (let i = 0; i < total; i++) {
+    const due = started + i * interval;
+    const wait = due - now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    sentAt[i] = now();
+    sender.send(message(`L${i}`));
+  }
+  const deadline = now() + 5000;
+  while (received < total * receivers.length && now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  latencies.sort((a, b) => a - b);
+  finish({sent: total, received, undelivered: total * receivers.length - received,
+          p50_ms: percentile(latencies, 50), p99_ms: percentile(latencies, 99),
+          max_ms: latencies.length ? latencies[latencies.length - 1] : null});
+}
+
+async function idle() {
+  // Open N connections, say so, and hold them until told to stop.
+  const clients = await connectMany(cfg.connections);
+  for (const c of clients) c.onmessage = () => {};
+  process.stdout.write(JSON.stringify({ready: clients.length}) + "\n");
+  process.stdin.once("data", () => finish({connections: clients.length}));
+}
+
+function request(method, path, body) {
+  const u = new URL(cfg.base);
+  return new Promise((resolve, reject) => {
+    const req = http.request({host: u.hostname, port: u.port, method, path, agent,
+                              headers: body ? {"Content-Type": "application/json"} : {}}, (res) => {
+      const chunks = [];
+      res.on("data", (c) => chunks.push(c));
+      res.on("end", () => resolve({status: res.statusCode, body: Buffer.concat(chunks).toString()}));
+    });
+    req.on("error", reject);
+    if (body) req.write(body);
+    req.end();
+  });
+}
+const agent = new http.Agent({keepAlive: true, maxSockets: Infinity});
+
+async function longpoll() {
+  // N clients each long-polling ?after=cursor; a sender POSTs at a fixed
+  // rate; latencies are POST-sent to poll-answer-received.
+  const sentAt = [];
+  const latencies = [];
+  let received = 0, stop = false;
+  const total = Math.round(cfg.rate * cfg.duration);
+  const re = /"body":"P(\d+)"/g;
+  const info = JSON.parse((await request("GET", `/api/rooms/${cfg.room}`)).body);
+  async function poller() {
+    let cursor = info.last_seq;
+    while (!stop) {
+      const res = await request("GET", `/api/rooms/${cfg.room}/messages?after=${cursor}&timeout=30&limit=1000`);
+      const t = now();
+      if (res.status !== 200) continue;
+      const batch = JSON.parse(res.body);
+      for (const m of batch.messages) {
+        const match = /^P(\d+)$/.exec(m.body);
+        if (match) { latencies.push(t - sentAt[Number(match[1])]); received += 1; }
+        cursor = m.seq;
+      }
+    }
+  }
+  const pollers = [];
+  for (let i = 0; i < cfg.clients; i++) pollers.push(poller());
+  await new Promise((r) => setTimeout(r, 1000)); // let every poller be waiting
+  const interval = 1000 / cfg.rate;
+  const started = now();
+  for (let i = 0; i < total; i++) {
+    const due = started + i * interval;
+    const wait = due - now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    sentAt[i] = now();
+    request("POST", `/api/rooms/${cfg.room}/messages`, JSON.stringify({body: `P${i}`}));
+  }
+  const deadline = now() + 5000;
+  while (received < total * cfg.clients && now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  const seconds = (now() - started) / 1000;
+  latencies.sort((a, b) => a - b);
+  finish({sent: total, received, deliveries_per_s: received / seconds,
+          undelivered: total * cfg.clients - received,
+          p50_ms: percentile(latencies, 50), p99_ms: percentile(latencies, 99),
+          max_ms: latencies.length ? latencies[latencies.length - 1] : null});
+}
+
+async function getcost() {
+  // The cost of one GET ?after= (answered at once) in a room.
+  const times = [];
+  for (let i = 0; i < cfg.requests; i++) {
+    const t = now();
+    const res = await request("GET", `/api/rooms/${cfg.room}/messages?after=${cfg.after}&limit=10`);
+    if (res.status !== 200) throw new Error(res.body);
+    times.push(now() - t);
+  }
+  times.sort((a, b) => a - b);
+  finish({requests: cfg.requests, p50_ms: percentile(times, 50), p99_ms: percentile(times, 99)});
+}
+
+({fanout, latency, idle, longpoll, getcost})[cfg.mode]().catch((err) => {
+  process.stderr.write(String(err && err.stack || err) + "\n");
+  process.exit(1);
+});
