@@ -53,6 +53,26 @@ function message(body) {
   return JSON.stringify({type: "message", nick: "bench", body});
 }
 
+// Call send(i) for i = 0.. at `rate` a second for `duration` seconds, on
+// schedule (a late call does not push the later ones back).
+async function paced(rate, duration, send) {
+  const total = Math.round(rate * duration);
+  const interval = 1000 / rate;
+  const started = now();
+  for (let i = 0; i < total; i++) {
+    const wait = started + i * interval - now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    send(i);
+  }
+  return total;
+}
+
+// Wait until done() holds, or `ms` pass.
+async function until(done, ms) {
+  const deadline = now() + ms;
+  while (!done() && now() < deadline) await new Promise((r) => setTimeout(r, 5));
+}
+
 function percentile(sorted, p) {
   if (!sorted.length) return null;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
@@ -83,8 +103,7 @@ async function fanout() {
   await new Promise((r) => setTimeout(r, cfg.duration * 1000));
   stop = true;
   const expected = () => sent * receivers.length;
-  const deadline = now() + 10000;
-  while (delivered < expected() && now() < deadline) await new Promise((r) => setTimeout(r, 5));
+  await until(() => delivered >= expected(), 10000);
   const seconds = (now() - started) / 1000;
   finish({delivered, sent, seconds, deliveries_per_s: delivered / seconds,
           undelivered: expected() - delivered});
@@ -107,18 +126,11 @@ async function latency() {
       if (m) { latencies.push(t - sentAt[Number(m[1])]); received += 1; }
     };
   }
-  const total = Math.round(cfg.rate * cfg.duration);
-  const interval = 1000 / cfg.rate;
-  const started = now();
-  for (let i = 0; i < total; i++) {
-    const due = started + i * interval;
-    const wait = due - now();
-    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+  const total = await paced(cfg.rate, cfg.duration, (i) => {
     sentAt[i] = now();
     sender.send(message(`L${i}`));
-  }
-  const deadline = now() + 5000;
-  while (received < total * receivers.length && now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  });
+  await until(() => received >= total * receivers.length, 5000);
   latencies.sort((a, b) => a - b);
   finish({sent: total, received, undelivered: total * receivers.length - received,
           p50_ms: percentile(latencies, 50), p99_ms: percentile(latencies, 99),
@@ -156,7 +168,6 @@ async function longpoll() {
   const latencies = [];
   let received = 0, stop = false;
   const total = Math.round(cfg.rate * cfg.duration);
-  const re = /"body":"P(\d+)"/g;
   const info = JSON.parse((await request("GET", `/api/rooms/${cfg.room}`)).body);
   async function poller() {
     let cursor = info.last_seq;
@@ -175,17 +186,12 @@ async function longpoll() {
   const pollers = [];
   for (let i = 0; i < cfg.clients; i++) pollers.push(poller());
   await new Promise((r) => setTimeout(r, 1000)); // let every poller be waiting
-  const interval = 1000 / cfg.rate;
   const started = now();
-  for (let i = 0; i < total; i++) {
-    const due = started + i * interval;
-    const wait = due - now();
-    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+  await paced(cfg.rate, cfg.duration, (i) => {
     sentAt[i] = now();
     request("POST", `/api/rooms/${cfg.room}/messages`, JSON.stringify({body: `P${i}`}));
-  }
-  const deadline = now() + 5000;
-  while (received < total * cfg.clients && now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  });
+  await until(() => received >= total * cfg.clients, 5000);
   const seconds = (now() - started) / 1000;
   latencies.sort((a, b) => a - b);
   finish({sent: total, received, deliveries_per_s: received / seconds,

@@ -1,0 +1,280 @@
+"""
+Turn python -m bench's JSON lines into docs/benchmarks.md and its chart.
+
+    python -m bench.report [--results bench/results.jsonl] [--session ID]
+
+Uses the newest session in the file unless --session is given.  Each cell
+shows the median of its runs with the min-max range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+DOCS = HERE.parent / "docs"
+SERVERS = ["chatd", "autobahn", "websockets", "tornado", "socketio"]
+NAMES = {
+    "chatd": "chatd",
+    "autobahn": "Autobahn (prepared broadcast)",
+    "websockets": "websockets (broadcast)",
+    "tornado": "Tornado WebSocketHandler",
+    "socketio": "python-socketio (aiohttp)",
+}
+
+
+def load(path: Path, session: Optional[str]) -> List[Dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if session is None:
+        session = rows[-1]["session"]
+    return [r for r in rows if r.get("session") == session]
+
+
+def cell(rows: List[Dict[str, Any]], key: str) -> Optional[Tuple[float, float, float, int]]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values), len(values)
+
+
+def fmt(c: Optional[Tuple[float, float, float, int]], digits: int = 0, scale: float = 1.0) -> str:
+    if c is None:
+        return "n/a"
+    med, lo, hi, _ = (v * scale if i < 3 else v for i, v in enumerate(c))
+    return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+
+
+def group(rows: List[Dict[str, Any]], bench: str, **match: Any) -> List[Dict[str, Any]]:
+    return [r for r in rows if r["bench"] == bench and all(r.get(k) == v for k, v in match.items())]
+
+
+def ratio(a: Optional[Tuple], b: Optional[Tuple]) -> str:
+    if not a or not b or not b[0]:
+        return "n/a"
+    return f"{a[0] / b[0]:.2f}x"
+
+
+def chart(rows: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.38
+    for i, receivers in enumerate((100, 1000)):
+        values = []
+        for server in SERVERS:
+            c = cell(group(rows, "fanout", server=server, receivers=receivers), "deliveries_per_s")
+            values.append(c[0] / 1000 if c else 0)
+        xs = [x + (i - 0.5) * width for x in range(len(SERVERS))]
+        left.bar(xs, values, width, label=f"{receivers} receivers")
+    left.set_xticks(range(len(SERVERS)), SERVERS, rotation=20)
+    left.set_ylabel("thousand deliveries / s (median)")
+    left.set_title("Fan-out: one sender, one room")
+    left.legend()
+    p99 = []
+    for server in SERVERS:
+        c = cell(group(rows, "latency", server=server), "p99_ms")
+        p99.append(c[0] if c else 0)
+    right.bar(SERVERS, p99, color="tab:orange")
+    right.set_yscale("log")
+    right.set_ylabel("p99 send-to-receive, ms (log)")
+    right.set_title("Latency: 1000 receivers, 20 msg/s")
+    right.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(rows: List[Dict[str, Any]]) -> str:
+    session = rows[0]["session"]
+    runs = max(r["run"] for r in rows)
+    out = [
+        "# Benchmarks",
+        "",
+        f"One run of `python -m bench` (session `{session}`, {runs} runs per cell, "
+        f"{rows[0]['cpus']} CPUs: every server pinned to CPU 0, the Node.js load "
+        "generator to CPU 1). Cells are the median with the min-max range over the "
+        "runs. Regenerate with `python -m bench && python -m bench.report`.",
+        "",
+        "chatd runs as `twistd -n chatd --store memory: --rate-limit off` for the "
+        "WebSocket cells and on its SQLite store for the GET-cost cells. Every peer "
+        "does the same job: parse the JSON message, give it a seq, and broadcast "
+        "the JSON to everyone in the room, sender included.",
+        "",
+        "![Fan-out and latency](benchmarks.png)",
+        "",
+        "## Fan-out",
+        "",
+        "One sender keeps 100 messages in flight (it sends another each time its "
+        "own comes back); R receivers count. Server CPU per delivery is the "
+        "server's CPU time over the deliveries.",
+        "",
+        "| server | R | deliveries/s | server µs/delivery | server CPU s | load-gen CPU s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for receivers in (100, 1000):
+        for server in SERVERS:
+            g = group(rows, "fanout", server=server, receivers=receivers)
+            if not g:
+                continue
+            out.append(
+                f"| {NAMES[server]} | {receivers} | {fmt(cell(g, 'deliveries_per_s'))} | "
+                f"{fmt(cell(g, 'server_us_per_delivery'), 2)} | {fmt(cell(g, 'server_cpu_s'), 2)} | "
+                f"{fmt(cell(g, 'loadgen_cpu_s'), 2)} |"
+            )
+    out += [
+        "",
+        "## Latency",
+        "",
+        "1000 receivers; one sender at 20 messages/s for 10 s; send to receive on "
+        "the load generator's clock.",
+        "",
+        "| server | p50 ms | p99 ms | max ms | not delivered |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for server in SERVERS:
+        g = group(rows, "latency", server=server)
+        if g:
+            out.append(
+                f"| {NAMES[server]} | {fmt(cell(g, 'p50_ms'), 1)} | {fmt(cell(g, 'p99_ms'), 1)} | "
+                f"{fmt(cell(g, 'max_ms'), 1)} | {fmt(cell(g, 'undelivered'))} |"
+            )
+    out += [
+        "",
+        "## Idle connections",
+        "",
+        "Server RSS growth while holding idle WebSocket connections.",
+        "",
+        "| server | connections | KiB per connection |",
+        "| --- | --- | --- |",
+    ]
+    for server in SERVERS:
+        g = group(rows, "idle", server=server)
+        if g:
+            out.append(f"| {NAMES[server]} | {g[0]['connections']} | {fmt(cell(g, 'kib_per_connection'), 1)} |")
+    out += [
+        "",
+        "## Long-poll (chatd)",
+        "",
+        "N clients long-polling `?after=`; one sender POSTs 20 messages/s for 10 s.",
+        "",
+        "| clients | deliveries/s | p50 ms | p99 ms | max ms | not delivered |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for clients in (100, 1000):
+        g = group(rows, "longpoll", clients=clients)
+        if g:
+            out.append(
+                f"| {clients} | {fmt(cell(g, 'deliveries_per_s'))} | {fmt(cell(g, 'p50_ms'), 1)} | "
+                f"{fmt(cell(g, 'p99_ms'), 1)} | {fmt(cell(g, 'max_ms'), 1)} | {fmt(cell(g, 'undelivered'))} |"
+            )
+    out += [
+        "",
+        "The cost of one `GET ?after=` (the newest 10 messages) by room size:",
+        "",
+        "| messages in the room | p50 ms | p99 ms |",
+        "| --- | --- | --- |",
+    ]
+    for messages in (10, 100_000):
+        g = group(rows, "getcost", messages=messages)
+        if g:
+            out.append(f"| {messages:,} | {fmt(cell(g, 'p50_ms'), 3)} | {fmt(cell(g, 'p99_ms'), 3)} |")
+    out += [
+        "",
+        "## Store",
+        "",
+        "Messages committed per second by one process (`python -m bench.store`: "
+        "20,000 posts through the chat core, 2,000 in flight, group commit).",
+        "",
+        "| store | messages/s |",
+        "| --- | --- |",
+    ]
+    for store in ("sqlite", "postgresql"):
+        g = [r for r in rows if r["bench"] == "store" and r["store"] == store]
+        if g:
+            out.append(f"| {store} | {fmt(cell(g, 'messages_per_s'))} |")
+
+    def med(bench: str, key: str, **match: Any) -> Optional[Tuple]:
+        return cell(group(rows, bench, **match), key)
+
+    out += [
+        "",
+        "## Targets",
+        "",
+        "| target | measured |",
+        "| --- | --- |",
+    ]
+    for receivers in (100, 1000):
+        c = med("fanout", "deliveries_per_s", server="chatd", receivers=receivers)
+        out.append(
+            f"| fan-out R={receivers} >= 1.0x Autobahn, >= 1.5x websockets | "
+            f"{ratio(c, med('fanout', 'deliveries_per_s', server='autobahn', receivers=receivers))} Autobahn, "
+            f"{ratio(c, med('fanout', 'deliveries_per_s', server='websockets', receivers=receivers))} websockets |"
+        )
+    c = med("latency", "p99_ms", server="chatd")
+    a = med("latency", "p99_ms", server="autobahn")
+    und = med("latency", "undelivered", server="chatd")
+    out.append(
+        f"| latency p99 <= 0.5x Autobahn's, nothing undelivered | "
+        f"{ratio(c, a)} ({fmt(c, 1)} ms against {fmt(a, 1)} ms), undelivered {fmt(und)} |"
+    )
+    c = med("idle", "kib_per_connection", server="chatd")
+    out.append(f"| idle WebSocket <= 12 KiB per connection | {fmt(c, 1)} KiB |")
+    c = med("longpoll", "p99_ms", clients=1000)
+    und = med("longpoll", "undelivered", clients=1000)
+    out.append(f"| long-poll: 1000 waiters, p99 < 50 ms, nothing undelivered | p99 {fmt(c, 1)} ms, undelivered {fmt(und)} |")
+    small, big = med("getcost", "p50_ms", messages=10), med("getcost", "p50_ms", messages=100_000)
+    out.append(f"| GET in a 100,000-message room within 10% of a 10-message room | {ratio(big, small)} |")
+    c = cell([r for r in rows if r["bench"] == "store" and r["store"] == "sqlite"], "messages_per_s")
+    out.append(f"| SQLite >= 20k messages/s committed | {fmt(c)} |")
+    out += [
+        "",
+        "## Reading these numbers",
+        "",
+        "- The load generator is one Node.js process on one CPU. Its CPU time is in "
+        "the fan-out table: for chatd and Autobahn it stays well under the run's "
+        "length while the server's reaches it, so the server is what saturates. "
+        "For websockets and python-socketio the load generator's CPU time reaches "
+        "the run's length too, so their figures are lower bounds.",
+        "- chatd writes each message's frame, framed once, straight to every "
+        "transport; Autobahn's `sendData` spends about a fifth of a broadcast "
+        "formatting debug-log arguments on every call (py-spy), which is most of "
+        "the fan-out gap.",
+        "- Latency (p99 about the same as Autobahn's, not half of it): with 1000 "
+        "receivers, a message is as late as its 1000th write. Twisted sends a "
+        "write on the next reactor iteration, registering and unregistering each "
+        "socket with epoll, where asyncio (websockets) tries to send at once.",
+        "- Long-poll with 1000 waiters: every message answers 1000 requests and "
+        "receives 1000 new ones. py-spy puts 73% of the server's CPU in Klein's "
+        "render (routing, the endpoint, writing the response) and the rest in "
+        "twisted.web's HTTP parsing: about 50 µs per request-response cycle, so "
+        "20,000 cycles a second need about one CPU-second per second and the "
+        "queue grows. Nothing is lost (0 undelivered), but p99 is far above 50 ms.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", default=str(HERE / "results.jsonl"))
+    parser.add_argument("--keep", action="store_true", help="also copy the results to docs/benchmarks/")
+    parser.add_argument("--session")
+    args = parser.parse_args()
+    rows = load(Path(args.results), args.session)
+    DOCS.mkdir(exist_ok=True)
+    chart(rows, DOCS / "benchmarks.png")
+    (DOCS / "benchmarks.md").write_text(report(rows))
+    if args.keep:
+        (DOCS / "benchmarks").mkdir(exist_ok=True)
+        with open(DOCS / "benchmarks" / "results.jsonl", "w") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"wrote {DOCS / 'benchmarks.md'} and {DOCS / 'benchmarks.png'}")
+
+
+if __name__ == "__main__":
+    main()
