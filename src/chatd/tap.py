@@ -500,7 +500,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     metrics = Metrics()
     core.observer = metrics
     metrics.watch_waiters(core.waiting)
-    factory = ChatWebSocketFactory(core, metrics=metrics)
+    factory = ChatWebSocketFactory(core, metrics=metrics, clock=reactor)
     web = ChatWeb(
         core,
         make_environment(options["templates"]),
