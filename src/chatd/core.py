@@ -79,6 +79,10 @@ class ChatError(Exception):
         self.retry_after = retry_after
 
 
+def _rate_limited(what: str, wait: float) -> ChatError:
+    return ChatError("rate_limited", f"{what}; try again in {wait:.1f} s.", 429, wait)
+
+
 def _room_not_found(name: str) -> ChatError:
     return ChatError("room_not_found", f"There is no room named {name!r}.", 404)
 
@@ -579,12 +583,7 @@ class ChatCore:
         if limits.rooms_by_ip is not None:
             wait = limits.rooms_by_ip.take(peer.ip)
             if wait:
-                raise ChatError(
-                    "rate_limited",
-                    f"Too many rooms created from {peer.ip}; try again in {wait:.0f} s.",
-                    429,
-                    wait,
-                )
+                raise _rate_limited(f"Too many rooms created from {peer.ip}", wait)
 
     # -- connections ---------------------------------------------------------
 
@@ -654,12 +653,7 @@ class ChatCore:
         if not wait and peer.connection is not None:
             wait = limits.posting_by_connection.take(peer.connection)
         if wait:
-            raise ChatError(
-                "rate_limited",
-                f"Too many messages; try again in {wait:.1f} s.",
-                429,
-                wait,
-            )
+            raise _rate_limited("Too many messages", wait)
 
     def _committed(
         self, result: Tuple[Message, bool], room: Room, started: Optional[float] = None
