@@ -1,0 +1,60 @@
+"""
+The benchmark report renders every section and target from JSON lines.
+"""
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench import report
+
+
+def row(**fields: object) -> dict:
+    return {"session": "s1", "run": 1, "cpus": 2, **fields}
+
+
+class ReportTests(SynchronousTestCase):
+    """
+    bench.report.report() from a small, made-up session.
+    """
+
+    def test_sections_and_ratios(self) -> None:
+        """
+        Medians with ranges, and target ratios computed side by side.
+        """
+        rows = []
+        for run, (chatd, autobahn) in enumerate([(900, 450), (1000, 500), (1100, 550)], 1):
+            for server, value in [("chatd", chatd), ("autobahn", autobahn), ("websockets", 200)]:
+                rows.append(
+                    row(run=run, bench="fanout", server=server, receivers=100,
+                        deliveries_per_s=value, server_us_per_delivery=1.0,
+                        server_cpu_s=5.0, loadgen_cpu_s=1.0)
+                )
+        rows += [
+            row(bench="latency", server="chatd", p50_ms=5.0, p99_ms=10.0, max_ms=20.0, undelivered=0),
+            row(bench="latency", server="autobahn", p50_ms=10.0, p99_ms=20.0, max_ms=30.0, undelivered=0),
+            row(bench="idle", server="chatd", connections=5000, kib_per_connection=11.5),
+            row(bench="longpoll", server="chatd", clients=1000, deliveries_per_s=1.0,
+                p50_ms=1.0, p99_ms=2.0, max_ms=3.0, undelivered=0),
+            row(bench="getcost", server="chatd", messages=10, p50_ms=0.3, p99_ms=1.0),
+            row(bench="getcost", server="chatd", messages=100_000, p50_ms=0.33, p99_ms=1.0),
+            row(bench="store", store="sqlite", messages_per_s=70000),
+        ]
+        text = report.report(rows)
+        self.assertIn("| chatd | 100 | 1,000 (900-1,100) |", text)
+        self.assertIn("2.00x Autobahn, 5.00x websockets", text)
+        self.assertIn("| latency p99 <= 0.5x Autobahn's, nothing undelivered | 0.50x", text)
+        self.assertIn("1.10x", text)
+        self.assertIn("11.5 (11.5-11.5) KiB", text)
+
+    def test_load_newest_session(self) -> None:
+        """
+        Without --session, the newest session in the file is used.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            for session in ("old", "new"):
+                f.write(json.dumps({"session": session, "bench": "store"}) + "\n")
+        from pathlib import Path
+
+        self.assertEqual([r["session"] for r in report.load(Path(path), None)], ["new"])
