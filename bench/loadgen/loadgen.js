@@ -39,11 +39,49 @@ function connect(url) {
   });
 }
 
+// A receive-only WebSocket client on a bare TCP socket: after the
+// handshake, each chunk of bytes is handed over as it arrives, without frame
+// parsing or events per frame, so that a thousand of them cost the load
+// generator little (server frames are unmasked text, and messages in the
+// latency test are far enough apart to arrive one per chunk).
+function connectRaw(url) {
+  const net = require("net");
+  const u = new URL(url);
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(Number(u.port), u.hostname);
+    sock.setNoDelay(true);
+    const client = {onmessage: null, send: () => { throw new Error("receive-only"); }, close: () => sock.destroy()};
+    let upgraded = false;
+    let head = "";
+    sock.on("connect", () => {
+      sock.write(`GET ${u.pathname} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\n` +
+                 "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+    });
+    sock.on("data", (data) => {
+      if (!upgraded) {
+        head += data.toString("latin1");
+        const end = head.indexOf("\r\n\r\n");
+        if (end < 0) return;
+        if (!head.startsWith("HTTP/1.1 101")) { reject(new Error(head)); return; }
+        upgraded = true;
+        resolve(client);
+        const rest = head.slice(end + 4);
+        if (rest && client.onmessage) client.onmessage(rest);
+        return;
+      }
+      if (client.onmessage) client.onmessage(data);
+    });
+    sock.on("error", reject);
+  });
+}
+
 async function connectMany(count) {
   const clients = [];
+  const open = cfg.raw ? connectRaw : connect;
   for (let start = 0; start < count; start += 100) {
     const batch = [];
-    for (let i = start; i < Math.min(count, start + 100); i++) batch.push(connect(cfg.url));
+    for (let i = start; i < Math.min(count, start + 100); i++) batch.push(open(cfg.url));
     clients.push(...(await Promise.all(batch)));
   }
   return clients;
@@ -118,12 +156,14 @@ async function latency() {
   const sentAt = [];
   const latencies = [];
   let received = 0;
-  const re = /L(\d+)/;
   for (const r of receivers) {
     r.onmessage = (data) => {
       const t = now();
-      const m = re.exec(data.toString());
-      if (m) { latencies.push(t - sentAt[Number(m[1])]); received += 1; }
+      // A chunk may hold more than one message.
+      for (const m of data.toString().matchAll(/"L(\d+)"/g)) {
+        latencies.push(t - sentAt[Number(m[1])]);
+        received += 1;
+      }
     };
   }
   const total = await paced(cfg.rate, cfg.duration, (i) => {
