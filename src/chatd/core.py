@@ -83,6 +83,10 @@ def _rate_limited(what: str, wait: float) -> ChatError:
     return ChatError("rate_limited", f"{what}; try again in {wait:.1f} s.", 429, wait)
 
 
+def _room_exists(name: str) -> ChatError:
+    return ChatError("room_exists", f"A room named {name!r} already exists.", 409)
+
+
 def _room_not_found(name: str) -> ChatError:
     return ChatError("room_not_found", f"There is no room named {name!r}.", 404)
 
@@ -432,6 +436,18 @@ class Room:
         # is filled; see ChatCore._committed.
         self._pending: Dict[int, Message] = {}
 
+    def _answer_waiters(self, batch: Batch) -> int:
+        """
+        Answer every waiting long-poll with C{batch} and forget them.
+
+        @return: how many there were.
+        """
+        waiters = list(self._waiters)
+        self._waiters.clear()
+        for d in waiters:
+            d.callback(batch)
+        return len(waiters)
+
     @property
     def last_activity(self) -> Optional[float]:
         """
@@ -549,9 +565,7 @@ class ChatCore:
         try:
             name = validate_room_name(name)
             if name in self._rooms or name in self._creating:
-                raise ChatError(
-                    "room_exists", f"A room named {name!r} already exists.", 409
-                )
+                raise _room_exists(name)
             self._check_room_limits(peer)
         except ChatError as e:
             return _fail(e)
@@ -560,7 +574,7 @@ class ChatCore:
         def created(new: bool) -> Room:
             if not new:
                 # Another process sharing the store made it first.
-                raise ChatError("room_exists", f"A room named {name!r} already exists.", 409)
+                raise _room_exists(name)
             room = self._rooms[name] = Room(name, 0, self._history)
             return room
 
@@ -687,15 +701,11 @@ class ChatCore:
         """
         room.last_seq = message.seq
         room._cache.append(message)
-        waiters: List[Deferred] = []
+        waiters = 0
         if room._waiters:
-            waiters = list(room._waiters)
-            room._waiters.clear()
             # Every waiter was waiting at the room's previous last seq, so
             # they all get this same batch, encoded once.
-            batch = Batch(room.name, [message], message.seq)
-            for d in waiters:
-                d.callback(batch)
+            waiters = room._answer_waiters(Batch(room.name, [message], message.seq))
         subscriptions = list(room._subscriptions)
         for subscription in subscriptions:
             try:
@@ -708,7 +718,7 @@ class ChatCore:
                     room=room.name,
                 )
                 subscription.stop()
-        return len(subscriptions), len(waiters)
+        return len(subscriptions), waiters
 
     # -- reading -------------------------------------------------------------
 
@@ -784,15 +794,10 @@ class ChatCore:
         Shutting down: answer every waiting long-poll with an empty batch
         now, and say how many there were.
         """
-        count = 0
-        for room in self._rooms.values():
-            waiters = list(room._waiters)
-            room._waiters.clear()
-            batch = Batch(room.name, [], room.last_seq)
-            for d in waiters:
-                d.callback(batch)
-            count += len(waiters)
-        return count
+        return sum(
+            room._answer_waiters(Batch(room.name, [], room.last_seq))
+            for room in self._rooms.values()
+        )
 
     def prune(self, before_ms: int) -> Deferred:
         """

@@ -143,8 +143,7 @@ class _Backpressure:
     accumulates there, and past the limit the reader is too slow.
     """
 
-    def __init__(self, protocol: "ChatWebSocketProtocol") -> None:
-        self._protocol = protocol
+    def __init__(self) -> None:
         self.paused = False
         self.backlog = 0
 
@@ -213,7 +212,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         assert self._room is not None
         self.factory.opened(self)
         self._log.info("WebSocket open: {ip} in {room}", ip=self._ip, room=self._room)
-        self._backpressure = _Backpressure(self)
+        self._backpressure = _Backpressure()
         # The HTTP channel that carried the handshake registered itself as
         # the transport's producer; the connection is ours now.
         transport: Any = self.transport
