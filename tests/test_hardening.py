@@ -557,6 +557,22 @@ class LoggingTests(TestCase):
         self.assertIn("WebSocket closed: {ip} in {room} (code {code})", formats)
         rejected = [e for e in events if e.get("log_format", "").startswith("Refused")]
         self.assertEqual(rejected[0]["reason"], "rate_limited")
+        # No access log unless asked for.
+        self.assertFalse([e for e in events if '"POST /api' in str(e.get("log_io", ""))])
+
+    async def test_access_log(self) -> None:
+        """
+        --access-log on logs every request, a line each, long-polls too.
+        """
+        process = await ChatdProcess.start(self, "--store", "memory:", "--access-log", "on")
+        http = HTTP(self, process.base)
+        code, _, _ = await http.request("GET", "/api/rooms/lobby/messages?after=0&timeout=0")
+        self.assertEqual(code, 200)
+        await http.post_json("/api/rooms/lobby/messages", {"body": "one"})
+        await process.stop("TERM")
+        output = process.output.decode()
+        self.assertIn('"GET /api/rooms/lobby/messages?after=0&timeout=0 HTTP/1.1" 200', output)
+        self.assertIn('"POST /api/rooms/lobby/messages HTTP/1.1" 201', output)
 
 
 class FaultIsolationTests(ChatdCase):

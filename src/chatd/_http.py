@@ -1,20 +1,32 @@
 # -*- test-case-name: tests.test_hardening -*-
 """
-HTTP connection policies twisted.web does not have: a deadline for a new
-connection's request head, so slow-loris clients that dribble headers a
-byte at a time cannot pin the server.
+HTTP connection handling twisted.web does not have:
+
+  - a deadline for a new connection's request head, so slow-loris clients
+    that dribble headers a byte at a time cannot pin the server;
+  - a short path for the long-poll C{GET /api/rooms/<room>/messages}, the
+    one request a long-poll client sends again and again, answered without
+    twisted.web's per-request machinery (L{ChatChannel}).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.server import Site
+from twisted.web.server import version as server_version
 from zope.interface import noLongerProvides
 
-__all__ = ["HeaderDeadlineFactory"]
+from chatd._send import Ticks, direct_writer
+from chatd.core import ChatError
+
+__all__ = ["ChatChannel", "ChatSite", "HeaderDeadlineFactory", "LongPolls"]
 
 
 class _HeaderDeadline(ProtocolWrapper):
@@ -86,3 +98,329 @@ class HeaderDeadlineFactory(WrappingFactory):
         super().__init__(site)
         self.clock = clock
         self.seconds = seconds
+
+
+#: What a long-poll request line starts with.
+_SHORT_PREFIX = b"GET /api/rooms/"
+#: The longest request head (with any pipelined bytes) the short path holds.
+MAX_SHORT_HEAD = 8 * 1024
+_MAX_SHORT_HEADERS = 100
+#: How many request lines' readings the site keeps.
+_PREPARED_LINES = 1024
+#: The request line of a long-poll: an ASCII room name and a query with
+#: nothing escaped (anything else takes the full path).
+_LONG_POLL_LINE = re.compile(
+    rb"GET /api/rooms/([A-Za-z0-9_-]{1,64})/messages(?:\?([!$&'()*,-;=@-Z_a-z~]*))? HTTP/1\.1\Z"
+)
+#: Header lines: a token, a colon, a value without control characters.
+_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*)*")
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_CONNECTION = b"\r\nconnection:"
+#: Headers that send a request down the full path (a body, an upgrade).
+_NOT_SHORT = (b"\r\ntransfer-encoding:", b"\r\nupgrade:", b"\r\nexpect:")
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error",
+            503: b"Service Unavailable"}
+_MISSING = object()
+
+
+def parse_long_poll_line(line: bytes) -> Optional[Tuple[str, Dict[str, str]]]:
+    """
+    Read a request line as a long-poll GET.
+
+    @return: the room and the query's parameters (the last value of each),
+        or None for any other request, and for one that would need decoding
+        (percent-escapes, C{+}, bytes outside ASCII).
+    """
+    request = _LONG_POLL_LINE.match(line)
+    if request is None:
+        return None
+    params: Dict[str, str] = {}
+    query = request.group(2)
+    if query:
+        for pair in query.decode("ascii").split("&"):
+            name, _, value = pair.partition("=")
+            params[name] = value
+    return request.group(1).decode("ascii"), params
+
+
+def parse_short_headers(headers: bytes) -> Optional[bool]:
+    """
+    Read a long-poll's header lines (each after its CRLF, without the final
+    blank line).
+
+    @return: whether the client asked to close the connection after the
+        answer; or None when the request needs the full path: a body, an
+        upgrade, an expectation, a line that is not C{token: value} or a
+        line ending other than CRLF.
+    """
+    if not headers:
+        return False
+    if not _HEADER_LINES.fullmatch(headers) or headers.count(b"\r\n") > _MAX_SHORT_HEADERS:
+        return None
+    lowered = headers.lower()
+    at = lowered.find(_CONTENT_LENGTH)
+    if at >= 0 and (
+        lowered.count(_CONTENT_LENGTH) > 1
+        or lowered[at + len(_CONTENT_LENGTH) :].split(b"\r\n", 1)[0].strip() != b"0"
+    ):
+        return None
+    for header in _NOT_SHORT:
+        if header in lowered:
+            return None
+    at = lowered.find(_CONNECTION)
+    if at < 0:
+        return False
+    tokens = {t.strip() for t in lowered[at + len(_CONNECTION) :].split(b"\r\n", 1)[0].split(b",")}
+    if b"upgrade" in tokens or lowered.count(_CONNECTION) > 1:
+        return None
+    return b"close" in tokens
+
+
+class LongPolls(Protocol):
+    """
+    What answers the short path's long-polls (L{chatd.web.ChatWeb}).
+    """
+
+    def prepare_long_poll(self, room: str, query: Dict[str, str]) -> object:
+        """
+        Check a long-poll's parameters (not its room).  The result depends
+        on nothing else, so the site keeps it for the same request line.
+
+        @raise ChatError: what the full path would refuse.
+        """
+
+    def long_poll(self, prepared: Any, ip: str) -> Deferred:
+        """
+        Start a prepared long-poll for C{ip}.
+
+        @raise ChatError: what the full path would refuse.
+        @return: a Deferred firing with C{(status, content_type, body)},
+            or None when the client is gone.
+        """
+
+
+class ChatChannel(HTTPChannel):
+    """
+    twisted.web's HTTP channel, with a short path for long-poll GETs.
+
+    A long-poll client asks C{GET /api/rooms/<room>/messages?after=N} again
+    after every answer; with a thousand of them, parsing each request into a
+    twisted.web Request, routing it through Klein and writing the answer in
+    chunks cost more than the 50 ms between two messages.  This channel
+    reads such a request itself, has the site's L{LongPolls} answer it and
+    writes the answer in one piece with a Content-Length.
+
+    A connection starts on the short path.  The first request it does not
+    take -- any other route, anything needing decoding, a refused
+    parameter or room (so the full path gives the same error answer) --
+    hands the connection to HTTPChannel for good, with every byte not yet
+    used, and HTTPChannel starts from its first request as if it had read
+    the connection from the start.
+    """
+
+    site: "ChatSite"
+    #: Handed to HTTPChannel for good.
+    _full = False
+    #: Received and not yet used by the short path.
+    _unread = b""
+    #: The long-poll being answered, if any.
+    _waiting: Optional[Deferred] = None
+    _close_after = False
+    _serving = False
+    _paused = False
+    _write: Optional[Callable[[bytes], None]] = None
+    _client_ip: Optional[str] = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if getattr(self.site, "long_polls", None) is None:
+            self._full = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._full:
+            super().dataReceived(data)
+            return
+        self._unread += data
+        if self._waiting is not None:
+            # Pipelined behind a long-poll: held until it is answered.
+            if len(self._unread) > MAX_SHORT_HEAD and not self._paused:
+                self._paused = True
+                self._networkProducer.pauseProducing()
+            return
+        self.resetTimeout()
+        self._serve()
+
+    def _serve(self) -> None:
+        if self._serving:
+            return
+        self._serving = True
+        try:
+            while not self._full and self._waiting is None and self._unread:
+                data = self._unread
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    if (
+                        len(data) > MAX_SHORT_HEAD
+                        or b"\n\n" in data
+                        or b"\n\r\n" in data
+                        or not (data.startswith(_SHORT_PREFIX) or _SHORT_PREFIX.startswith(data))
+                    ):
+                        self._hand_over()
+                    return
+                if not self._start(data[:end]):
+                    self._hand_over()
+                    return
+                self._unread = data[end + 4 :]
+        finally:
+            self._serving = False
+
+    def _start(self, head: bytes) -> bool:
+        if len(head) > MAX_SHORT_HEAD:
+            return False
+        line_end = head.find(b"\r\n")
+        if line_end < 0:
+            line_end = len(head)
+        if b"\r" in head[:line_end] or b"\n" in head[:line_end]:
+            return False
+        close = parse_short_headers(head[line_end:])
+        if close is None:
+            return False
+        long_polls = self.site.long_polls
+        prepared = self.site.prepared(head[:line_end])
+        if prepared is None or long_polls is None:
+            return False
+        try:
+            d = long_polls.long_poll(prepared, self._ip())
+        except Exception:
+            # A refusal, or a bug: the full path answers it (a JSON 4xx/503,
+            # or a logged 500) as it answers any other request.
+            return False
+        self._close_after = close
+        self._waiting = d
+        d.addCallback(self._answer, d)
+        return True
+
+    def timeoutConnection(self) -> None:
+        # A connection with a long-poll waiting is not idle (HTTPChannel
+        # stops its timer while it handles a request; re-arming it here
+        # costs less than stopping and restarting it for every request).
+        if self._waiting is not None:
+            self.setTimeout(self.timeOut)
+            return
+        super().timeoutConnection()
+
+    def _ip(self) -> str:
+        if self._client_ip is None:
+            transport: Any = self.transport
+            self._client_ip = str(getattr(transport.getPeer(), "host", "?"))
+        return self._client_ip
+
+    def _answer(self, answer: Optional[Tuple[int, bytes, bytes]], d: Deferred) -> None:
+        if self._waiting is not d:
+            return  # the connection was lost meanwhile
+        self._waiting = None
+        if answer is None:
+            return
+        if self._write is None:
+            transport: Any = self.transport
+            self._write = direct_writer(
+                getattr(transport, "direct_transport", transport), self.site.ticks
+            )
+        self._write(self.site.response(*answer))
+        if self._close_after:
+            self._full = True
+            cast(Any, self.transport).loseConnection()
+            return
+        self.resetTimeout()
+        if self._paused:
+            self._paused = False
+            self._networkProducer.resumeProducing()
+        self._serve()
+
+    def _hand_over(self) -> None:
+        self._full = True
+        data, self._unread = self._unread, b""
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()
+        super().connectionLost(reason)
+
+
+class ChatSite(Site):
+    """
+    chatd's Site: connections are L{ChatChannel}s, and twisted.web's
+    access log (a line per request) is written only when asked for.
+
+    @ivar long_polls: answers the channels' short-path long-polls; None
+        sends every request down twisted.web's full path.
+    """
+
+    protocol = ChatChannel  # type: ignore[assignment]
+    long_polls: Optional[LongPolls] = None
+
+    def __init__(self, resource: Any, access_log: bool = False, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.access_log = access_log
+        #: Short-path answers go out at once (L{direct_writer}).
+        self.ticks = Ticks(self.reactor)
+        self._prepared: Dict[bytes, object] = {}
+        self._date = b""
+        self._date_at = -1
+        self._last: Tuple[object, bytes] = (None, b"")
+
+    def log(self, request: Any) -> None:
+        if self.access_log:
+            super().log(request)
+
+    def prepared(self, line: bytes) -> object:
+        """
+        A long-poll request line, read and checked (L{LongPolls.prepare_long_poll}),
+        or None for one the full path must answer.  Kept by line: after a
+        message, a room's long-poll clients all ask again with the same
+        line (the same C{after=}).
+        """
+        prepared = self._prepared.get(line, _MISSING)
+        if prepared is not _MISSING:
+            return prepared
+        request = parse_long_poll_line(line)
+        if request is None or self.long_polls is None:
+            prepared = None
+        else:
+            try:
+                prepared = self.long_polls.prepare_long_poll(*request)
+            except ChatError:
+                prepared = None
+        if len(self._prepared) >= _PREPARED_LINES:
+            self._prepared.clear()
+        self._prepared[line] = prepared
+        return prepared
+
+    def response(self, status: int, content_type: bytes, body: bytes) -> bytes:
+        """
+        A short-path answer: the status line and headers the full path
+        sends for the same answer, with a Content-Length, and the body.
+        The last one is kept, for the many clients a message goes to.
+        """
+        now = int(self.reactor.seconds())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = datetimeToString(now)
+            self._last = (None, b"")
+        key = (status, content_type, body)
+        last_key, last = self._last
+        if last_key == key:
+            return last
+        data = b"".join((
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"Server: ", server_version,
+            b"\r\nDate: ", self._date,
+            b"\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n"
+            b"Content-Type: ", content_type,
+            b"\r\nContent-Length: %d\r\n\r\n" % (len(body),),
+            body,
+        ))
+        self._last = (key, data)
+        return data

@@ -122,6 +122,13 @@ class Options(usage.Options):
             "instead of on --port.",
         ],
         ["log-format", None, "text", "Log as text (twistd's own) or json (one object a line)."],
+        [
+            "access-log",
+            None,
+            "off",
+            "on: log every HTTP request, a line each (long-polls then take "
+            "twisted.web's full path, which costs more); off: no access log.",
+        ],
         ["templates", None, None, "Folder of HTML templates (default: the installed ones)."],
         ["static", None, None, "Folder of static files (default: the installed ones)."],
     ]
@@ -181,6 +188,8 @@ class Options(usage.Options):
         ]:
             if self[name] < low:
                 raise usage.UsageError(f"--{name} {self[name]}: give a number of at least {low}.")
+        if self["access-log"] not in ("on", "off"):
+            raise usage.UsageError(f"--access-log {self['access-log']!r}: use on or off.")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json.")
         if self["metrics-port"] is not None:
@@ -512,7 +521,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and a new one must send its request head promptly.
-    site = web.site(IDLE_TIMEOUT)
+    site = web.site(IDLE_TIMEOUT, access_log=options["access-log"] == "on")
     front = HeaderDeadlineFactory(site, reactor, HEADER_TIMEOUT)
     service = ChatService(
         core,

@@ -15,12 +15,12 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, cast
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from klein import Klein
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -29,6 +29,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from chatd._http import ChatSite
 from chatd.core import Batch, ChatCore, ChatError, Message, Peer, Room, encode_json, parse_cursor
 from chatd.metrics import CONTENT_TYPE, Metrics
 
@@ -58,6 +59,8 @@ _CSP = (
 
 # Reason phrases twisted.web does not know.
 _REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}
+
+_INTERNAL_ERROR = ("internal_error", "The server failed to handle this request.")
 
 _HTTP_ERROR_CODES = {
     404: "not_found",
@@ -100,7 +103,10 @@ def _query(request: IRequest, name: str) -> Optional[str]:
 def _bounded_int(
     request: IRequest, name: str, default: int, low: int, high: int
 ) -> int:
-    value = _query(request, name)
+    return _int_value(_query(request, name), name, default, low, high)
+
+
+def _int_value(value: Optional[str], name: str, default: int, low: int, high: int) -> int:
     if value is None:
         return default
     if not (value.isascii() and value.isdigit()) or int(value) < low:
@@ -111,7 +117,10 @@ def _bounded_int(
 
 
 def _bounded_seconds(request: IRequest, name: str, default: float, high: float) -> float:
-    value = _query(request, name)
+    return _seconds_value(_query(request, name), name, default, high)
+
+
+def _seconds_value(value: Optional[str], name: str, default: float, high: float) -> float:
     if value is None:
         return default
     try:
@@ -124,11 +133,14 @@ def _bounded_seconds(request: IRequest, name: str, default: float, high: float) 
 
 
 def _callback(request: IRequest) -> Optional[bytes]:
+    return _callback_value(_query(request, "callback"))
+
+
+def _callback_value(value: Optional[str]) -> Optional[bytes]:
     """
     The JSONP callback name, if any; never reflected unless it is a plain
     JavaScript identifier path.
     """
-    value = _query(request, "callback")
     if value is None:
         return None
     if len(value) > _MAX_CALLBACK or not _CALLBACK.match(value):
@@ -138,6 +150,16 @@ def _callback(request: IRequest) -> Optional[bytes]:
             "(letters, digits, '_', '$' and dots; at most 64 characters).",
         )
     return value.encode("ascii")
+
+
+def _jsonp(callback: Optional[bytes], body: bytes) -> Tuple[bytes, bytes]:
+    """
+    The content type and body of a JSON answer, wrapped for JSONP when
+    there is a callback.
+    """
+    if callback is not None:
+        return _JAVASCRIPT, callback + b"(" + body + b");"
+    return _JSON, body
 
 
 def _read_body(request: IRequest) -> bytes:
@@ -213,6 +235,18 @@ def _within_budget(batch: Batch) -> bytes:
         keep += 1
     smaller = Batch(batch.room, batch.messages[: max(keep, 1)], batch.last_seq, batch.reset, batch.first_seq)
     return smaller.json
+
+
+class _LongPoll(NamedTuple):
+    """
+    A long-poll's checked parameters (L{ChatWeb.prepare_long_poll}).
+    """
+
+    room: str
+    after: Optional[int]
+    limit: int
+    timeout: float
+    callback: Optional[bytes]
 
 
 def _room_info(room: Room) -> dict:
@@ -307,6 +341,10 @@ class ChatWeb:
     ) -> None:
         self._core = core
         self._metrics = metrics
+        #: Long-polls in progress, read by the metrics at each scrape.
+        self.long_polls = 0
+        if metrics is not None:
+            metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
         self._allow_origins = {o.rstrip("/").lower() for o in allow_origins}
         self._serve_metrics = serve_metrics
         #: Set when the server starts shutting down: /readyz says no, and
@@ -325,13 +363,17 @@ class ChatWeb:
         """
         return _Root(self.app.resource())
 
-    def site(self, timeout: float) -> Site:
+    def site(self, timeout: float, access_log: bool = False, reactor: Any = None) -> Site:
         """
         The Site to serve: L{resource} with L{ChatRequest}, closing
-        connections idle for C{timeout} seconds.
+        connections idle for C{timeout} seconds, long-poll GETs on the
+        channel's short path (L{long_poll}).  With C{access_log}, every
+        request takes twisted.web's full path and is logged, a line each.
         """
-        site = Site(self.resource(), timeout=timeout)
+        site = ChatSite(self.resource(), access_log=access_log, timeout=timeout, reactor=reactor)
         site.requestFactory = ChatRequest
+        if not access_log:
+            site.long_polls = self
         return site
 
     # -- responses -----------------------------------------------------------
@@ -339,14 +381,11 @@ class ChatWeb:
     def _json(
         self, request: IRequest, body: bytes, status: int = 200, jsonp: bool = True
     ) -> bytes:
-        callback = _callback(request) if jsonp else None
+        content_type, body = _jsonp(_callback(request) if jsonp else None, body)
         request.setResponseCode(status, _REASONS.get(status))
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"cache-control", b"no-store")
-        if callback is not None:
-            request.setHeader(b"content-type", _JAVASCRIPT)
-            return callback + b"(" + body + b");"
-        request.setHeader(b"content-type", _JSON)
+        request.setHeader(b"content-type", content_type)
         return body
 
     def _page(self, request: IRequest, template: Any, status: int = 200, **context: Any) -> bytes:
@@ -391,9 +430,7 @@ class ChatWeb:
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         self.log.failure("Unhandled error serving {uri}", failure, uri=request.uri)
-        return self._error_json(
-            request, 500, "internal_error", "The server failed to handle this request."
-        )
+        return self._error_json(request, 500, *_INTERNAL_ERROR)
 
     def _error_json(self, request: IRequest, status: int, code: str, detail: str) -> bytes:
         body = encode_json({"error": code, "detail": detail})
@@ -497,7 +534,7 @@ class ChatWeb:
             d = self._core.read_before(room, before, limit)
         else:
             timeout = _bounded_seconds(request, "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT)
-            d = self._wait(request, room, after, limit, timeout)
+            d = self._wait(_ip(request), room, after, limit, timeout)
 
         def respond(batch: Batch) -> bytes:
             return self._json(request, _within_budget(batch))
@@ -505,7 +542,7 @@ class ChatWeb:
         return d.addCallback(respond)
 
     def _wait(
-        self, request: IRequest, room: str, after: Optional[int], limit: int, timeout: Optional[float]
+        self, ip: str, room: str, after: Optional[int], limit: int, timeout: Optional[float]
     ) -> Deferred:
         """
         Long-poll within the connection limits, counted as a connection
@@ -513,18 +550,73 @@ class ChatWeb:
         """
         if self.shutting_down:
             timeout = 0
-        ticket = self._core.admit(_ip(request))
-        metrics = self._metrics
-        if metrics is not None:
-            metrics.connections.labels("longpoll").inc()
+        ticket = self._core.admit(ip)
+        self.long_polls += 1
 
         def done(result: object) -> object:
             ticket.release()
-            if metrics is not None:
-                metrics.connections.labels("longpoll").dec()
+            self.long_polls -= 1
             return result
 
-        return self._core.wait(room, after, limit, timeout).addBoth(done)
+        try:
+            d = self._core.wait(room, after, limit, timeout)
+        except BaseException:
+            done(None)
+            raise
+        return d.addBoth(done)
+
+    def prepare_long_poll(self, room: str, query: Mapping[str, str]) -> "_LongPoll":
+        """
+        The parameters of a C{GET /api/rooms/<room>/messages?after=...},
+        checked as L{get_messages} checks them, for the HTTP channel's short
+        path (L{chatd._http.ChatChannel}, which keeps the result for the
+        same request line).
+
+        @param query: the query's parameters (the last value of each).
+        @raise ChatError: for what L{get_messages} would refuse; the channel
+            then hands the request to it, for the same answer.
+        """
+        if "before" in query:
+            raise ChatError("invalid_parameter", "Paging back takes the full path.")
+        return _LongPoll(
+            room,
+            parse_cursor(query.get("after"), "after"),
+            _int_value(query.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+            _seconds_value(query.get("timeout"), "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT),
+            _callback_value(query.get("callback")),
+        )
+
+    def long_poll(self, poll: "_LongPoll", ip: str) -> Deferred:
+        """
+        Start a prepared long-poll: the same wait as L{get_messages}.
+
+        @raise ChatError: for a room that does not exist or a client over
+            its connection limits (the channel hands those to the full path).
+        @return: a Deferred firing with the answer's status, content type
+            and body; or None when the client went away.
+        """
+        self._core.room(poll.room)
+        callback = poll.callback
+
+        def respond(batch: Batch) -> Tuple[int, bytes, bytes]:
+            return (200, *_jsonp(callback, _within_budget(batch)))
+
+        def failed(failure: Failure) -> Optional[Tuple[int, bytes, bytes]]:
+            if failure.check(CancelledError):
+                return None
+            if failure.check(ChatError):
+                error = cast(ChatError, failure.value)
+                status, code, detail = error.status, error.code, error.detail
+            else:
+                self.log.failure(
+                    "Unhandled error serving a long-poll in {room}", failure, room=poll.room
+                )
+                status, code, detail = 500, *_INTERNAL_ERROR
+            return status, _JSON, encode_json({"error": code, "detail": detail})
+
+        return self._wait(ip, poll.room, poll.after, poll.limit, poll.timeout).addCallbacks(
+            respond, failed
+        )
 
     @app.route("/api/rooms/<room>/messages", methods=["POST"])
     def post_message(self, request: IRequest, room: str) -> Deferred:
@@ -663,7 +755,7 @@ class ChatWeb:
                 request, {"status": 1, "timestamp": message.seq, "data": message.body}
             )
 
-        return self._wait(request, room, after, 1, timeout).addCallback(respond)
+        return self._wait(_ip(request), room, after, 1, timeout).addCallback(respond)
 
     @app.route("/rooms/<room>/poll", methods=["POST"])
     def tutorial_post(self, request: IRequest, room: str) -> Deferred:
