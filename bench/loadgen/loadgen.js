@@ -201,6 +201,57 @@ function request(method, path, body) {
 }
 const agent = new http.Agent({keepAlive: true, maxSockets: Infinity});
 
+// A long-poll client on a bare keep-alive TCP socket: it writes each GET
+// itself and reads answers framed by Content-Length or chunked, so that a
+// thousand of them cost the load generator far less than node's http
+// client (which saturated this process at 1000 pollers).
+function rawPoller(path, onBody) {
+  const net = require("net");
+  const u = new URL(cfg.base);
+  const sock = net.connect(Number(u.port), u.hostname);
+  sock.setNoDelay(true);
+  let buffer = Buffer.alloc(0);
+  const poller = {
+    get: (target) => sock.write(`GET ${target} HTTP/1.1\r\nHost: ${u.host}\r\n\r\n`),
+    close: () => sock.destroy(),
+  };
+  sock.on("data", (data) => {
+    buffer = buffer.length ? Buffer.concat([buffer, data]) : data;
+    for (;;) {
+      const end = buffer.indexOf("\r\n\r\n");
+      if (end < 0) return;
+      const head = buffer.toString("latin1", 0, end);
+      const status = Number(head.slice(9, 12));
+      const length = /\r\ncontent-length: *(\d+)/i.exec(head);
+      let body, used;
+      if (length) {
+        used = end + 4 + Number(length[1]);
+        if (buffer.length < used) return;
+        body = buffer.toString("utf8", end + 4, used);
+      } else if (/\r\ntransfer-encoding: *chunked/i.test(head)) {
+        const parts = [];
+        let at = end + 4;
+        for (;;) {
+          const line = buffer.indexOf("\r\n", at);
+          if (line < 0) return;
+          const size = parseInt(buffer.toString("latin1", at, line), 16);
+          if (buffer.length < line + 2 + size + 2) return;
+          if (size === 0) { used = line + 4; break; }
+          parts.push(buffer.subarray(line + 2, line + 2 + size));
+          at = line + 2 + size + 2;
+        }
+        body = Buffer.concat(parts).toString("utf8");
+      } else {
+        throw new Error(`unframed answer: ${head}`);
+      }
+      buffer = buffer.subarray(used);
+      onBody(status, body);
+    }
+  });
+  sock.on("error", (err) => { throw err; });
+  return new Promise((resolve) => sock.on("connect", () => resolve(poller)));
+}
+
 async function longpoll() {
   // N clients each long-polling ?after=cursor; a sender POSTs at a fixed
   // rate; latencies are POST-sent to poll-answer-received.
@@ -209,19 +260,22 @@ async function longpoll() {
   let received = 0, stop = false;
   const total = Math.round(cfg.rate * cfg.duration);
   const info = JSON.parse((await request("GET", `/api/rooms/${cfg.room}`)).body);
+  const target = (cursor) => `/api/rooms/${cfg.room}/messages?after=${cursor}&timeout=30&limit=1000`;
   async function poller() {
     let cursor = info.last_seq;
-    while (!stop) {
-      const res = await request("GET", `/api/rooms/${cfg.room}/messages?after=${cursor}&timeout=30&limit=1000`);
+    const client = await rawPoller(target(cursor), (status, body) => {
       const t = now();
-      if (res.status !== 200) continue;
-      const batch = JSON.parse(res.body);
-      for (const m of batch.messages) {
-        const match = /^P(\d+)$/.exec(m.body);
-        if (match) { latencies.push(t - sentAt[Number(match[1])]); received += 1; }
-        cursor = m.seq;
+      if (status === 200) {
+        const batch = JSON.parse(body);
+        for (const m of batch.messages) {
+          const match = /^P(\d+)$/.exec(m.body);
+          if (match) { latencies.push(t - sentAt[Number(match[1])]); received += 1; }
+          cursor = m.seq;
+        }
       }
-    }
+      if (stop) client.close(); else client.get(target(cursor));
+    });
+    client.get(target(cursor));
   }
   const pollers = [];
   for (let i = 0; i < cfg.clients; i++) pollers.push(poller());
