@@ -3,7 +3,7 @@ Tests for L{chatd.core}: rooms, validation, ordering, bounds, fan-out,
 long-poll waiters and subscriptions, with no reactor and no I/O.
 """
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
@@ -456,6 +456,78 @@ class WaitTests(SynchronousTestCase):
         self.assertEqual(core.room("lobby").clients, 0)
         self.assertEqual(clock.getDelayedCalls(), [])
         core.post("lobby", "a", "after cancel")
+
+    def test_timeouts_of_many_waiters(self) -> None:
+        """
+        Waiters of one room each time out at their own deadline, whatever
+        order they came in, with one timer for the room; cancelled or
+        answered ones are not answered again.
+        """
+        core, clock = make_core()
+        late = core.wait("lobby", 0, 10, 30)
+        soon = core.wait("lobby", 0, 10, 5)
+        gone = core.wait("lobby", 0, 10, 5)
+        same = core.wait("lobby", 0, 10, 5)
+        never = core.wait("lobby", 0, 10, None)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        clock.advance(5)
+        self.assertEqual(self.successResultOf(soon).messages, [])
+        self.assertEqual(self.successResultOf(same).messages, [])
+        self.assertNoResult(late)
+        self.assertEqual(core.room("lobby").clients, 2)
+        clock.advance(25)
+        self.assertEqual(self.successResultOf(late).messages, [])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertNoResult(never)
+        core.post("lobby", "a", "for never")
+        self.assertEqual([m.body for m in self.successResultOf(never).messages], ["for never"])
+
+    def test_message_stops_the_timer(self) -> None:
+        """
+        A message answers every waiter and leaves no timer; later waiters
+        get a timer of their own.
+        """
+        core, clock = make_core()
+        first = [core.wait("lobby", 0, 10, 25) for _ in range(3)]
+        clock.advance(10)
+        core.post("lobby", "a", "x")
+        self.assertEqual([len(self.successResultOf(d).messages) for d in first], [1, 1, 1])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        d = core.wait("lobby", 1, 10, 25)
+        clock.advance(24)
+        self.assertNoResult(d)
+        clock.advance(1)
+        self.assertEqual(self.successResultOf(d).last_seq, 1)
+
+    def test_wait_for(self) -> None:
+        """
+        The Deferred-free long-poll: answered at once when messages exist
+        (behind-by-the-same clients share one batch), else on the next
+        message or at the timeout; forgotten when its client goes away.
+        """
+        core, clock = make_core()
+        core.post("lobby", "a", "one")
+        got: List[Any] = []
+        self.assertIsNone(core.wait_for("lobby", 0, 10, 25, got.append, got.append))
+        self.assertIsNone(core.wait_for("lobby", 0, 10, 25, got.append, got.append))
+        self.assertEqual([m.body for m in got[0].messages], ["one"])
+        self.assertIs(got[0], got[1])
+        del got[:]
+        forget = core.wait_for("lobby", 1, 10, 25, got.append, got.append)
+        gone = core.wait_for("lobby", 1, 10, 25, lambda batch: self.fail("answered"), got.append)
+        assert gone is not None and forget is not None
+        gone()
+        self.assertEqual(core.room("lobby").clients, 1)
+        core.post("lobby", "a", "two")
+        self.assertEqual([m.body for m in got[0].messages], ["two"])
+        del got[:]
+        core.wait_for("lobby", 2, 10, 5, got.append, got.append)
+        clock.advance(5)
+        self.assertEqual((got[0].messages, got[0].last_seq), ([], 2))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertRaises(ChatError, core.wait_for, "nowhere", 0, 10, 5, got.append, got.append)
 
     def test_zero_timeout(self) -> None:
         """

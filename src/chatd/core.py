@@ -16,9 +16,12 @@ order the store's Deferreds fire in.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import re
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
@@ -362,6 +365,8 @@ class Ticket:
 
 Deliver = Callable[[Message], None]
 OnReset = Callable[[int], None]
+#: Called with the batch that answers a long-poll.
+Answer = Callable[[Batch], None]
 
 
 class Subscription:
@@ -431,8 +436,16 @@ class Room:
         self.last_seq = last_seq
         self._cache: Deque[Message] = deque(maxlen=history)
         self._subscriptions: Set[Subscription] = set()
-        #: Waiting long-polls, each with its timeout's call (if any).
-        self._waiters: Dict[Deferred, Optional[IDelayedCall]] = {}
+        #: Waiting long-polls: each is called with the batch that answers it.
+        self._waiters: Dict[Answer, None] = {}
+        #: C{(deadline, n, waiter)} of waiters with a timeout, earliest
+        #: first, and one call for the earliest (cheaper than a call each,
+        #: on the path every long-poll takes).  Entries of waiters already
+        #: answered or forgotten are dropped when they come up.
+        self._deadlines: List[Tuple[float, int, Answer]] = []
+        self._expiry: Optional[IDelayedCall] = None
+        self._entries = itertools.count()
+        self._last_read: Optional[Tuple[int, int, Batch]] = None
         # Messages committed out of order, held until the gap before them
         # is filled; see ChatCore._committed.
         self._pending: Dict[int, Message] = {}
@@ -443,13 +456,59 @@ class Room:
 
         @return: how many there were.
         """
-        waiters = list(self._waiters.items())
+        waiters = list(self._waiters)
         self._waiters.clear()
-        for d, timeout in waiters:
-            if timeout is not None:
-                timeout.cancel()
-            d.callback(batch)
+        self._deadlines.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for answer in waiters:
+            answer(batch)
         return len(waiters)
+
+    def _add_waiter(self, answer: Answer, timeout: Optional[float], clock: IReactorTime) -> None:
+        """
+        Call C{answer} with the next message's batch, or with an empty one
+        after C{timeout} seconds (C{None}: no timeout) if none comes first.
+        """
+        self._waiters[answer] = None
+        if timeout is None:
+            return
+        now = clock.seconds()
+        deadline = now + timeout
+        heapq.heappush(self._deadlines, (deadline, next(self._entries), answer))
+        expiry = self._expiry
+        if expiry is None:
+            self._expiry = clock.callLater(timeout, self._expire, clock)
+        elif deadline < expiry.getTime():
+            expiry.reset(timeout)
+
+    def _forget(self, answer: Answer) -> None:
+        """
+        Waiter C{answer} is no longer waiting (its client went away).
+        """
+        self._waiters.pop(answer, None)
+        if not self._waiters:
+            self._deadlines.clear()
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+
+    def _expire(self, clock: IReactorTime) -> None:
+        self._expiry = None
+        now = clock.seconds()
+        deadlines = self._deadlines
+        due = []
+        while deadlines and deadlines[0][0] <= now:
+            answer = heapq.heappop(deadlines)[2]
+            if answer in self._waiters:
+                del self._waiters[answer]
+                due.append(answer)
+        if deadlines:
+            self._expiry = clock.callLater(deadlines[0][0] - now, self._expire, clock)
+        empty = Batch(self.name, [], self.last_seq)
+        for answer in due:
+            answer(empty)
 
     @property
     def last_activity(self) -> Optional[float]:
@@ -478,6 +537,23 @@ class Room:
         # finds the start without scanning.
         start = after + 1 - first
         return [cache[i] for i in range(start, min(len(cache), start + limit))]
+
+    def _cached_batch(self, after: int, limit: int) -> Optional[Batch]:
+        """
+        The batch of cached messages after C{after}, or C{None} when the
+        cache does not reach back that far.  The last one made is kept:
+        clients that fell behind by the same messages (a room's long-poll
+        clients, after a burst) share one batch and its encoding.
+        """
+        last = self._last_read
+        if last is not None and last[0] == after and last[1] == limit and last[2].last_seq == self.last_seq:
+            return last[2]
+        messages = self._cached_after(after, limit)
+        if messages is None:
+            return None
+        batch = Batch(self.name, messages, self.last_seq)
+        self._last_read = (after, limit, batch)
+        return batch
 
 
 class ChatCore:
@@ -748,9 +824,10 @@ class ChatCore:
             # A cursor from the future: this server lost messages the
             # client saw (or the client is confused).  Say so explicitly.
             after = -1
-        cached = room._cached_after(max(after, 0), limit)
-        if cached is not None and after >= 0:
-            return succeed(Batch(room.name, cached, last_seq))
+        if after >= 0:
+            batch = room._cached_batch(after, limit)
+            if batch is not None:
+                return succeed(batch)
 
         def answer(result: Tuple[List[Message], int]) -> Batch:
             messages, first_seq = result
@@ -816,6 +893,7 @@ class ChatCore:
                 cache = room._cache
                 while cache and cache[0].ts_ms < before_ms:
                     cache.popleft()
+                room._last_read = None
             return deleted
 
         return self._store.prune(before_ms).addCallback(forget)
@@ -846,22 +924,40 @@ class ChatCore:
         if after != room.last_seq or (timeout is not None and timeout <= 0):
             return self._read(room, after, limit)
 
-        waiters = room._waiters
-
-        def forget(d: Deferred) -> None:
-            call = waiters.pop(d, None)
-            if call is not None:
-                call.cancel()
-
-        def timed_out() -> None:
-            if waiters.pop(d, False) is not False:
-                d.callback(Batch(room.name, [], room.last_seq))
-
-        # A call of its own rather than Deferred.addTimeout, which costs
-        # several times more, on the path every long-poll takes.
-        d: Deferred[Batch] = Deferred(forget)
-        waiters[d] = None if timeout is None else self._clock.callLater(timeout, timed_out)
+        d: Deferred[Batch] = Deferred(lambda d: room._forget(d.callback))
+        room._add_waiter(d.callback, timeout, self._clock)
         return d
+
+    def wait_for(
+        self,
+        room_name: str,
+        after: Optional[int],
+        limit: int,
+        timeout: Optional[float],
+        answer: Answer,
+        failed: Callable[[Failure], object],
+    ) -> Optional[Callable[[], None]]:
+        """
+        L{wait} without a Deferred, for the long-poll short path: C{answer}
+        is called with the batch (at once, if there is one), or C{failed}
+        if the store cannot be read.
+
+        @raise ChatError: C{room_not_found}.
+        @return: when the waiter is waiting, a function that forgets it
+            (its client went away); otherwise None.
+        """
+        room = self.room(room_name)
+        if after is None:
+            after = room.last_seq
+        if after != room.last_seq or (timeout is not None and timeout <= 0):
+            batch = room._cached_batch(after, limit) if 0 <= after <= room.last_seq else None
+            if batch is not None:
+                answer(batch)
+            else:
+                self._read(room, after, limit).addCallbacks(answer, failed)
+            return None
+        room._add_waiter(answer, timeout, self._clock)
+        return partial(room._forget, answer)
 
     def subscribe(
         self,
