@@ -351,13 +351,13 @@ class ShortPathTests(SynchronousTestCase):
             def broken(*args: Any) -> Any:
                 raise RuntimeError("bug")
 
-            server.core.wait = broken  # type: ignore[method-assign]
+            server.core.wait = server.core.wait_for = broken  # type: ignore[method-assign]
         raw = get(b"/api/rooms/lobby/messages?after=0&timeout=0")
         [short] = self.assertSame(raw)
         self.assertEqual((short[0], json.loads(short[2])["error"]), (500, "internal_error"))
         for server in (self.short, self.full):
-            server.core.wait = lambda *args: fail(RuntimeError("later"))  # type: ignore[method-assign]
-        [short] = self.assertSame(raw)
+            server.core._store.read_after = lambda *args: fail(RuntimeError("later"))  # type: ignore[method-assign]
+        [short] = self.assertSame(get(b"/api/rooms/lobby/messages?after=99&timeout=0"))
         self.assertEqual(short[0], 500)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)
         for server in (self.short, self.full):

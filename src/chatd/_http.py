@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Dict, Optional, Protocol, Tuple, cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -189,13 +188,15 @@ class LongPolls(Protocol):
         @raise ChatError: what the full path would refuse.
         """
 
-    def long_poll(self, prepared: Any, ip: str) -> Deferred:
+    def long_poll(
+        self, prepared: Any, ip: str, write: Callable[[int, bytes, bytes], None]
+    ) -> Callable[[], None]:
         """
-        Start a prepared long-poll for C{ip}.
+        Start a prepared long-poll for C{ip}: C{write} gets the answer's
+        status, content type and body, once, unless the returned function
+        is called first (the client went away).
 
         @raise ChatError: what the full path would refuse.
-        @return: a Deferred firing with C{(status, content_type, body)},
-            or None when the client is gone.
         """
 
 
@@ -223,8 +224,12 @@ class ChatChannel(HTTPChannel):
     _full = False
     #: Received and not yet used by the short path.
     _unread = b""
-    #: The long-poll being answered, if any.
-    _waiting: Optional[Deferred] = None
+    #: A long-poll is waiting for its answer.
+    _waiting = False
+    #: Forgets the waiting long-poll.
+    _cancel: Optional[Callable[[], None]] = None
+    #: When the idle timer was last restarted (whole seconds).
+    _active_at = -1
     _close_after = False
     _serving = False
     _paused = False
@@ -241,13 +246,14 @@ class ChatChannel(HTTPChannel):
             super().dataReceived(data)
             return
         self._unread += data
-        if self._waiting is not None:
+        if self._waiting:
             # Pipelined behind a long-poll: held until it is answered.
             if len(self._unread) > MAX_SHORT_HEAD and not self._paused:
                 self._paused = True
                 self._networkProducer.pauseProducing()
             return
-        self.resetTimeout()
+        # (The idle timer restarts when an answer is written, not for every
+        # chunk received: a client dribbling a request head gets no longer.)
         self._serve()
 
     def _serve(self) -> None:
@@ -255,7 +261,7 @@ class ChatChannel(HTTPChannel):
             return
         self._serving = True
         try:
-            while not self._full and self._waiting is None and self._unread:
+            while not self._full and not self._waiting and self._unread:
                 data = self._unread
                 end = data.find(b"\r\n\r\n")
                 if end < 0:
@@ -277,34 +283,36 @@ class ChatChannel(HTTPChannel):
     def _start(self, head: bytes) -> bool:
         if len(head) > MAX_SHORT_HEAD:
             return False
+        site = self.site
         line_end = head.find(b"\r\n")
         if line_end < 0:
             line_end = len(head)
-        if b"\r" in head[:line_end] or b"\n" in head[:line_end]:
-            return False
-        close = parse_short_headers(head[line_end:])
+        close = site.headers(head[line_end:])
         if close is None:
             return False
-        long_polls = self.site.long_polls
-        prepared = self.site.prepared(head[:line_end])
+        # (The line has no CR or LF left in it that a long-poll's could have.)
+        long_polls = site.long_polls
+        prepared = site.prepared(head[:line_end])
         if prepared is None or long_polls is None:
             return False
+        self._close_after = close
+        self._waiting = True
         try:
-            d = long_polls.long_poll(prepared, self._ip())
+            cancel = long_polls.long_poll(prepared, self._ip(), self._answer)
         except Exception:
             # A refusal, or a bug: the full path answers it (a JSON 4xx/503,
             # or a logged 500) as it answers any other request.
+            self._waiting = False
             return False
-        self._close_after = close
-        self._waiting = d
-        d.addCallback(self._answer, d)
+        if self._waiting:
+            self._cancel = cancel
         return True
 
     def timeoutConnection(self) -> None:
         # A connection with a long-poll waiting is not idle (HTTPChannel
         # stops its timer while it handles a request; re-arming it here
         # costs less than stopping and restarting it for every request).
-        if self._waiting is not None:
+        if self._waiting:
             self.setTimeout(self.timeOut)
             return
         super().timeoutConnection()
@@ -315,23 +323,27 @@ class ChatChannel(HTTPChannel):
             self._client_ip = str(getattr(transport.getPeer(), "host", "?"))
         return self._client_ip
 
-    def _answer(self, answer: Optional[Tuple[int, bytes, bytes]], d: Deferred) -> None:
-        if self._waiting is not d:
+    def _answer(self, status: int, content_type: bytes, body: bytes) -> None:
+        if not self._waiting:
             return  # the connection was lost meanwhile
-        self._waiting = None
-        if answer is None:
-            return
+        self._waiting = False
+        self._cancel = None
+        site = self.site
         if self._write is None:
             transport: Any = self.transport
             self._write = direct_writer(
-                getattr(transport, "direct_transport", transport), self.site.ticks
+                getattr(transport, "direct_transport", transport), site.ticks
             )
-        self._write(self.site.response(*answer))
+        self._write(site.response(status, content_type, body))
         if self._close_after:
             self._full = True
             cast(Any, self.transport).loseConnection()
             return
-        self.resetTimeout()
+        # Idle from now on; restarting the timer at most once a second is
+        # close enough for a 75 s timeout, and costs less.
+        if self._active_at != site.second:
+            self._active_at = site.second
+            self.resetTimeout()
         if self._paused:
             self._paused = False
             self._networkProducer.resumeProducing()
@@ -343,9 +355,10 @@ class ChatChannel(HTTPChannel):
         super().dataReceived(data)
 
     def connectionLost(self, reason: Any = None) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.cancel()
+        cancel, self._cancel = self._cancel, None
+        self._waiting = False
+        if cancel is not None:
+            cancel()
         super().connectionLost(reason)
 
 
@@ -367,8 +380,10 @@ class ChatSite(Site):
         #: Short-path answers go out at once (L{direct_writer}).
         self.ticks = Ticks(self.reactor)
         self._prepared: Dict[bytes, object] = {}
+        self._headers: Dict[bytes, object] = {}
         self._date = b""
-        self._date_at = -1
+        #: The whole second of the last answer's Date.
+        self.second = -1
         self._last: Tuple[object, bytes] = (None, b"")
 
     def log(self, request: Any) -> None:
@@ -398,6 +413,19 @@ class ChatSite(Site):
         self._prepared[line] = prepared
         return prepared
 
+    def headers(self, lines: bytes) -> Optional[bool]:
+        """
+        L{parse_short_headers}, kept by header block: a client sends the same
+        headers with every poll.
+        """
+        close = self._headers.get(lines, _MISSING)
+        if close is _MISSING:
+            close = parse_short_headers(lines)
+            if len(self._headers) >= _PREPARED_LINES:
+                self._headers.clear()
+            self._headers[lines] = close
+        return close  # type: ignore[return-value]
+
     def response(self, status: int, content_type: bytes, body: bytes) -> bytes:
         """
         A short-path answer: the status line and headers the full path
@@ -405,8 +433,8 @@ class ChatSite(Site):
         The last one is kept, for the many clients a message goes to.
         """
         now = int(self.reactor.seconds())
-        if now != self._date_at:
-            self._date_at = now
+        if now != self.second:
+            self.second = now
             self._date = datetimeToString(now)
             self._last = (None, b"")
         key = (status, content_type, body)

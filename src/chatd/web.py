@@ -15,12 +15,12 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -30,7 +30,17 @@ from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from chatd._http import ChatSite
-from chatd.core import Batch, ChatCore, ChatError, Message, Peer, Room, encode_json, parse_cursor
+from chatd.core import (
+    Batch,
+    ChatCore,
+    ChatError,
+    Message,
+    Peer,
+    Room,
+    Ticket,
+    encode_json,
+    parse_cursor,
+)
 from chatd.metrics import CONTENT_TYPE, Metrics
 
 __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "make_environment"]
@@ -235,6 +245,56 @@ def _within_budget(batch: Batch) -> bytes:
         keep += 1
     smaller = Batch(batch.room, batch.messages[: max(keep, 1)], batch.last_seq, batch.reset, batch.first_seq)
     return smaller.json
+
+
+class _Waiter:
+    """
+    One short-path long-poll (L{ChatWeb.long_poll}): answered, failed or
+    cancelled once, its connection place given back once.
+    """
+
+    __slots__ = ("web", "ticket", "callback", "write", "forget", "finished")
+
+    def __init__(
+        self,
+        web: "ChatWeb",
+        ticket: Ticket,
+        callback: Optional[bytes],
+        write: Callable[[int, bytes, bytes], None],
+    ) -> None:
+        self.web = web
+        self.ticket = ticket
+        self.callback = callback
+        self.write = write
+        self.forget: Optional[Callable[[], None]] = None
+        self.finished = False
+
+    def done(self) -> bool:
+        if self.finished:
+            return False
+        self.finished = True
+        self.ticket.release()
+        self.web.long_polls -= 1
+        return True
+
+    def answer(self, batch: Batch) -> None:
+        if self.done():
+            self.write(200, *_jsonp(self.callback, _within_budget(batch)))
+
+    def failed(self, failure: Failure) -> None:
+        if not self.done():
+            return
+        if failure.check(ChatError):
+            error = cast(ChatError, failure.value)
+            status, code, detail = error.status, error.code, error.detail
+        else:
+            self.web.log.failure("Unhandled error serving a long-poll", failure)
+            status, code, detail = 500, *_INTERNAL_ERROR
+        self.write(status, _JSON, encode_json({"error": code, "detail": detail}))
+
+    def cancel(self) -> None:
+        if self.done() and self.forget is not None:
+            self.forget()
 
 
 class _LongPoll(NamedTuple):
@@ -586,37 +646,31 @@ class ChatWeb:
             _callback_value(query.get("callback")),
         )
 
-    def long_poll(self, poll: "_LongPoll", ip: str) -> Deferred:
+    def long_poll(
+        self, poll: "_LongPoll", ip: str, write: Callable[[int, bytes, bytes], None]
+    ) -> Callable[[], None]:
         """
-        Start a prepared long-poll: the same wait as L{get_messages}.
+        Start a prepared long-poll: the same wait as L{get_messages}, with
+        no Deferred (this is the path every long-poll takes).  C{write} is
+        called once, with the answer's status, content type and body (a
+        JSON error if the store fails), unless the returned function is
+        called first (the client went away).
 
         @raise ChatError: for a room that does not exist or a client over
             its connection limits (the channel hands those to the full path).
-        @return: a Deferred firing with the answer's status, content type
-            and body; or None when the client went away.
         """
-        self._core.room(poll.room)
-        callback = poll.callback
-
-        def respond(batch: Batch) -> Tuple[int, bytes, bytes]:
-            return (200, *_jsonp(callback, _within_budget(batch)))
-
-        def failed(failure: Failure) -> Optional[Tuple[int, bytes, bytes]]:
-            if failure.check(CancelledError):
-                return None
-            if failure.check(ChatError):
-                error = cast(ChatError, failure.value)
-                status, code, detail = error.status, error.code, error.detail
-            else:
-                self.log.failure(
-                    "Unhandled error serving a long-poll in {room}", failure, room=poll.room
-                )
-                status, code, detail = 500, *_INTERNAL_ERROR
-            return status, _JSON, encode_json({"error": code, "detail": detail})
-
-        return self._wait(ip, poll.room, poll.after, poll.limit, poll.timeout).addCallbacks(
-            respond, failed
-        )
+        timeout = 0.0 if self.shutting_down else poll.timeout
+        ticket = self._core.admit(ip)
+        self.long_polls += 1
+        waiter = _Waiter(self, ticket, poll.callback, write)
+        try:
+            waiter.forget = self._core.wait_for(
+                poll.room, poll.after, poll.limit, timeout, waiter.answer, waiter.failed
+            )
+        except BaseException:
+            waiter.done()
+            raise
+        return waiter.cancel
 
     @app.route("/api/rooms/<room>/messages", methods=["POST"])
     def post_message(self, request: IRequest, room: str) -> Deferred:
