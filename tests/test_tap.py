@@ -172,6 +172,8 @@ class RetentionTests(SynchronousTestCase):
         self.successResultOf(core.post("lobby", "a", "old"))
         clock.advance(86400)
         self.successResultOf(core.post("lobby", "a", "newer"))
+        # (A read before the pruning, which the room keeps, must not outlive it.)
+        self.assertEqual(len(self.successResultOf(core.read("lobby", 0, 10)).messages), 2)
         clock.advance(86400 + tap.RETENTION_INTERVAL)
         batch = self.successResultOf(core.read("lobby", 0, 10))
         self.assertEqual([m.body for m in batch.messages], ["newer"])

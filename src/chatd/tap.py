@@ -6,6 +6,7 @@ implementations and wires store, core, web and WebSocket together.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -298,6 +299,18 @@ def make_store(url: str, history: int, reactor: Any) -> IMessageStore:
     return factory(url, reactor=reactor)
 
 
+def _freeze_startup_objects() -> None:
+    """
+    Leave what start-up made (modules, classes, templates, the rooms'
+    history: most of the process's objects) out of every later garbage
+    collection.  Waiting long-polls and their callbacks live long enough to
+    reach the oldest generation, so full collections come often under load;
+    without this each one walked every module object as well.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class ChatService(MultiService):
     """
     chatd's root service: loads the core's rooms from the store, then
@@ -362,6 +375,7 @@ class ChatService(MultiService):
                 service.startService()
             if self._exit_on_failure:
                 self._install_sigterm()
+                _freeze_startup_objects()
 
         def failed(failure: Failure) -> Failure:
             self.log.critical("chatd could not start: {error}", error=failure.getErrorMessage())
