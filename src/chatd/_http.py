@@ -22,7 +22,7 @@ from twisted.web.server import Site
 from twisted.web.server import version as server_version
 from zope.interface import noLongerProvides
 
-from chatd._send import Ticks, direct_writer
+from chatd._send import direct_writer
 from chatd.core import ChatError
 
 __all__ = ["ChatChannel", "ChatSite", "HeaderDeadlineFactory", "LongPolls"]
@@ -245,6 +245,12 @@ class ChatChannel(HTTPChannel):
         if self._full:
             super().dataReceived(data)
             return
+        if not (self._unread or self._waiting) and data.find(b"\r\n\r\n") == len(data) - 4:
+            # The usual: one whole request head in one read.
+            if not self._start(data[:-4]):
+                self._unread = data
+                self._hand_over()
+            return
         self._unread += data
         if self._waiting:
             # Pipelined behind a long-poll: held until it is answered.
@@ -287,12 +293,18 @@ class ChatChannel(HTTPChannel):
         line_end = head.find(b"\r\n")
         if line_end < 0:
             line_end = len(head)
-        close = site.headers(head[line_end:])
+        lines = head[line_end:]
+        close: Any = site._headers.get(lines, _MISSING)
+        if close is _MISSING:
+            close = site.headers(lines)
         if close is None:
             return False
         # (The line has no CR or LF left in it that a long-poll's could have.)
+        line = head[:line_end]
+        prepared = site._prepared.get(line, _MISSING)
+        if prepared is _MISSING:
+            prepared = site.prepared(line)
         long_polls = site.long_polls
-        prepared = site.prepared(head[:line_end])
         if prepared is None or long_polls is None:
             return False
         self._close_after = close
@@ -331,9 +343,7 @@ class ChatChannel(HTTPChannel):
         site = self.site
         if self._write is None:
             transport: Any = self.transport
-            self._write = direct_writer(
-                getattr(transport, "direct_transport", transport), site.ticks
-            )
+            self._write = direct_writer(getattr(transport, "direct_transport", transport), None)
         self._write(site.response(status, content_type, body))
         if self._close_after:
             self._full = True
@@ -377,8 +387,6 @@ class ChatSite(Site):
     def __init__(self, resource: Any, access_log: bool = False, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.access_log = access_log
-        #: Short-path answers go out at once (L{direct_writer}).
-        self.ticks = Ticks(self.reactor)
         self._prepared: Dict[bytes, object] = {}
         self._headers: Dict[bytes, object] = {}
         self._date = b""

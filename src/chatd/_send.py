@@ -42,21 +42,26 @@ class Ticks:
 
 def direct_writer(transport: Any, ticks: Optional[Ticks]) -> Callable[[bytes], None]:
     """
-    A write function for the fan-out.  On a plain TCP connection with
-    nothing queued, a connection's first frame in a reactor iteration is
-    sent at once, one system call, instead of waiting for the next iteration
-    (which also adds and removes the socket from epoll each time): the last
-    of a thousand recipients then gets a message about as soon as the first.
-    Later frames in the same iteration, and anything not sent, go through
-    the transport's own write, in order, where they are sent together.
+    A write function that sends at once.  On a plain TCP connection with
+    nothing queued, a payload goes out in one system call instead of
+    waiting for the next reactor iteration (which also adds and removes the
+    socket from epoll each time): the last of a thousand recipients then
+    gets a message about as soon as the first.  Anything not sent, and
+    anything written while something is queued, goes through the
+    transport's own write, in order.
+
+    With C{ticks} (the WebSocket fan-out), only a connection's first
+    payload in a reactor iteration is sent at once, and later ones are left
+    to the transport to send together; without (long-poll answers, one per
+    request), every payload is.
 
     This reads twisted.internet.tcp.Connection's buffer attributes; where
-    they are not there (TLS, another reactor or Twisted version), or with no
-    C{ticks}, it is the transport's plain write.
+    they are not there (TLS, another reactor or Twisted version), it is the
+    transport's plain write.
     """
     write = transport.write
     sock = getattr(transport, "socket", None)
-    if ticks is None or not (
+    if not (
         isinstance(transport, tcp.Connection)
         and isinstance(sock, socket.socket)
         and hasattr(transport, "dataBuffer")
@@ -67,16 +72,15 @@ def direct_writer(transport: Any, ticks: Optional[Ticks]) -> Callable[[bytes], N
     last = [-1]
 
     def direct(frame: bytes) -> None:
-        tick = ticks.current()
-        if (
-            last[0] == tick
-            or transport.dataBuffer
-            or transport._tempDataLen
-            or transport.disconnecting
-        ):
+        if ticks is not None:
+            tick = ticks.current()
+            if last[0] == tick:
+                write(frame)
+                return
+            last[0] = tick
+        if transport.dataBuffer or transport._tempDataLen or transport.disconnecting:
             write(frame)
             return
-        last[0] = tick
         try:
             sent = send(frame)
         except BlockingIOError:

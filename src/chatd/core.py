@@ -444,6 +444,7 @@ class Room:
         #: answered or forgotten are dropped when they come up.
         self._deadlines: List[Tuple[float, int, Answer]] = []
         self._expiry: Optional[IDelayedCall] = None
+        self._expiry_at = 0.0
         self._entries = itertools.count()
         self._last_read: Optional[Tuple[int, int, Batch]] = None
         # Messages committed out of order, held until the gap before them
@@ -474,14 +475,14 @@ class Room:
         self._waiters[answer] = None
         if timeout is None:
             return
-        now = clock.seconds()
-        deadline = now + timeout
+        deadline = clock.seconds() + timeout
         heapq.heappush(self._deadlines, (deadline, next(self._entries), answer))
-        expiry = self._expiry
-        if expiry is None:
+        if self._expiry is None:
             self._expiry = clock.callLater(timeout, self._expire, clock)
-        elif deadline < expiry.getTime():
-            expiry.reset(timeout)
+            self._expiry_at = deadline
+        elif deadline < self._expiry_at:
+            self._expiry.reset(timeout)
+            self._expiry_at = deadline
 
     def _forget(self, answer: Answer) -> None:
         """
@@ -505,7 +506,8 @@ class Room:
                 del self._waiters[answer]
                 due.append(answer)
         if deadlines:
-            self._expiry = clock.callLater(deadlines[0][0] - now, self._expire, clock)
+            self._expiry_at = deadlines[0][0]
+            self._expiry = clock.callLater(self._expiry_at - now, self._expire, clock)
         empty = Batch(self.name, [], self.last_seq)
         for answer in due:
             answer(empty)

@@ -144,8 +144,11 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         transport.unregisterProducer()
         transport.registerProducer(self._backpressure, True)
         # Past the HTTP layer's wrappers (not TLS), for the fan-out path.
-        self._write = direct_writer(
-            getattr(transport, "direct_transport", transport), self.factory.ticks
+        ticks = self.factory.ticks
+        self._write = (
+            transport.write
+            if ticks is None
+            else direct_writer(getattr(transport, "direct_transport", transport), ticks)
         )
         self._sending = True
         try:
