@@ -9,12 +9,16 @@ from typing import Any, Dict, List, Tuple
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatd._http import parse_long_poll_line, parse_short_headers
-from tests._support import make_web
+from tests._support import make_web, start_chatd
 from tests.test_fuzz import FUZZ
 
 Response = Tuple[int, Dict[bytes, bytes], bytes]
@@ -362,3 +366,167 @@ class ShortPathTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)
         for server in (self.short, self.full):
             self.assertEqual((server.core.limits.connections, server.web.long_polls), (0, 0))
+
+
+class _RawClient(Protocol):
+    """
+    A bare TCP client: writes requests, collects answers.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self._wanted: List[Tuple[int, Deferred]] = []
+        self.lost: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self._check()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+    def _complete(self) -> List[Response]:
+        try:
+            return parse_responses(self.data)
+        except (ValueError, IndexError):
+            return []  # (the last answer is not all here yet)
+
+    def _check(self) -> None:
+        have = len(self._complete())
+        for count, d in list(self._wanted):
+            if have >= count:
+                self._wanted.remove((count, d))
+                d.callback(None)
+
+    async def answers(self, count: int) -> List[Response]:
+        d: Deferred = Deferred()
+        self._wanted.append((count, d))
+        self._check()
+        await d
+        return self._complete()
+
+
+class RealConnectionTests(TestCase):
+    """
+    The short path over real connections, where the site reads kept-alive
+    long-poll connections itself (chatd._http._ShortPathReads).
+    """
+
+    timeout = 30
+
+    async def setUp(self) -> None:
+        self.service, base = await start_chatd(self, "--store", "memory:")
+        self.port = int(base.rsplit(":", 1)[1])
+        self.site = self.service.ports[0].factory.wrappedFactory
+
+    async def connect(self) -> _RawClient:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        client = await connectProtocol(endpoint, _RawClient())
+        self.addCleanup(self.close, client)
+        return client
+
+    async def close(self, client: _RawClient) -> None:
+        if client.transport is not None and client.transport.connected:
+            client.transport.loseConnection()
+            await client.lost
+
+    def post(self, body: str) -> None:
+        self.service.core.post("lobby", "ann", body, None, None)
+
+    async def test_long_polls_then_other_requests(self) -> None:
+        """
+        After its first answer a kept-alive long-poll connection is read by
+        the site's own reader; its next long-polls are answered from there,
+        and a request for another route goes back to twisted.web.
+        """
+        client = await self.connect()
+        client.transport.write(get(b"/api/rooms/lobby/messages?after=0&timeout=30"))
+        self.post("one")
+        await client.answers(1)
+        self.assertEqual(len(self.site.reads._reading), 1)
+        for seq in (1, 2, 3):
+            client.transport.write(get(b"/api/rooms/lobby/messages?after=%d&timeout=30" % seq))
+            self.post(f"m{seq + 1}")
+            answers = await client.answers(seq + 1)
+            self.assertEqual(json.loads(answers[-1][2])["messages"][0]["seq"], seq + 1)
+        self.assertEqual(len(self.site.reads._reading), 1)
+        client.transport.write(get(b"/api/rooms"))
+        answers = await client.answers(5)
+        self.assertEqual(json.loads(answers[-1][2])["rooms"][0]["name"], "lobby")
+        self.assertEqual(self.site.reads._reading, {})
+
+    async def test_client_goes_away_while_waiting(self) -> None:
+        """
+        A connection closed while its long-poll waits in the site's reader
+        is forgotten: no waiter left, nothing read for it.
+        """
+        client = await self.connect()
+        client.transport.write(get(b"/api/rooms/lobby/messages?after=0&timeout=30"))
+        self.post("one")
+        await client.answers(1)
+        client.transport.write(get(b"/api/rooms/lobby/messages?after=1&timeout=30"))
+        await until(lambda: self.service.core.waiting() == 1)
+        client.transport.loseConnection()
+        await client.lost
+        await until(lambda: self.service.core.waiting() == 0 and not self.site.reads._reading)
+        self.assertEqual(self.service.core.limits.connections, 0)
+
+    async def test_many_connections_one_reader(self) -> None:
+        """
+        Fifty kept-alive pollers through several messages: every one gets
+        every message, in order, exactly once.
+        """
+        clients = [await self.connect() for _ in range(50)]
+        for client in clients:
+            client.transport.write(get(b"/api/rooms/lobby/messages?after=0&timeout=30"))
+        await until(lambda: self.service.core.waiting() == 50)
+        for seq in range(1, 6):
+            self.post(f"m{seq}")
+            for client in clients:
+                answers = await client.answers(seq)
+                self.assertEqual([m["seq"] for m in json.loads(answers[-1][2])["messages"]], [seq])
+                client.transport.write(get(b"/api/rooms/lobby/messages?after=%d&timeout=30" % seq))
+            await until(lambda: self.service.core.waiting() == 50)
+        self.assertEqual(len(self.site.reads._reading), 50)
+
+    async def test_error_drops_only_that_connection(self) -> None:
+        """
+        A bug while reading one connection in the site's reader is logged
+        and drops that connection; the others go on.
+        """
+        broken, fine = await self.connect(), await self.connect()
+        for client in (broken, fine):
+            client.transport.write(get(b"/api/rooms/lobby/messages?after=0&timeout=30"))
+        await until(lambda: self.service.core.waiting() == 2)
+        self.post("one")
+        await broken.answers(1)
+        await fine.answers(1)
+        [(channel, _)] = [
+            entry for entry in self.site.reads._reading.values()
+            if entry[1].getPeer().port == broken.transport.getHost().port
+        ]
+
+        def bug(data: bytes) -> None:
+            raise RuntimeError("bug")
+
+        channel.dataReceived = bug
+        broken.transport.write(get(b"/api/rooms/lobby/messages?after=1&timeout=30"))
+        await broken.lost
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        fine.transport.write(get(b"/api/rooms/lobby/messages?after=1&timeout=30"))
+        self.post("two")
+        answers = await fine.answers(2)
+        self.assertEqual(json.loads(answers[-1][2])["messages"][0]["body"], "two")
+
+
+async def until(condition: Any) -> None:
+    """
+    Wait, a reactor turn at a time, until C{condition()} holds.
+    """
+    from twisted.internet.task import deferLater
+
+    for _ in range(10000):
+        if condition():
+            return
+        await deferLater(reactor, 0, lambda: None)
+    raise AssertionError("condition never held")

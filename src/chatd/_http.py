@@ -12,8 +12,10 @@ HTTP connection handling twisted.web does not have:
 from __future__ import annotations
 
 import re
+import select
 from typing import Any, Callable, Dict, Optional, Protocol, Tuple, cast
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -104,6 +106,121 @@ _SHORT_PREFIX = b"GET /api/rooms/"
 #: The longest request head (with any pipelined bytes) the short path holds.
 MAX_SHORT_HEAD = 8 * 1024
 _MAX_SHORT_HEADERS = 100
+class _ShortPathReads:
+    """
+    Reads the short path's connections through an epoll set of its own,
+    itself one reader of the reactor.
+
+    A long-poll connection is read once per message (its next request).
+    Through the reactor, each read costs a logging context, the transport's
+    dispatch and the wrappers' dataReceived, more than reading the request
+    and answering it; here it is one recv() and the channel's dataReceived.
+    A connection leaves for the reactor's own reading whenever anything but
+    a request arrives for the short path: the end of the stream or an error
+    (which the transport then meets as usual), a hand-over to the full
+    path, or a pause.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._epoll: Optional[select.epoll] = None
+        #: fd -> (channel, TCP transport)
+        self._reading: Dict[int, Tuple["ChatChannel", Any]] = {}
+
+    def fileno(self) -> int:
+        return self._epoll.fileno() if self._epoll is not None else -1
+
+    def logPrefix(self) -> str:
+        return "chatd-long-polls"
+
+    def take(self, channel: "ChatChannel", transport: Any) -> Optional[int]:
+        """
+        Read C{channel}'s connection here from now on, if it is plain TCP
+        on an epoll reactor.
+
+        @return: its file descriptor, or None if it stays with the reactor.
+        """
+        if (
+            not isinstance(transport, tcp.Connection)
+            or ISSLTransport.providedBy(transport)
+            or not hasattr(self._reactor, "_poller")
+            or not hasattr(select, "epoll")
+        ):
+            return None
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        fd = transport.fileno()
+        transport.stopReading()
+        self._epoll.register(fd, select.EPOLLIN)
+        if not self._reading:
+            self._reactor.addReader(self)
+        self._reading[fd] = (channel, transport)
+        return fd
+
+    def give_back(self, fd: int) -> None:
+        """
+        The reactor reads this connection again (if it is still open).
+        """
+        entry = self._reading.pop(fd, None)
+        if entry is None:
+            return
+        if self._epoll is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # already closed
+        if not self._reading:
+            self._reactor.removeReader(self)
+        transport = entry[1]
+        if not transport.disconnected:
+            transport.startReading()
+
+    def doRead(self) -> None:
+        if self._epoll is None:
+            return
+        for fd, _ in self._epoll.poll(0):
+            entry = self._reading.get(fd)
+            if entry is None:
+                continue
+            channel, transport = entry
+            try:
+                data = transport.socket.recv(SHORT_READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                self.give_back(fd)  # the transport meets the error itself
+                continue
+            if not data:
+                self.give_back(fd)  # and the end of the stream
+                continue
+            try:
+                channel.dataReceived(data)
+            except Exception:
+                # As the reactor does for a protocol's error: log it and
+                # drop that connection, not every long-poll.
+                self._log.failure("Dropping a long-poll connection after an error")
+                self.give_back(fd)
+                transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        # The reactor dropped this reader: the connections read here go
+        # back to it.
+        for fd in list(self._reading):
+            self.give_back(fd)
+
+    def close(self) -> None:
+        for fd in list(self._reading):
+            self.give_back(fd)
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+
+
+#: How much the short path reads from a connection at a time.
+SHORT_READ_SIZE = 16 * 1024
+
 #: How many request lines' readings the site keeps.
 _PREPARED_LINES = 1024
 #: The request line of a long-poll: an ASCII room name and a query with
@@ -235,6 +352,8 @@ class ChatChannel(HTTPChannel):
     _paused = False
     _write: Optional[Callable[[bytes], None]] = None
     _client_ip: Optional[str] = None
+    #: The file descriptor the site's reader reads this connection by.
+    _read_fd: Optional[int] = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -256,6 +375,7 @@ class ChatChannel(HTTPChannel):
             # Pipelined behind a long-poll: held until it is answered.
             if len(self._unread) > MAX_SHORT_HEAD and not self._paused:
                 self._paused = True
+                self._read_by_reactor()
                 self._networkProducer.pauseProducing()
             return
         # (The idle timer restarts when an answer is written, not for every
@@ -357,14 +477,25 @@ class ChatChannel(HTTPChannel):
         if self._paused:
             self._paused = False
             self._networkProducer.resumeProducing()
+        elif self._read_fd is None and not self._full:
+            self._read_fd = site.reads.take(
+                self, getattr(self.transport, "direct_transport", self.transport)
+            )
         self._serve()
+
+    def _read_by_reactor(self) -> None:
+        fd, self._read_fd = self._read_fd, None
+        if fd is not None:
+            self.site.reads.give_back(fd)
 
     def _hand_over(self) -> None:
         self._full = True
+        self._read_by_reactor()
         data, self._unread = self._unread, b""
         super().dataReceived(data)
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._read_by_reactor()
         cancel, self._cancel = self._cancel, None
         self._waiting = False
         if cancel is not None:
@@ -387,6 +518,8 @@ class ChatSite(Site):
     def __init__(self, resource: Any, access_log: bool = False, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.access_log = access_log
+        #: Reads the short path's connections.
+        self.reads = _ShortPathReads(self.reactor)
         self._prepared: Dict[bytes, object] = {}
         self._headers: Dict[bytes, object] = {}
         self._date = b""
@@ -397,6 +530,10 @@ class ChatSite(Site):
     def log(self, request: Any) -> None:
         if self.access_log:
             super().log(request)
+
+    def stopFactory(self) -> None:
+        self.reads.close()
+        super().stopFactory()
 
     def prepared(self, line: bytes) -> object:
         """
