@@ -9,7 +9,8 @@ generator (Node.js, bench/loadgen), in one run.
 Every server runs pinned to CPU 0 and the load generator to CPU 1 (when
 the machine has two); each cell runs --runs times.  Results are JSON lines;
 python -m bench.report turns them into docs/benchmarks.md and its chart.
-Needs: node and npm (the loadgen installs ws and socket.io-client), and
+Needs: node and npm (the loadgen installs ws and socket.io-client), a C
+compiler for the long-poll clients (bench/loadgen/longpoll.c), and
 pip install '.[bench]' for the peers.
 """
 
@@ -184,11 +185,43 @@ def idle(name: str, connections: int) -> Dict[str, Any]:
             "kib_per_connection": round((held - base) / max(ready["ready"], 1), 2)}
 
 
+def longpoll_client() -> Optional[str]:
+    """
+    The C long-poll load generator (bench/loadgen/longpoll.c), built once
+    into bench/loadgen/build; None without a C compiler (then node's is
+    used, which saturates its core at 1000 pollers).
+    """
+    source = LOADGEN / "longpoll.c"
+    binary = LOADGEN / "build" / "longpoll"
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return str(binary)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("bench: no C compiler; long-poll clients run in node", file=sys.stderr)
+        return None
+    binary.parent.mkdir(exist_ok=True)
+    subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
+    return str(binary)
+
+
 def longpoll(clients: int) -> Dict[str, Any]:
     server = Server("chatd")
+    client = longpoll_client()
     try:
-        r = measured(server, {"mode": "longpoll", "base": server.base, "room": "bench",
-                              "clients": clients, "rate": 20, "duration": 10})
+        if client is None:
+            r = measured(server, {"mode": "longpoll", "base": server.base, "room": "bench",
+                                  "clients": clients, "rate": 20, "duration": 10})
+            r["loadgen"] = "node"
+        else:
+            before = cpu_seconds(server.process.pid)
+            out = subprocess.run(
+                pin(1) + [client, "127.0.0.1", str(server.port), "bench", str(clients), "20", "10"],
+                capture_output=True, timeout=120, check=False,
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"long-poll client failed: {out.stderr.decode(errors='replace')[-2000:]}")
+            r = json.loads(out.stdout.decode().strip().splitlines()[-1])
+            r["server_cpu_s"] = round(cpu_seconds(server.process.pid) - before, 3)
     finally:
         server.stop()
     return {"bench": "longpoll", "server": "chatd", "clients": clients, **r}
