@@ -1,17 +1,22 @@
 /*
- * chatd's long-poll load generator, in C: N clients each long-polling
- * GET /api/rooms/ROOM/messages?after=CURSOR on its own keep-alive socket,
- * and a sender POSTing "P<i>" at a fixed rate; latencies are from a POST
- * being written to an answer holding it being read, on one clock.
+ * chatd's load generator for the tests where node's event loop, not the
+ * server, would set the latency: clients on bare sockets, in C.
  *
- * node's event loop cost ~40 us per answer-and-ask-again, so with a
- * thousand pollers it, not the server, set the latency; here that is a
- * read and a write.
+ *   rawclients longpoll HOST PORT ROOM CLIENTS RATE DURATION
+ *       N clients each long-polling GET /api/rooms/ROOM/messages?after=CURSOR
+ *       on its own keep-alive socket, and a sender POSTing "P<i>" at RATE a
+ *       second; latency is from a POST being written to an answer holding it
+ *       being read.  (node spent ~40 us per answer-and-ask-again: with a
+ *       thousand pollers it saturated its core.)
  *
- *   longpoll HOST PORT ROOM CLIENTS RATE DURATION
+ *   rawclients latency HOST PORT PATH RECEIVERS RATE DURATION
+ *       R WebSocket receivers and one sender of "L<i>" messages at RATE a
+ *       second (chatd's message frames; the peers broadcast them as they
+ *       are); latency is from a frame being written to its copy being read
+ *       by each receiver.  (node spent ~20 us per frame received.)
  *
- * Prints one JSON line: sent, received, deliveries_per_s, undelivered,
- * p50_ms, p99_ms, max_ms, loadgen_cpu_s (the same fields as loadgen.js).
+ * Prints one JSON line with the fields of loadgen.js: sent, received,
+ * [deliveries_per_s,] undelivered, p50_ms, p99_ms, max_ms, loadgen_cpu_s.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -144,29 +149,45 @@ static size_t n_latencies, cap_latencies;
 static double *sent_at;
 static long received, n_sent;
 
+static void record(double t, long i) {
+    if (i < 0 || i >= n_sent) return;
+    if (n_latencies == cap_latencies) {
+        cap_latencies = cap_latencies ? cap_latencies * 2 : 1 << 16;
+        latencies = realloc(latencies, cap_latencies * sizeof *latencies);
+    }
+    latencies[n_latencies++] = t - sent_at[i];
+    received++;
+}
+
+/* Each "<mark><i>" (mark: "L or "P) in a chunk of bytes, as loadgen.js's
+ * /"L(\d+)"/ does. */
+static void record_marks(double t, const char *p, size_t len, const char *mark) {
+    const char *end = p + len;
+    size_t k = strlen(mark);
+    while ((p = memmem(p, (size_t)(end - p), mark, k))) {
+        p += k;
+        char *stop;
+        long i = strtol(p, &stop, 10);
+        if (stop > p && stop < end && *stop == '"') record(t, i);
+        p = stop > p ? stop : p;
+    }
+}
+
 static void got(double t, const char *body, size_t len, conn_t *c) {
     /* Messages are {"type":"message",...,"seq":N,...,"body":"P<i>",...}. */
+    record_marks(t, body, len, "\"body\":\"P");
     const char *p = body, *end = body + len;
     while ((p = memmem(p, (size_t)(end - p), "\"seq\":", 6))) {
         p += 6;
         long seq = strtol(p, NULL, 10);
-        const char *next = memmem(p, (size_t)(end - p), "\"seq\":", 6);
-        const char *limit = next ? next : end;
-        const char *b = memmem(p, (size_t)(limit - p), "\"body\":\"P", 9);
-        if (b) {
-            char *stop;
-            long i = strtol(b + 9, &stop, 10);
-            if (*stop == '"' && i >= 0 && i < n_sent) {
-                if (n_latencies == cap_latencies) {
-                    cap_latencies = cap_latencies ? cap_latencies * 2 : 1 << 16;
-                    latencies = realloc(latencies, cap_latencies * sizeof *latencies);
-                }
-                latencies[n_latencies++] = t - sent_at[i];
-                received++;
-            }
-        }
         if (seq > c->cursor) c->cursor = seq;
     }
+}
+
+static double cpu_seconds(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
 static int cmp(const void *a, const void *b) {
@@ -181,11 +202,7 @@ static double pct(double p) {
     return latencies[i];
 }
 
-int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: longpoll HOST PORT ROOM CLIENTS RATE DURATION\n");
-        return 2;
-    }
+static int longpoll_main(char **argv) {
     host = argv[1];
     port = atoi(argv[2]);
     room = argv[3];
@@ -286,13 +303,108 @@ int main(int argc, char **argv) {
     }
     double seconds = (now_ms() - started) / 1000.0;
     qsort(latencies, n_latencies, sizeof *latencies, cmp);
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
     printf("{\"sent\": %ld, \"received\": %ld, \"deliveries_per_s\": %.1f, \"undelivered\": %ld, "
            "\"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_ms\": %.3f, \"loadgen_cpu_s\": %.3f, "
            "\"loadgen\": \"c\"}\n",
            total, received, (double)received / seconds, total * clients - received, pct(50), pct(99),
-           n_latencies ? latencies[n_latencies - 1] : -1.0, cpu);
+           n_latencies ? latencies[n_latencies - 1] : -1.0, cpu_seconds());
     return 0;
+}
+
+/* A WebSocket client on a bare socket: the opening handshake, done. */
+static int ws_open(const char *path) {
+    int fd = dial();
+    char req[512];
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                     path, host, port);
+    write_all(fd, req, (size_t)n);
+    char head[4096];
+    size_t len = 0;
+    while (!memmem(head, len, "\r\n\r\n", 4)) {
+        /* Read the head a byte at a time: nothing after it may be lost. */
+        if (len == sizeof head || read(fd, head + len, 1) != 1) die("handshake");
+        len++;
+    }
+    if (len < 12 || memcmp(head, "HTTP/1.1 101", 12) != 0) {
+        fprintf(stderr, "handshake refused: %.*s\n", (int)len, head);
+        exit(1);
+    }
+    return fd;
+}
+
+static int latency_main(char **argv) {
+    host = argv[1];
+    port = atoi(argv[2]);
+    const char *path = argv[3];
+    int receivers = atoi(argv[4]);
+    double rate = atof(argv[5]), duration = atof(argv[6]);
+    long total = (long)(rate * duration + 0.5);
+    n_sent = total;
+    sent_at = calloc((size_t)total + 1, sizeof *sent_at);
+
+    int ep = epoll_create1(0);
+    int *fds = calloc((size_t)receivers, sizeof *fds);
+    for (int i = 0; i < receivers; i++) {
+        fds[i] = ws_open(path);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev) < 0) die("epoll_ctl");
+    }
+    int sender = ws_open(path);
+    struct epoll_event sev = {.events = EPOLLIN, .data.u32 = (uint32_t)receivers};
+    epoll_ctl(ep, EPOLL_CTL_ADD, sender, &sev);
+
+    struct epoll_event events[256];
+    char chunk[1 << 16];
+    double started = now_ms();
+    long next = 0;
+    double give_up = 0;
+    for (;;) {
+        double t = now_ms();
+        while (next < total && t >= started + (double)next * 1000.0 / rate) {
+            /* A masked text frame; a zero mask leaves the payload as it is. */
+            char frame[256];
+            int m = snprintf(frame + 6, sizeof frame - 6,
+                             "{\"type\":\"message\",\"nick\":\"bench\",\"body\":\"L%ld\"}", next);
+            frame[0] = (char)0x81;
+            frame[1] = (char)(0x80 | m);
+            memset(frame + 2, 0, 4);
+            sent_at[next] = now_ms();
+            write_all(sender, frame, (size_t)m + 6);
+            next++;
+        }
+        if (next >= total) {
+            if (!give_up) give_up = now_ms() + 5000;
+            if (received >= total * receivers || now_ms() > give_up) break;
+        }
+        double wait = next < total ? started + (double)next * 1000.0 / rate - now_ms() : 50;
+        int ready = epoll_wait(ep, events, 256, wait > 0 ? (int)wait + 1 : 0);
+        for (int e = 0; e < ready; e++) {
+            uint32_t i = events[e].data.u32;
+            int fd = i == (uint32_t)receivers ? sender : fds[i];
+            ssize_t r = read(fd, chunk, sizeof chunk);
+            if (r <= 0) {
+                fprintf(stderr, "connection %u closed\n", i);
+                return 1;
+            }
+            /* The sender's own copies are not counted, as in loadgen.js. */
+            if (i != (uint32_t)receivers) record_marks(now_ms(), chunk, (size_t)r, "\"L");
+        }
+    }
+    qsort(latencies, n_latencies, sizeof *latencies, cmp);
+    printf("{\"sent\": %ld, \"received\": %ld, \"undelivered\": %ld, \"p50_ms\": %.3f, "
+           "\"p99_ms\": %.3f, \"max_ms\": %.3f, \"loadgen_cpu_s\": %.3f, \"loadgen\": \"c\"}\n",
+           total, received, total * receivers - received, pct(50), pct(99),
+           n_latencies ? latencies[n_latencies - 1] : -1.0, cpu_seconds());
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 8 && strcmp(argv[1], "longpoll") == 0) return longpoll_main(argv + 1);
+    if (argc == 8 && strcmp(argv[1], "latency") == 0) return latency_main(argv + 1);
+    fprintf(stderr,
+            "usage: rawclients longpoll HOST PORT ROOM CLIENTS RATE DURATION\n"
+            "       rawclients latency HOST PORT PATH RECEIVERS RATE DURATION\n");
+    return 2;
 }
