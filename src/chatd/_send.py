@@ -69,15 +69,16 @@ def direct_writer(transport: Any, ticks: Optional[Ticks]) -> Callable[[bytes], N
     ):
         return write
     send = sock.send
-    last = [-1]
+    last = -1
 
     def direct(frame: bytes) -> None:
+        nonlocal last
         if ticks is not None:
             tick = ticks.current()
-            if last[0] == tick:
+            if last == tick:
                 write(frame)
                 return
-            last[0] = tick
+            last = tick
         if transport.dataBuffer or transport._tempDataLen or transport.disconnecting:
             write(frame)
             return

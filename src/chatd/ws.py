@@ -68,6 +68,8 @@ class _Backpressure:
     accumulates there, and past the limit the reader is too slow.
     """
 
+    __slots__ = ("paused", "backlog")
+
     def __init__(self) -> None:
         self.paused = False
         self.backlog = 0
