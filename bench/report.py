@@ -58,6 +58,21 @@ def ratio(a: Optional[Tuple], b: Optional[Tuple]) -> str:
     return f"{a[0] / b[0]:.2f}x"
 
 
+def loadgens(rows: List[Dict[str, Any]]) -> str:
+    return ", ".join(sorted({r.get("loadgen", "node") for r in rows}))
+
+
+def per_cycle(rows: List[Dict[str, Any]]) -> Optional[Tuple[float, float, float, int]]:
+    values = [r["server_cpu_s"] * 1e6 / r["received"] for r in rows if r.get("received")]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values), len(values)
+
+
+def us_per(c: Optional[Tuple], count: int) -> str:
+    return "n/a" if not c else f"{c[0] * 1e6 / count:.0f}"
+
+
 def chart(rows: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -97,9 +112,13 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "# Benchmarks",
         "",
         f"One run of `python -m bench` (session `{session}`, {runs} runs per cell, "
-        f"{rows[0]['cpus']} CPUs: every server pinned to CPU 0, the Node.js load "
-        "generator to CPU 1). Cells are the median with the min-max range over the "
-        "runs. Regenerate with `python -m bench && python -m bench.report`.",
+        f"{rows[0]['cpus']} CPUs: every server pinned to CPU 0, the load generator "
+        "to CPU 1). The load generator is Node.js (`bench/loadgen/loadgen.js`, the "
+        "npm `ws` package) for fan-out and idle connections, and clients on bare "
+        "sockets in C (`bench/loadgen/rawclients.c`) for latency and long-poll, "
+        "where node's own cost per message received would be most of what is "
+        "measured. Cells are the median with the min-max range over the runs. "
+        "Regenerate with `python -m bench && python -m bench.report`.",
         "",
         "chatd runs as `twistd -n chatd --store memory: --rate-limit off` for the "
         "WebSocket cells and on its SQLite store for the GET-cost cells. Every peer "
@@ -132,18 +151,19 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "## Latency",
         "",
         "1000 receivers; one sender at 20 messages/s for 10 s; send to receive on "
-        "the load generator's clock. The receivers are bare sockets that only "
-        "look for the message in what arrives (Socket.IO's use its client).",
+        "the load generator's clock. The receivers are bare sockets (in C) that "
+        "only look for the message in what arrives; Socket.IO's use its node client.",
         "",
-        "| server | p50 ms | p99 ms | max ms | not delivered |",
-        "| --- | --- | --- | --- | --- |",
+        "| server | p50 ms | p99 ms | max ms | not delivered | server CPU s | load-gen CPU s | load generator |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for server in SERVERS:
         g = group(rows, "latency", server=server)
         if g:
             out.append(
                 f"| {NAMES[server]} | {fmt(cell(g, 'p50_ms'), 1)} | {fmt(cell(g, 'p99_ms'), 1)} | "
-                f"{fmt(cell(g, 'max_ms'), 1)} | {fmt(cell(g, 'undelivered'))} |"
+                f"{fmt(cell(g, 'max_ms'), 1)} | {fmt(cell(g, 'undelivered'))} | "
+                f"{fmt(cell(g, 'server_cpu_s'), 2)} | {fmt(cell(g, 'loadgen_cpu_s'), 2)} | {loadgens(g)} |"
             )
     out += [
         "",
@@ -162,17 +182,21 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "",
         "## Long-poll (chatd)",
         "",
-        "N clients long-polling `?after=`; one sender POSTs 20 messages/s for 10 s.",
+        "N clients, each on its own kept-alive connection, long-polling `?after=`; "
+        "one sender POSTs 20 messages/s for 10 s. Server µs per cycle is the "
+        "server's CPU time over the answers (each answer is one request and one "
+        "response).",
         "",
-        "| clients | deliveries/s | p50 ms | p99 ms | max ms | not delivered |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| clients | deliveries/s | p50 ms | p99 ms | max ms | not delivered | server µs/cycle | load-gen CPU s | load generator |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for clients in (100, 1000):
         g = group(rows, "longpoll", clients=clients)
         if g:
             out.append(
                 f"| {clients} | {fmt(cell(g, 'deliveries_per_s'))} | {fmt(cell(g, 'p50_ms'), 1)} | "
-                f"{fmt(cell(g, 'p99_ms'), 1)} | {fmt(cell(g, 'max_ms'), 1)} | {fmt(cell(g, 'undelivered'))} |"
+                f"{fmt(cell(g, 'p99_ms'), 1)} | {fmt(cell(g, 'max_ms'), 1)} | {fmt(cell(g, 'undelivered'))} | "
+                f"{fmt(per_cycle(g), 1)} | {fmt(cell(g, 'loadgen_cpu_s'), 2)} | {loadgens(g)} |"
             )
     out += [
         "",
@@ -237,28 +261,35 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "",
         "## Reading these numbers",
         "",
-        "- The load generator is one Node.js process on one CPU. Its CPU time is in "
-        "the fan-out table: for chatd and Autobahn it stays well under the run's "
-        "length while the server's reaches it, so the server is what saturates. "
-        "For websockets and python-socketio the load generator's CPU time reaches "
-        "the run's length too, so their figures are lower bounds.",
+        "- Fan-out: the load generator's CPU time (table) stays well under the "
+        "run's length for chatd and Autobahn while the server's reaches it, so "
+        "the server is what saturates. For websockets and python-socketio the "
+        "load generator's CPU time reaches the run's length too, so their "
+        "figures are lower bounds.",
         "- chatd writes each message's frame, framed once, straight to every "
         "transport; Autobahn's `sendData` spends about a fifth of a broadcast "
         "formatting debug-log arguments on every call (py-spy), which is most of "
         "the fan-out gap.",
         "- Latency: chatd sends a connection's first frame of each reactor "
         "iteration at once (Twisted otherwise queues every write until the next "
-        "iteration), which halves p50 against Autobahn. What remains is about "
-        "10 µs of server CPU per recipient (server CPU s over 200,000 deliveries): "
-        "one send() each, and on loopback the kernel does the receiving side's "
-        "TCP work inside that call, so the last of 1000 recipients is about 10 ms "
-        "behind the first, as for websockets.",
-        "- Long-poll with 1000 waiters: every message answers 1000 requests and "
-        "receives 1000 new ones. py-spy puts 73% of the server's CPU in Klein's "
-        "render (routing, the endpoint, writing the response) and the rest in "
-        "twisted.web's HTTP parsing: about 50 µs per request-response cycle, so "
-        "20,000 cycles a second need about one CPU-second per second and the "
-        "queue grows. Nothing is lost (0 undelivered), but p99 is far above 50 ms.",
+        "iteration). What remains is about "
+        f"{us_per(med('latency', 'server_cpu_s', server='chatd'), 200_000)} µs of "
+        "server CPU per recipient (server CPU s over 200,000 deliveries), most "
+        "of it one send() each: on loopback the kernel does the receiving side's "
+        "TCP work inside that call, so the last of 1000 recipients is that many "
+        "milliseconds behind the first. Autobahn spends "
+        f"{us_per(med('latency', 'server_cpu_s', server='autobahn'), 200_000)} µs.",
+        "- Long-poll: every message answers 1000 requests and receives 1000 new "
+        "ones. Through twisted.web and Klein a cycle cost ~50 µs and p99 was "
+        "~400 ms; chatd now reads a plain `GET .../messages?after=` itself "
+        "(`chatd._http.ChatChannel`, with the checked request line and header "
+        "block kept, so a room's pollers asking the same thing are read once), "
+        "keeps waiters as plain callables under one timer per room, writes each "
+        "answer in one send with a Content-Length, and reads kept-alive long-poll "
+        "connections through an epoll set of its own instead of the reactor's "
+        "per-connection dispatch. Anything else on the route, and every error, "
+        "takes the full twisted.web path with the same answer "
+        "(`tests/test_shortpath.py` compares the two).",
     ]
     return "\n".join(out) + "\n"
 

@@ -31,11 +31,14 @@ class ReportTests(SynchronousTestCase):
                         server_cpu_s=5.0, loadgen_cpu_s=1.0)
                 )
         rows += [
-            row(bench="latency", server="chatd", p50_ms=5.0, p99_ms=10.0, max_ms=20.0, undelivered=0),
-            row(bench="latency", server="autobahn", p50_ms=10.0, p99_ms=20.0, max_ms=30.0, undelivered=0),
+            row(bench="latency", server="chatd", p50_ms=5.0, p99_ms=10.0, max_ms=20.0, undelivered=0,
+                server_cpu_s=2.0, loadgen_cpu_s=1.0, loadgen="c"),
+            row(bench="latency", server="autobahn", p50_ms=10.0, p99_ms=20.0, max_ms=30.0, undelivered=0,
+                server_cpu_s=4.0, loadgen_cpu_s=1.0, loadgen="c"),
             row(bench="idle", server="chatd", connections=5000, kib_per_connection=11.5),
             row(bench="longpoll", server="chatd", clients=1000, deliveries_per_s=1.0,
-                p50_ms=1.0, p99_ms=2.0, max_ms=3.0, undelivered=0),
+                p50_ms=1.0, p99_ms=2.0, max_ms=3.0, undelivered=0, received=200_000,
+                server_cpu_s=4.0, loadgen_cpu_s=2.0, loadgen="c"),
             row(bench="getcost", server="chatd", messages=10, p50_ms=0.3, p99_ms=1.0),
             row(bench="getcost", server="chatd", messages=100_000, p50_ms=0.33, p99_ms=1.0),
             row(bench="store", store="sqlite", messages_per_s=70000),
@@ -46,6 +49,11 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| latency p99 <= 0.5x Autobahn's, nothing undelivered | 0.50x", text)
         self.assertIn("1.10x", text)
         self.assertIn("11.5 (11.5-11.5) KiB", text)
+        # Long-poll: server CPU per request-response cycle, and which load
+        # generator ran; latency: server CPU per recipient.
+        self.assertIn("| 0 (0-0) | 20.0 (20.0-20.0) | 2.00 (2.00-2.00) | c |", text)
+        self.assertIn("about 10 µs of server CPU per recipient", text)
+        self.assertIn("Autobahn spends 20 µs.", text)
 
     def test_load_newest_session(self) -> None:
         """
