@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hardening -*-
+# -*- test-case-name: tests.test_hardening,tests.test_shortpath -*-
 """
 HTTP connection handling twisted.web does not have:
 
@@ -138,14 +138,13 @@ class _ShortPathReads:
     def take(self, channel: "ChatChannel", transport: Any) -> Optional[int]:
         """
         Read C{channel}'s connection here from now on, if it is plain TCP
-        on an epoll reactor.
+        (and this is Linux, for epoll).
 
         @return: its file descriptor, or None if it stays with the reactor.
         """
         if (
             not isinstance(transport, tcp.Connection)
             or ISSLTransport.providedBy(transport)
-            or not hasattr(self._reactor, "_poller")
             or not hasattr(select, "epoll")
         ):
             return None

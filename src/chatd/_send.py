@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_ws,tests.test_web -*-
+# -*- test-case-name: tests.test_ws,tests.test_shortpath -*-
 """
 Writing to a TCP connection without waiting for the reactor: a
 connection's first payload in a reactor iteration goes out in one system
