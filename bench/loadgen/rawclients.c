@@ -202,6 +202,53 @@ static double pct(double p) {
     return latencies[i];
 }
 
+/*
+ * The sender's schedule, shared by both tests: send(i) for each message i
+ * due by now (RATE a second from `started`, on schedule however late a call
+ * was), then say how long to wait for what arrives, or -1 once every
+ * message is sent and either `expected` deliveries are in or 5 s passed.
+ */
+static int sender_fd;
+static long next_message;
+static double give_up;
+
+static int pace(double started, double rate, long total, long expected, void (*send)(long)) {
+    double t = now_ms();
+    while (next_message < total && t >= started + (double)next_message * 1000.0 / rate) {
+        sent_at[next_message] = now_ms();
+        send(next_message);
+        next_message++;
+    }
+    if (next_message >= total) {
+        if (!give_up) give_up = now_ms() + 5000;
+        if (received >= expected || now_ms() > give_up) return -1;
+        return 50;
+    }
+    double wait = started + (double)next_message * 1000.0 / rate - now_ms();
+    return wait > 0 ? (int)wait + 1 : 0;
+}
+
+static void post_message(long i) {
+    char post[256], msg[64];
+    int m = snprintf(msg, sizeof msg, "{\"body\":\"P%ld\"}", i);
+    int k = snprintf(post, sizeof post,
+                     "POST /api/rooms/%s/messages HTTP/1.1\r\nHost: %s:%d\r\n"
+                     "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+                     room, host, port, m, msg);
+    write_all(sender_fd, post, (size_t)k);
+}
+
+static void send_frame(long i) {
+    /* A masked text frame; a zero mask leaves the payload as it is. */
+    char frame[256];
+    int m = snprintf(frame + 6, sizeof frame - 6,
+                     "{\"type\":\"message\",\"nick\":\"bench\",\"body\":\"L%ld\"}", i);
+    frame[0] = (char)0x81;
+    frame[1] = (char)(0x80 | m);
+    memset(frame + 2, 0, 4);
+    write_all(sender_fd, frame, (size_t)m + 6);
+}
+
 static int longpoll_main(char **argv) {
     host = argv[1];
     port = atoi(argv[2]);
@@ -252,28 +299,11 @@ static int longpoll_main(char **argv) {
     while (now_ms() < settle) epoll_wait(ep, events, 256, 100);
 
     double started = now_ms();
-    long next = 0;
-    double give_up = 0;
     char scratch[1 << 16];
-    for (;;) {
-        double t = now_ms();
-        while (next < total && t >= started + (double)next * 1000.0 / rate) {
-            char post[256], msg[64];
-            int m = snprintf(msg, sizeof msg, "{\"body\":\"P%ld\"}", next);
-            int k = snprintf(post, sizeof post,
-                             "POST /api/rooms/%s/messages HTTP/1.1\r\nHost: %s:%d\r\n"
-                             "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-                             room, host, port, m, msg);
-            sent_at[next] = now_ms();
-            write_all(sender, post, (size_t)k);
-            next++;
-        }
-        if (next >= total) {
-            if (!give_up) give_up = now_ms() + 5000;
-            if (received >= total * clients || now_ms() > give_up) break;
-        }
-        double wait = next < total ? started + (double)next * 1000.0 / rate - now_ms() : 50;
-        int ready = epoll_wait(ep, events, 256, wait > 0 ? (int)wait + 1 : 0);
+    sender_fd = sender;
+    int wait;
+    while ((wait = pace(started, rate, total, total * clients, post_message)) >= 0) {
+        int ready = epoll_wait(ep, events, 256, wait);
         for (int e = 0; e < ready; e++) {
             uint32_t i = events[e].data.u32;
             if (i == (uint32_t)clients) {
@@ -358,28 +388,10 @@ static int latency_main(char **argv) {
     struct epoll_event events[256];
     char chunk[1 << 16];
     double started = now_ms();
-    long next = 0;
-    double give_up = 0;
-    for (;;) {
-        double t = now_ms();
-        while (next < total && t >= started + (double)next * 1000.0 / rate) {
-            /* A masked text frame; a zero mask leaves the payload as it is. */
-            char frame[256];
-            int m = snprintf(frame + 6, sizeof frame - 6,
-                             "{\"type\":\"message\",\"nick\":\"bench\",\"body\":\"L%ld\"}", next);
-            frame[0] = (char)0x81;
-            frame[1] = (char)(0x80 | m);
-            memset(frame + 2, 0, 4);
-            sent_at[next] = now_ms();
-            write_all(sender, frame, (size_t)m + 6);
-            next++;
-        }
-        if (next >= total) {
-            if (!give_up) give_up = now_ms() + 5000;
-            if (received >= total * receivers || now_ms() > give_up) break;
-        }
-        double wait = next < total ? started + (double)next * 1000.0 / rate - now_ms() : 50;
-        int ready = epoll_wait(ep, events, 256, wait > 0 ? (int)wait + 1 : 0);
+    sender_fd = sender;
+    int wait;
+    while ((wait = pace(started, rate, total, total * receivers, send_frame)) >= 0) {
+        int ready = epoll_wait(ep, events, 256, wait);
         for (int e = 0; e < ready; e++) {
             uint32_t i = events[e].data.u32;
             int fd = i == (uint32_t)receivers ? sender : fds[i];
