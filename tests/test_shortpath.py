@@ -530,3 +530,38 @@ async def until(condition: Any) -> None:
             return
         await deferLater(reactor, 0, lambda: None)
     raise AssertionError("condition never held")
+
+
+class ShutdownTests(TestCase):
+    """
+    Shutting down with long-polls waiting in the site's own reader.
+    """
+
+    timeout = 30
+
+    async def test_shutdown_answers_and_leaves_no_reader(self) -> None:
+        """
+        A long-poll waiting in the site's reader is answered at shutdown,
+        and neither the reader nor the connection is left with the
+        reactor's readers (stopService may be called again).
+        """
+        service, base = await start_chatd(self, "--store", "memory:")
+        site = service.ports[0].factory.wrappedFactory
+        client = _RawClient()
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", int(base.rsplit(":", 1)[1])), client
+        )
+        client.transport.write(get(b"/api/rooms/lobby/messages?after=0&timeout=30"))
+        service.core.post("lobby", "ann", "one", None, None)
+        await client.answers(1)
+        self.assertEqual(len(site.reads._reading), 1)
+        client.transport.write(get(b"/api/rooms/lobby/messages?after=1&timeout=30"))
+        await until(lambda: service.core.waiting() == 1)
+        await service.stopService()
+        answers = await client.answers(2)
+        self.assertEqual(json.loads(answers[1][2])["messages"], [])
+        self.assertEqual(site.reads._reading, {})
+        self.assertNotIn(site.reads, reactor.getReaders())
+        await service.stopService()
+        client.transport.loseConnection()
+        await client.lost

@@ -128,6 +128,8 @@ class _ShortPathReads:
         self._epoll: Optional[select.epoll] = None
         #: fd -> (channel, TCP transport)
         self._reading: Dict[int, Tuple["ChatChannel", Any]] = {}
+        #: The site stopped: connections stay with the reactor from now on.
+        self._closed = False
 
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll is not None else -1
@@ -143,7 +145,8 @@ class _ShortPathReads:
         @return: its file descriptor, or None if it stays with the reactor.
         """
         if (
-            not isinstance(transport, tcp.Connection)
+            self._closed
+            or not isinstance(transport, tcp.Connection)
             or ISSLTransport.providedBy(transport)
             or not hasattr(select, "epoll")
         ):
@@ -172,7 +175,8 @@ class _ShortPathReads:
                 pass  # already closed
         if not self._reading:
             self._reactor.removeReader(self)
-        transport = entry[1]
+        channel, transport = entry
+        channel._read_fd = None
         if not transport.disconnected:
             transport.startReading()
 
@@ -210,6 +214,7 @@ class _ShortPathReads:
             self.give_back(fd)
 
     def close(self) -> None:
+        self._closed = True
         for fd in list(self._reading):
             self.give_back(fd)
         if self._epoll is not None:

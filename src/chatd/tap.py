@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
@@ -345,6 +345,9 @@ class ChatService(MultiService):
         self._json_logs = json_logs
         self.ready: Optional[Deferred] = None
         self.ports: List[IListeningPort] = []
+        #: Set once stopService is called: who waits for it to finish.
+        self._stopping: Optional[List[Deferred]] = None
+        self._stopped = False
 
     def listening(self, port: IListeningPort) -> None:
         """
@@ -431,6 +434,14 @@ class ChatService(MultiService):
         close WebSockets with 1001, let the store commit what it was
         given, all within SHUTDOWN_TIMEOUT seconds.
         """
+        if self._stopped:
+            return succeed(None)
+        if self._stopping is not None:
+            # Stopping already: wait for that.
+            done: Deferred = Deferred()
+            self._stopping.append(done)
+            return done
+        self._stopping = []
         if self.web is not None:
             self.web.shutting_down = True
 
@@ -455,7 +466,14 @@ class ChatService(MultiService):
             closing_store.addTimeout(SHUTDOWN_TIMEOUT / 2, self._reactor)
             await closing_store
 
-        return Deferred.fromCoroutine(stop())
+        def stopped(result: object) -> object:
+            waiting, self._stopping = self._stopping or [], None
+            self._stopped = True
+            for d in waiting:
+                d.callback(None)
+            return result
+
+        return Deferred.fromCoroutine(stop()).addBoth(stopped)
 
 
 class _Retention:
