@@ -54,6 +54,7 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| 0 (0-0) | 20.0 (20.0-20.0) | 2.00 (2.00-2.00) | c |", text)
         self.assertIn("about 10 µs of server CPU per recipient", text)
         self.assertIn("Autobahn spends 20 µs.", text)
+        self.assertIn("20.0 (20.0-20.0) µs of server CPU per cycle that is 40% of the server's", text)
 
     def test_load_newest_session(self) -> None:
         """
