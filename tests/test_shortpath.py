@@ -501,7 +501,7 @@ class RealConnectionTests(TestCase):
         self.post("one")
         await broken.answers(1)
         await fine.answers(1)
-        [(channel, _)] = [
+        [(channel, _, _)] = [
             entry for entry in self.site.reads._reading.values()
             if entry[1].getPeer().port == broken.transport.getHost().port
         ]

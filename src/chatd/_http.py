@@ -126,8 +126,8 @@ class _ShortPathReads:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._epoll: Optional[select.epoll] = None
-        #: fd -> (channel, TCP transport)
-        self._reading: Dict[int, Tuple["ChatChannel", Any]] = {}
+        #: fd -> (channel, TCP transport, its socket's recv)
+        self._reading: Dict[int, Tuple["ChatChannel", Any, Any]] = {}
         #: The site stopped: connections stay with the reactor from now on.
         self._closed = False
 
@@ -158,7 +158,7 @@ class _ShortPathReads:
         self._epoll.register(fd, select.EPOLLIN)
         if not self._reading:
             self._reactor.addReader(self)
-        self._reading[fd] = (channel, transport)
+        self._reading[fd] = (channel, transport, transport.socket.recv)
         return fd
 
     def give_back(self, fd: int) -> None:
@@ -175,7 +175,7 @@ class _ShortPathReads:
                 pass  # already closed
         if not self._reading:
             self._reactor.removeReader(self)
-        channel, transport = entry
+        channel, transport, _ = entry
         channel._read_fd = None
         if not transport.disconnected:
             transport.startReading()
@@ -183,13 +183,14 @@ class _ShortPathReads:
     def doRead(self) -> None:
         if self._epoll is None:
             return
-        for fd, _ in self._epoll.poll(0):
-            entry = self._reading.get(fd)
+        reading = self._reading
+        for fd, _ in self._epoll.poll(0, 256):
+            entry = reading.get(fd)
             if entry is None:
                 continue
-            channel, transport = entry
+            channel, transport, recv = entry
             try:
-                data = transport.socket.recv(SHORT_READ_SIZE)
+                data = recv(SHORT_READ_SIZE)
             except BlockingIOError:
                 continue
             except OSError:
@@ -485,7 +486,8 @@ class ChatChannel(HTTPChannel):
             self._read_fd = site.reads.take(
                 self, getattr(self.transport, "direct_transport", self.transport)
             )
-        self._serve()
+        if self._unread:
+            self._serve()
 
     def _read_by_reactor(self) -> None:
         fd, self._read_fd = self._read_fd, None
