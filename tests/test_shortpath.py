@@ -310,6 +310,29 @@ class ShortPathTests(SynchronousTestCase):
         server.clock.advance(1)
         self.assertTrue(transport.disconnecting)
 
+    def test_no_garbage_cycles(self) -> None:
+        """
+        A long-poll's objects are freed when it ends, answered or gone, by
+        reference counting: none waits for the garbage collector, whose
+        full collections paused a thousand-poller server for tens of ms.
+        """
+        import gc
+
+        from chatd.web import _Waiter
+
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        channel, transport = self.short.connect()
+        for seq in range(3, 8):
+            channel.dataReceived(get(b"/api/rooms/lobby/messages?after=%d&timeout=30" % seq))
+            self.short.post(f"m{seq + 1}")
+        gone, _ = self.short.connect()
+        gone.dataReceived(get(b"/api/rooms/lobby/messages?after=8&timeout=30"))
+        gone.connectionLost(None)
+        self.assertEqual(len(parse_responses(transport.value())), 5)
+        self.assertEqual([o for o in gc.get_objects() if isinstance(o, _Waiter)], [])
+
     def test_refused_over_connection_limit(self) -> None:
         """
         A client over its connection limit gets the full path's 503.

@@ -273,6 +273,9 @@ class _Waiter:
         if self.finished:
             return False
         self.finished = True
+        # forget holds this waiter's answer, and so the waiter: a cycle
+        # that would leave every long-poll to the garbage collector.
+        self.forget = None
         self.ticket.release()
         self.web.long_polls -= 1
         return True
@@ -283,6 +286,7 @@ class _Waiter:
         if self.finished:
             return
         self.finished = True
+        self.forget = None
         self.ticket.release()
         self.web.long_polls -= 1
         body = batch.json
@@ -305,8 +309,9 @@ class _Waiter:
         self.write(status, _JSON, encode_json({"error": code, "detail": detail}))
 
     def cancel(self) -> None:
-        if self.done() and self.forget is not None:
-            self.forget()
+        forget = self.forget
+        if self.done() and forget is not None:
+            forget()
 
 
 class _LongPoll(NamedTuple):
