@@ -115,19 +115,23 @@ class Server:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def loadgen(config: Dict[str, Any], timeout: float = 300) -> Dict[str, Any]:
-    result = subprocess.run(
-        pin(1) + ["node", str(LOADGEN / "loadgen.js"), json.dumps(config)],
-        capture_output=True, timeout=timeout, check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"loadgen failed: {result.stderr.decode(errors='replace')[-2000:]}")
-    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+def node(config: Dict[str, Any]) -> List[str]:
+    """
+    The command line of node's load generator (bench/loadgen/loadgen.js).
+    """
+    return ["node", str(LOADGEN / "loadgen.js"), json.dumps(config)]
 
 
-def measured(server: Server, config: Dict[str, Any]) -> Dict[str, Any]:
+def measured(server: Server, argv: List[str], timeout: float = 300) -> Dict[str, Any]:
+    """
+    Run a load generator (pinned to CPU 1) against C{server}: its JSON
+    result, with the server's CPU time over the run.
+    """
     before = cpu_seconds(server.process.pid)
-    result = loadgen(config)
+    out = subprocess.run(pin(1) + argv, capture_output=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{Path(argv[0]).name} failed: {out.stderr.decode(errors='replace')[-2000:]}")
+    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
     result["server_cpu_s"] = round(cpu_seconds(server.process.pid) - before, 3)
     return result
 
@@ -139,8 +143,8 @@ def protocol(name: str) -> str:
 def fanout(name: str, receivers: int) -> Dict[str, Any]:
     server = Server(name)
     try:
-        r = measured(server, {"mode": "fanout", "url": server.url, "receivers": receivers,
-                              "window": 100, "duration": 5, "protocol": protocol(name)})
+        r = measured(server, node({"mode": "fanout", "url": server.url, "receivers": receivers,
+                                   "window": 100, "duration": 5, "protocol": protocol(name)}))
     finally:
         server.stop()
     r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
@@ -154,14 +158,14 @@ def latency(name: str, receivers: int) -> Dict[str, Any]:
         if client is not None:
             # Receivers on bare sockets, in C: node's cost per frame
             # received (~20 us) would otherwise be what this test sees.
-            r = measured_raw(server, client, ["latency", "127.0.0.1", str(server.port), server.path,
-                                              str(receivers), "20", "10"])
+            r = measured(server, [client, "latency", "127.0.0.1", str(server.port), server.path,
+                                  str(receivers), "20", "10"])
         else:
             # Socket.IO needs its client (and so does any server without a
             # C compiler about): node, with bare-socket WebSocket receivers.
-            r = measured(server, {"mode": "latency", "url": server.url, "receivers": receivers,
-                                  "rate": 20, "duration": 10, "protocol": protocol(name),
-                                  "raw": protocol(name) == "ws"})
+            r = measured(server, node({"mode": "latency", "url": server.url, "receivers": receivers,
+                                       "rate": 20, "duration": 10, "protocol": protocol(name),
+                                       "raw": protocol(name) == "ws"}))
             r["loadgen"] = "node"
     finally:
         server.stop()
@@ -174,9 +178,8 @@ def idle(name: str, connections: int) -> Dict[str, Any]:
         time.sleep(0.5)  # let start-up allocations settle before the baseline
         base = rss_kib(server.process.pid)
         gen = subprocess.Popen(
-            pin(1) + ["node", str(LOADGEN / "loadgen.js"),
-                      json.dumps({"mode": "idle", "url": server.url, "connections": connections,
-                                  "protocol": protocol(name)})],
+            pin(1) + node({"mode": "idle", "url": server.url, "connections": connections,
+                           "protocol": protocol(name)}),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         assert gen.stdout is not None and gen.stdin is not None
@@ -213,27 +216,17 @@ def raw_clients() -> Optional[str]:
     return str(binary)
 
 
-def measured_raw(server: Server, client: str, argv: List[str]) -> Dict[str, Any]:
-    before = cpu_seconds(server.process.pid)
-    out = subprocess.run(pin(1) + [client, *argv], capture_output=True, timeout=120, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"rawclients failed: {out.stderr.decode(errors='replace')[-2000:]}")
-    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
-    result["server_cpu_s"] = round(cpu_seconds(server.process.pid) - before, 3)
-    return result
-
-
 def longpoll(clients: int) -> Dict[str, Any]:
     server = Server("chatd")
     client = raw_clients()
     try:
         if client is None:
-            r = measured(server, {"mode": "longpoll", "base": server.base, "room": "bench",
-                                  "clients": clients, "rate": 20, "duration": 10})
+            r = measured(server, node({"mode": "longpoll", "base": server.base, "room": "bench",
+                                       "clients": clients, "rate": 20, "duration": 10}))
             r["loadgen"] = "node"
         else:
-            r = measured_raw(server, client, ["longpoll", "127.0.0.1", str(server.port), "bench",
-                                              str(clients), "20", "10"])
+            r = measured(server, [client, "longpoll", "127.0.0.1", str(server.port), "bench",
+                                  str(clients), "20", "10"])
     finally:
         server.stop()
     return {"bench": "longpoll", "server": "chatd", "clients": clients, **r}
@@ -252,8 +245,8 @@ def getcost(messages: int) -> Dict[str, Any]:
     last = int(fill.stdout.decode().split()[-1])
     server = Server("chatd-sqlite", ["--data-dir", folder])
     try:
-        r = measured(server, {"mode": "getcost", "base": server.base, "room": "bench",
-                              "after": last - 10, "requests": 2000})
+        r = measured(server, node({"mode": "getcost", "base": server.base, "room": "bench",
+                                   "after": last - 10, "requests": 2000}))
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
