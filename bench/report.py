@@ -35,7 +35,13 @@ def load(path: Path, session: Optional[str]) -> List[Dict[str, Any]]:
 
 
 def cell(rows: List[Dict[str, Any]], key: str) -> Optional[Tuple[float, float, float, int]]:
-    values = [r[key] for r in rows if r.get(key) is not None]
+    return summary([r[key] for r in rows if r.get(key) is not None])
+
+
+def summary(values: List[float]) -> Optional[Tuple[float, float, float, int]]:
+    """
+    Median, min, max and count of a cell's values (None for none).
+    """
     if not values:
         return None
     return statistics.median(values), min(values), max(values), len(values)
@@ -63,10 +69,7 @@ def loadgens(rows: List[Dict[str, Any]]) -> str:
 
 
 def per_cycle(rows: List[Dict[str, Any]]) -> Optional[Tuple[float, float, float, int]]:
-    values = [r["server_cpu_s"] * 1e6 / r["received"] for r in rows if r.get("received")]
-    if not values:
-        return None
-    return statistics.median(values), min(values), max(values), len(values)
+    return summary([r["server_cpu_s"] * 1e6 / r["received"] for r in rows if r.get("received")])
 
 
 def share(c: Optional[Tuple], per_second: int) -> str:
