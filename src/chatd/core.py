@@ -459,10 +459,7 @@ class Room:
         """
         waiters = list(self._waiters)
         self._waiters.clear()
-        self._deadlines.clear()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self._clear_deadlines()
         for answer in waiters:
             answer(batch)
         return len(waiters)
@@ -490,10 +487,16 @@ class Room:
         """
         self._waiters.pop(answer, None)
         if not self._waiters:
-            self._deadlines.clear()
-            if self._expiry is not None:
-                self._expiry.cancel()
-                self._expiry = None
+            self._clear_deadlines()
+
+    def _clear_deadlines(self) -> None:
+        """
+        No waiter is left to time out: drop the deadlines and their call.
+        """
+        self._deadlines.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
     def _expire(self, clock: IReactorTime) -> None:
         self._expiry = None
@@ -819,6 +822,23 @@ class ChatCore:
         return self._read(room, after, limit)
 
     def _read(self, room: Room, after: Optional[int], limit: int) -> Deferred:
+        batch = self._read_cache(room, after, limit)
+        if batch is not None:
+            return succeed(batch)
+        return self._read_store(room, after, limit)
+
+    def _read_cache(self, room: Room, after: Optional[int], limit: int) -> Optional[Batch]:
+        """
+        L{_read} from the room's cache, or None when the cursor is not in
+        it (older than the cache, or from the future).
+        """
+        if after is None:
+            after = room.last_seq
+        if 0 <= after <= room.last_seq:
+            return room._cached_batch(after, limit)
+        return None
+
+    def _read_store(self, room: Room, after: Optional[int], limit: int) -> Deferred:
         last_seq = room.last_seq
         if after is None:
             after = last_seq
@@ -826,10 +846,6 @@ class ChatCore:
             # A cursor from the future: this server lost messages the
             # client saw (or the client is confused).  Say so explicitly.
             after = -1
-        if after >= 0:
-            batch = room._cached_batch(after, limit)
-            if batch is not None:
-                return succeed(batch)
 
         def answer(result: Tuple[List[Message], int]) -> Batch:
             messages, first_seq = result
@@ -952,11 +968,11 @@ class ChatCore:
         if after is None:
             after = room.last_seq
         if after != room.last_seq or (timeout is not None and timeout <= 0):
-            batch = room._cached_batch(after, limit) if 0 <= after <= room.last_seq else None
+            batch = self._read_cache(room, after, limit)
             if batch is not None:
                 answer(batch)
             else:
-                self._read(room, after, limit).addCallbacks(answer, failed)
+                self._read_store(room, after, limit).addCallbacks(answer, failed)
             return None
         room._add_waiter(answer, timeout, self._clock)
         return partial(room._forget, answer)
