@@ -276,26 +276,12 @@ class _Waiter:
         # forget holds this waiter's answer, and so the waiter: a cycle
         # that would leave every long-poll to the garbage collector.
         self.forget = None
-        self.ticket.release()
-        self.web.long_polls -= 1
+        self.web._end_long_poll(self.ticket)
         return True
 
     def answer(self, batch: Batch) -> None:
-        # (done(), _jsonp() and _within_budget() inline: every long-poll
-        # answer comes this way.)
-        if self.finished:
-            return
-        self.finished = True
-        self.forget = None
-        self.ticket.release()
-        self.web.long_polls -= 1
-        body = batch.json
-        if len(body) > MAX_RESPONSE_BYTES:
-            body = _within_budget(batch)
-        if self.callback is None:
-            self.write(200, _JSON, body)
-        else:
-            self.write(200, _JAVASCRIPT, self.callback + b"(" + body + b");")
+        if self.done():
+            self.write(200, *_jsonp(self.callback, _within_budget(batch)))
 
     def failed(self, failure: Failure) -> None:
         if not self.done():
@@ -625,14 +611,10 @@ class ChatWeb:
         Long-poll within the connection limits, counted as a connection
         while it waits.
         """
-        if self.shutting_down:
-            timeout = 0
-        ticket = self._core.admit(ip)
-        self.long_polls += 1
+        ticket, timeout = self._start_long_poll(ip, timeout)
 
         def done(result: object) -> object:
-            ticket.release()
-            self.long_polls -= 1
+            self._end_long_poll(ticket)
             return result
 
         try:
@@ -641,6 +623,21 @@ class ChatWeb:
             done(None)
             raise
         return d.addBoth(done)
+
+    def _start_long_poll(self, ip: str, timeout: Optional[float]) -> Tuple[Ticket, Optional[float]]:
+        """
+        Take a connection place for a long-poll and count it.
+
+        @return: its ticket, and how long it may wait (not at all while
+            shutting down).
+        """
+        ticket = self._core.admit(ip)
+        self.long_polls += 1
+        return ticket, 0.0 if self.shutting_down else timeout
+
+    def _end_long_poll(self, ticket: Ticket) -> None:
+        ticket.release()
+        self.long_polls -= 1
 
     def prepare_long_poll(self, room: str, query: Mapping[str, str]) -> "_LongPoll":
         """
@@ -676,9 +673,7 @@ class ChatWeb:
         @raise ChatError: for a room that does not exist or a client over
             its connection limits (the channel hands those to the full path).
         """
-        timeout = 0.0 if self.shutting_down else poll.timeout
-        ticket = self._core.admit(ip)
-        self.long_polls += 1
+        ticket, timeout = self._start_long_poll(ip, poll.timeout)
         waiter = _Waiter(self, ticket, poll.callback, write)
         try:
             waiter.forget = self._core.wait_for(
