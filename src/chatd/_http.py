@@ -19,7 +19,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.server import Site
 from twisted.web.server import version as server_version
 from zope.interface import noLongerProvides
@@ -27,7 +27,7 @@ from zope.interface import noLongerProvides
 from chatd._send import direct_writer
 from chatd.core import ChatError
 
-__all__ = ["ChatChannel", "ChatSite", "HeaderDeadlineFactory", "LongPolls"]
+__all__ = ["EXTRA_REASONS", "ChatChannel", "ChatSite", "HeaderDeadlineFactory", "LongPolls"]
 
 
 class _HeaderDeadline(ProtocolWrapper):
@@ -106,6 +106,79 @@ _SHORT_PREFIX = b"GET /api/rooms/"
 #: The longest request head (with any pipelined bytes) the short path holds.
 MAX_SHORT_HEAD = 8 * 1024
 _MAX_SHORT_HEADERS = 100
+#: How much the short path reads from a connection at a time.
+SHORT_READ_SIZE = 16 * 1024
+
+#: How many request lines (and header blocks) the site keeps read.
+_KEPT = 1024
+#: The request line of a long-poll: an ASCII room name and a query with
+#: nothing escaped (anything else takes the full path).
+_LONG_POLL_LINE = re.compile(
+    rb"GET /api/rooms/([A-Za-z0-9_-]{1,64})/messages(?:\?([!$&'()*,-;=@-Z_a-z~]*))? HTTP/1\.1\Z"
+)
+#: Header lines: a token, a colon, a value without control characters.
+_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*)*")
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_CONNECTION = b"\r\nconnection:"
+#: Headers that send a request down the full path (a body, an upgrade).
+_NOT_SHORT = (b"\r\ntransfer-encoding:", b"\r\nupgrade:", b"\r\nexpect:")
+#: Reason phrases twisted.web's RESPONSES does not have.
+EXTRA_REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}
+
+
+def parse_long_poll_line(line: bytes) -> Optional[Tuple[str, Dict[str, str]]]:
+    """
+    Read a request line as a long-poll GET.
+
+    @return: the room and the query's parameters (the last value of each),
+        or None for any other request, and for one that would need decoding
+        (percent-escapes, C{+}, bytes outside ASCII).
+    """
+    request = _LONG_POLL_LINE.match(line)
+    if request is None:
+        return None
+    params: Dict[str, str] = {}
+    query = request.group(2)
+    if query:
+        for pair in query.decode("ascii").split("&"):
+            name, _, value = pair.partition("=")
+            params[name] = value
+    return request.group(1).decode("ascii"), params
+
+
+def parse_short_headers(headers: bytes) -> Optional[bool]:
+    """
+    Read a long-poll's header lines (each after its CRLF, without the final
+    blank line).
+
+    @return: whether the client asked to close the connection after the
+        answer; or None when the request needs the full path: a body, an
+        upgrade, an expectation, a line that is not C{token: value} or a
+        line ending other than CRLF.
+    """
+    if not headers:
+        return False
+    if not _HEADER_LINES.fullmatch(headers) or headers.count(b"\r\n") > _MAX_SHORT_HEADERS:
+        return None
+    lowered = headers.lower()
+    at = lowered.find(_CONTENT_LENGTH)
+    if at >= 0 and (
+        lowered.count(_CONTENT_LENGTH) > 1
+        or lowered[at + len(_CONTENT_LENGTH) :].split(b"\r\n", 1)[0].strip() != b"0"
+    ):
+        return None
+    for header in _NOT_SHORT:
+        if header in lowered:
+            return None
+    at = lowered.find(_CONNECTION)
+    if at < 0:
+        return False
+    tokens = {t.strip() for t in lowered[at + len(_CONNECTION) :].split(b"\r\n", 1)[0].split(b",")}
+    if b"upgrade" in tokens or lowered.count(_CONNECTION) > 1:
+        return None
+    return b"close" in tokens
+
+
 class _ShortPathReads:
     """
     Reads the short path's connections through an epoll set of its own,
@@ -180,6 +253,10 @@ class _ShortPathReads:
         if not transport.disconnected:
             transport.startReading()
 
+    def _give_all_back(self) -> None:
+        for fd in list(self._reading):
+            self.give_back(fd)
+
     def doRead(self) -> None:
         if self._epoll is None:
             return
@@ -211,90 +288,32 @@ class _ShortPathReads:
     def connectionLost(self, reason: Any) -> None:
         # The reactor dropped this reader: the connections read here go
         # back to it.
-        for fd in list(self._reading):
-            self.give_back(fd)
+        self._give_all_back()
 
     def close(self) -> None:
         self._closed = True
-        for fd in list(self._reading):
-            self.give_back(fd)
+        self._give_all_back()
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
 
 
-#: How much the short path reads from a connection at a time.
-SHORT_READ_SIZE = 16 * 1024
-
-#: How many request lines' readings the site keeps.
-_PREPARED_LINES = 1024
-#: The request line of a long-poll: an ASCII room name and a query with
-#: nothing escaped (anything else takes the full path).
-_LONG_POLL_LINE = re.compile(
-    rb"GET /api/rooms/([A-Za-z0-9_-]{1,64})/messages(?:\?([!$&'()*,-;=@-Z_a-z~]*))? HTTP/1\.1\Z"
-)
-#: Header lines: a token, a colon, a value without control characters.
-_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*)*")
-_CONTENT_LENGTH = b"\r\ncontent-length:"
-_CONNECTION = b"\r\nconnection:"
-#: Headers that send a request down the full path (a body, an upgrade).
-_NOT_SHORT = (b"\r\ntransfer-encoding:", b"\r\nupgrade:", b"\r\nexpect:")
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error",
-            503: b"Service Unavailable"}
-_MISSING = object()
-
-
-def parse_long_poll_line(line: bytes) -> Optional[Tuple[str, Dict[str, str]]]:
+class _Kept(Dict[bytes, Any]):
     """
-    Read a request line as a long-poll GET.
-
-    @return: the room and the query's parameters (the last value of each),
-        or None for any other request, and for one that would need decoding
-        (percent-escapes, C{+}, bytes outside ASCII).
+    What C{compute} made of each key, kept for the next time (a dict
+    lookup on the hot path); all dropped when C{_KEPT} are held.
     """
-    request = _LONG_POLL_LINE.match(line)
-    if request is None:
-        return None
-    params: Dict[str, str] = {}
-    query = request.group(2)
-    if query:
-        for pair in query.decode("ascii").split("&"):
-            name, _, value = pair.partition("=")
-            params[name] = value
-    return request.group(1).decode("ascii"), params
 
+    def __init__(self, compute: Callable[[bytes], Any]) -> None:
+        super().__init__()
+        self._compute = compute
 
-def parse_short_headers(headers: bytes) -> Optional[bool]:
-    """
-    Read a long-poll's header lines (each after its CRLF, without the final
-    blank line).
-
-    @return: whether the client asked to close the connection after the
-        answer; or None when the request needs the full path: a body, an
-        upgrade, an expectation, a line that is not C{token: value} or a
-        line ending other than CRLF.
-    """
-    if not headers:
-        return False
-    if not _HEADER_LINES.fullmatch(headers) or headers.count(b"\r\n") > _MAX_SHORT_HEADERS:
-        return None
-    lowered = headers.lower()
-    at = lowered.find(_CONTENT_LENGTH)
-    if at >= 0 and (
-        lowered.count(_CONTENT_LENGTH) > 1
-        or lowered[at + len(_CONTENT_LENGTH) :].split(b"\r\n", 1)[0].strip() != b"0"
-    ):
-        return None
-    for header in _NOT_SHORT:
-        if header in lowered:
-            return None
-    at = lowered.find(_CONNECTION)
-    if at < 0:
-        return False
-    tokens = {t.strip() for t in lowered[at + len(_CONNECTION) :].split(b"\r\n", 1)[0].split(b",")}
-    if b"upgrade" in tokens or lowered.count(_CONNECTION) > 1:
-        return None
-    return b"close" in tokens
+    def __missing__(self, key: bytes) -> Any:
+        value = self._compute(key)
+        if len(self) >= _KEPT:
+            self.clear()
+        self[key] = value
+        return value
 
 
 class LongPolls(Protocol):
@@ -418,17 +437,11 @@ class ChatChannel(HTTPChannel):
         line_end = head.find(b"\r\n")
         if line_end < 0:
             line_end = len(head)
-        lines = head[line_end:]
-        close: Any = site._headers.get(lines, _MISSING)
-        if close is _MISSING:
-            close = site.headers(lines)
+        close = site.headers[head[line_end:]]
         if close is None:
             return False
         # (The line has no CR or LF left in it that a long-poll's could have.)
-        line = head[:line_end]
-        prepared = site._prepared.get(line, _MISSING)
-        if prepared is _MISSING:
-            prepared = site.prepared(line)
+        prepared = site.prepared[head[:line_end]]
         long_polls = site.long_polls
         if prepared is None or long_polls is None:
             return False
@@ -526,8 +539,13 @@ class ChatSite(Site):
         self.access_log = access_log
         #: Reads the short path's connections.
         self.reads = _ShortPathReads(self.reactor)
-        self._prepared: Dict[bytes, object] = {}
-        self._headers: Dict[bytes, object] = {}
+        #: Long-poll request lines, read and checked (L{LongPolls.prepare_long_poll}),
+        #: or None for one the full path must answer.  After a message, a
+        #: room's long-poll clients all ask again with the same line.
+        self.prepared = _Kept(self._prepare)
+        #: Header blocks read by L{parse_short_headers}: a client sends the
+        #: same headers with every poll.
+        self.headers = _Kept(parse_short_headers)
         self._date = b""
         #: The whole second of the last answer's Date.
         self.second = -1
@@ -541,41 +559,14 @@ class ChatSite(Site):
         self.reads.close()
         super().stopFactory()
 
-    def prepared(self, line: bytes) -> object:
-        """
-        A long-poll request line, read and checked (L{LongPolls.prepare_long_poll}),
-        or None for one the full path must answer.  Kept by line: after a
-        message, a room's long-poll clients all ask again with the same
-        line (the same C{after=}).
-        """
-        prepared = self._prepared.get(line, _MISSING)
-        if prepared is not _MISSING:
-            return prepared
+    def _prepare(self, line: bytes) -> object:
         request = parse_long_poll_line(line)
         if request is None or self.long_polls is None:
-            prepared = None
-        else:
-            try:
-                prepared = self.long_polls.prepare_long_poll(*request)
-            except ChatError:
-                prepared = None
-        if len(self._prepared) >= _PREPARED_LINES:
-            self._prepared.clear()
-        self._prepared[line] = prepared
-        return prepared
-
-    def headers(self, lines: bytes) -> Optional[bool]:
-        """
-        L{parse_short_headers}, kept by header block: a client sends the same
-        headers with every poll.
-        """
-        close = self._headers.get(lines, _MISSING)
-        if close is _MISSING:
-            close = parse_short_headers(lines)
-            if len(self._headers) >= _PREPARED_LINES:
-                self._headers.clear()
-            self._headers[lines] = close
-        return close  # type: ignore[return-value]
+            return None
+        try:
+            return self.long_polls.prepare_long_poll(*request)
+        except ChatError:
+            return None
 
     def response(self, status: int, content_type: bytes, body: bytes) -> bytes:
         """
@@ -593,7 +584,7 @@ class ChatSite(Site):
         if last_key == key:
             return last
         data = b"".join((
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"HTTP/1.1 %d %s\r\n" % (status, RESPONSES.get(status) or EXTRA_REASONS.get(status, b"Error")),
             b"Server: ", server_version,
             b"\r\nDate: ", self._date,
             b"\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n"

@@ -29,7 +29,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from chatd._http import ChatSite
+from chatd._http import EXTRA_REASONS, ChatSite
 from chatd.core import (
     Batch,
     ChatCore,
@@ -68,7 +68,6 @@ _CSP = (
 )
 
 # Reason phrases twisted.web does not know.
-_REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}
 
 _INTERNAL_ERROR = ("internal_error", "The server failed to handle this request.")
 
@@ -445,7 +444,7 @@ class ChatWeb:
         self, request: IRequest, body: bytes, status: int = 200, jsonp: bool = True
     ) -> bytes:
         content_type, body = _jsonp(_callback(request) if jsonp else None, body)
-        request.setResponseCode(status, _REASONS.get(status))
+        request.setResponseCode(status, EXTRA_REASONS.get(status))
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", content_type)
