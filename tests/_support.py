@@ -26,18 +26,32 @@ from twisted.web.resource import Resource
 
 from chatd._paths import find_data_dir
 from chatd.core import ChatCore
+from chatd.interfaces import IMessageStore
+from chatd.limits import Limits
+from chatd.service import ChatService
 from chatd.store.memory import MemoryStore
-from chatd.tap import ChatService, Options, makeService
+from chatd.tap import Options, makeService
 from chatd.web import ChatWeb, make_environment
 
 
-def make_web(history: int = 500, rooms: Sequence[str] = ()) -> Tuple[ChatCore, ChatWeb, Clock]:
+def make_web(
+    history: int = 500,
+    rooms: Sequence[str] = (),
+    limits: Optional[Callable[[Clock], Limits]] = None,
+    store: Optional[IMessageStore] = None,
+) -> Tuple[ChatCore, ChatWeb, Clock]:
     """
-    A chat core on a fake clock with its web adapter, for StubTreq.
+    A chat core on a fake clock with its web adapter, for StubTreq (or a
+    site on the same clock), with the limits C{limits(clock)} makes.
     """
     clock = Clock()
     clock.advance(1_700_000_000)
-    core = ChatCore(MemoryStore(history), clock, history)
+    core = ChatCore(
+        store if store is not None else MemoryStore(history),
+        clock,
+        history,
+        limits=None if limits is None else limits(clock),
+    )
     core.start(rooms)
     templates = find_data_dir("templates")
     static = find_data_dir("static")

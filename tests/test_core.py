@@ -10,9 +10,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from chatd.core import (
+from chatd._wire import http_status
+from chatd.core import ChatCore
+from chatd.interfaces import IMessageStore
+from chatd.model import (
     Batch,
-    ChatCore,
     ChatError,
     Message,
     parse_cursor,
@@ -21,8 +23,8 @@ from chatd.core import (
     validate_nick,
     validate_room_name,
 )
-from chatd.interfaces import IMessageStore
 from chatd.store.memory import MemoryStore
+from chatd.web import _encode_batch
 
 
 def make_core(history: int = 500, retain: Optional[int] = None, rooms=()) -> Tuple[ChatCore, Clock]:
@@ -55,6 +57,9 @@ class ManualStore:
 
     def create_room(self, name, now_ms):
         return self.inner.create_room(name, now_ms)
+
+    def room_state(self, name):
+        return self.inner.room_state(name)
 
     def prune(self, before_ms):
         return self.inner.prune(before_ms)
@@ -97,7 +102,7 @@ class ValidationTests(SynchronousTestCase):
         for bad in ["", "x" * 65, "a b", "a/b", "ä", "<script>", None, 5, "a\n"]:
             with self.assertRaises(ChatError) as e:
                 validate_room_name(bad)
-            self.assertEqual((e.exception.code, e.exception.status), ("invalid_room_name", 400))
+            self.assertEqual((e.exception.code, http_status(e.exception)), ("invalid_room_name", 400))
 
     def test_nick_defaults_and_limits(self) -> None:
         """
@@ -122,11 +127,11 @@ class ValidationTests(SynchronousTestCase):
         self.assertEqual(validate_body("é" * 4096), "é" * 4096)
         with self.assertRaises(ChatError) as e:
             validate_body("x" * 4097)
-        self.assertEqual((e.exception.code, e.exception.status), ("body_too_long", 413))
+        self.assertEqual((e.exception.code, http_status(e.exception)), ("body_too_long", 413))
         for bad in ["", "   ", None, 3, {"a": 1}, "a\x00", "bell\x07", "\ud800"]:
             with self.assertRaises(ChatError) as e:
                 validate_body(bad)
-            self.assertEqual((e.exception.code, e.exception.status), ("invalid_body", 400))
+            self.assertEqual((e.exception.code, http_status(e.exception)), ("invalid_body", 400))
 
     def test_client_id(self) -> None:
         """
@@ -178,7 +183,7 @@ class RoomTests(SynchronousTestCase):
         """
         core, _ = make_core()
         failure = self.failureResultOf(core.create_room("lobby"), ChatError)
-        self.assertEqual((failure.value.code, failure.value.status), ("room_exists", 409))
+        self.assertEqual((failure.value.code, http_status(failure.value)), ("room_exists", 409))
 
     def test_create_invalid(self) -> None:
         """
@@ -186,7 +191,7 @@ class RoomTests(SynchronousTestCase):
         """
         core, _ = make_core()
         failure = self.failureResultOf(core.create_room("a b"), ChatError)
-        self.assertEqual(failure.value.status, 400)
+        self.assertEqual(http_status(failure.value), 400)
         self.assertEqual(len(core.rooms()), 1)
 
     def test_unknown_room_everywhere(self) -> None:
@@ -200,7 +205,7 @@ class RoomTests(SynchronousTestCase):
             core.wait("nope", 0, 10, 5),
             core.read_before("nope", 5, 10),
         ]:
-            self.assertEqual(self.failureResultOf(d, ChatError).value.status, 404)
+            self.assertEqual(http_status(self.failureResultOf(d, ChatError).value), 404)
         with self.assertRaises(ChatError):
             core.subscribe("nope", None, lambda m: None, lambda s: None)
         self.assertEqual([r.name for r in core.rooms()], ["lobby"])
@@ -349,7 +354,7 @@ class BoundsTests(SynchronousTestCase):
         self.assertTrue(batch.reset)
         self.assertEqual(batch.first_seq, 16)
         self.assertEqual([m.seq for m in batch.messages], [16, 17, 18, 19, 20])
-        self.assertIn(b'"reset":true,"first_seq":16}', batch.json)
+        self.assertIn(b'"reset":true,"first_seq":16}', _encode_batch(batch))
         # A cursor just before the oldest held is not a reset.
         batch = self.successResultOf(core.read("lobby", 15, 100))
         self.assertFalse(batch.reset)
@@ -527,7 +532,9 @@ class WaitTests(SynchronousTestCase):
         clock.advance(5)
         self.assertEqual((got[0].messages, got[0].last_seq), ([], 2))
         self.assertEqual(clock.getDelayedCalls(), [])
-        self.assertRaises(ChatError, core.wait_for, "nowhere", 0, 10, 5, got.append, got.append)
+        del got[:]
+        core.wait_for("nowhere", 0, 10, 5, lambda batch: self.fail("answered"), got.append)
+        self.assertEqual(got[0].value.code, "room_not_found")
 
     def test_zero_timeout(self) -> None:
         """

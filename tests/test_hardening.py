@@ -15,12 +15,13 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.static import Data
 
-from chatd._http import HeaderDeadlineFactory
+from chatd._http import ChatSite
 from chatd.limits import RateLimiter, parse_rate
 from tests._support import HTTP, ChatdProcess, WSClient, start_chatd
 
@@ -69,16 +70,19 @@ class RateLimiterTests(SynchronousTestCase):
 
 class HeaderDeadlineTests(SynchronousTestCase):
     """
-    Slow-loris: a connection that never completes its request head is cut.
+    Slow-loris: a request head that is not complete 10 s after its first
+    byte costs its connection, on a connection's first request and on every
+    later one.
     """
 
     def connect(self) -> Tuple[Clock, StringTransport, Any]:
         clock = Clock()
-        factory = HeaderDeadlineFactory(Factory.forProtocol(Protocol), clock, 10)
-        protocol = factory.buildProtocol(None)
+        site = ChatSite(Data(b"ok", "text/plain"), head_timeout=10, timeout=75, reactor=clock)
+        channel = site.buildProtocol(None)
         transport = StringTransport()
-        protocol.makeConnection(transport)
-        return clock, transport, protocol
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return clock, transport, channel
 
     def test_dribbling_headers_cut(self) -> None:
         """
@@ -100,9 +104,41 @@ class HeaderDeadlineTests(SynchronousTestCase):
         clock, transport, protocol = self.connect()
         protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
         protocol.dataReceived(b"\r\n")
-        clock.advance(3600)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 "))
+        clock.advance(74)
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_blank_lines_do_not_end_a_head(self) -> None:
+        """
+        A connection that opens with blank lines and then dribbles is cut
+        too: the deadline ends only where twisted.web's parser says the
+        head ended.
+        """
+        clock, transport, protocol = self.connect()
+        protocol.dataReceived(b"\n\n")
+        for _ in range(9):
+            protocol.dataReceived(b"G")
+            clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_second_head_has_a_deadline(self) -> None:
+        """
+        A kept-alive connection's next request gets the same deadline,
+        counted from its first byte (idle time before it is the idle
+        timeout's business).
+        """
+        clock, transport, protocol = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(30)
+        self.assertFalse(transport.disconnecting)
+        for _ in range(9):
+            protocol.dataReceived(b"G")
+            clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
 
 
 class ChatdCase(TestCase):

@@ -14,8 +14,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.trial.unittest import TestCase
 
-from chatd.core import Message
 from chatd.interfaces import IMessageStore
+from chatd.model import Message
 from chatd.store._sql import SCHEMA_VERSION, StoreError, _statements, schema_files
 from chatd.store.memory import MemoryStore
 from chatd.store.postgres import PostgresStore, redact

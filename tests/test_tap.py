@@ -116,27 +116,13 @@ class ServiceTests(TestCase):
     makeService builds a service that listens where --port says.
     """
 
-    async def test_listens_on_unix_socket(self) -> None:
-        """
-        With a unix: endpoint the service answers HTTP on that socket, and
-        stops cleanly.
-        """
-        path = self.mktemp() + ".sock"
-        service = tap.makeService(
-            parse("--port", f"unix:{path}", "--room", "dev", "--store", "memory:"), reactor
-        )
-        service.privilegedStartService()
-        self.assertEqual(service.ports, [], "listening before the rooms are loaded")
-        service.startService()
-        await service.ready
-        self.assertEqual([r.name for r in service.core.rooms()], ["dev", "lobby"])
-
+    async def get(self, path: str, request: bytes) -> bytes:
         received: Deferred = Deferred()
 
         class Get(Protocol):
             def connectionMade(self) -> None:
                 self.data = b""
-                self.transport.write(b"GET /api/rooms HTTP/1.0\r\nHost: x\r\n\r\n")
+                self.transport.write(request)
 
             def dataReceived(self, data: bytes) -> None:
                 self.data += data
@@ -145,7 +131,36 @@ class ServiceTests(TestCase):
                 received.callback(self.data)
 
         await connectProtocol(UNIXClientEndpoint(reactor, path), Get())
-        answer = await received
+        return await received
+
+    async def test_listens_on_unix_socket(self) -> None:
+        """
+        With a unix: endpoint the service answers HTTP on that socket, and
+        stops cleanly.  It listens in privilegedStartService (so that
+        twistd --uid can give up root after binding port 80), and until the
+        store is open and the rooms loaded every request but /healthz is a
+        503 not_ready.
+        """
+        path = self.mktemp() + ".sock"
+        service = tap.makeService(
+            parse("--port", f"unix:{path}", "--room", "dev", "--store", "memory:"), reactor
+        )
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(len(service.ports), 1, "not listening after privilegedStartService")
+        early = await self.get(path, b"GET /api/rooms HTTP/1.0\r\nHost: x\r\n\r\n")
+        self.assertTrue(early.startswith(b"HTTP/1.0 503"), early)
+        self.assertIn(b'"error":"not_ready"', early)
+        self.assertIn(b"Retry-After: 1", early)
+        alive = await self.get(path, b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
+        self.assertTrue(alive.startswith(b"HTTP/1.0 200"), alive)
+        ready = await self.get(path, b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        self.assertTrue(ready.startswith(b"HTTP/1.0 503"), ready)
+        self.assertEqual(service.core.rooms(), [], "rooms loaded before startService")
+        service.startService()
+        await service.ready
+        self.assertEqual([r.name for r in service.core.rooms()], ["dev", "lobby"])
+        answer = await self.get(path, b"GET /api/rooms HTTP/1.0\r\nHost: x\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer)
         self.assertIn(b'"name":"dev"', answer)
         await service.stopService()

@@ -5,7 +5,7 @@ The contracts adapters share.
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IMessageStore"]
+__all__ = ["IBus", "IBusListener", "IBusSubscription", "IMessageStore"]
 
 
 class IMessageStore(Interface):
@@ -30,6 +30,15 @@ class IMessageStore(Interface):
         @return: Deferred firing with a list of C{(name, last_seq)} tuples.
         """
 
+    def room_state(name):
+        """
+        Look up one room.
+
+        @return: Deferred firing with C{(last_seq, first_seq)} for a room
+            that exists (C{first_seq}: the oldest seq still held, or the
+            next seq to be issued if none is), or C{None}.
+        """
+
     def create_room(name, now_ms):
         """
         Create a room with no messages, unless it exists.
@@ -46,7 +55,7 @@ class IMessageStore(Interface):
         C{client_id} is already stored in C{room}, store nothing.
 
         @return: Deferred firing with C{(message, created)} where
-            C{message} is the stored L{chatd.core.Message} (the original one
+            C{message} is the stored L{chatd.model.Message} (the original one
             when C{created} is C{False}).  It fires only after the message
             is committed.
         """
@@ -88,4 +97,60 @@ class IMessageStore(Interface):
         Release connections and files.
 
         @return: Deferred firing when done.
+        """
+
+
+class IBusSubscription(Interface):
+    """
+    A listener's place on a bus.
+    """
+
+    def stop():
+        """
+        Hear nothing more.  Safe to call twice.
+        """
+
+
+class IBusListener(Interface):
+    """
+    What a bus tells (the chat core, on every node).
+    """
+
+    def hint(room, last_seq, messages):
+        """
+        Messages were committed in C{room}, up to seq C{last_seq}.
+
+        @param messages: some of them, in seq order, or none (the bus may
+            carry only the seq); the store has them all.  A hint may come
+            late, twice or never: it is a hint, and the store is the truth.
+        """
+
+    def connected():
+        """
+        The bus is (again) connected: hints may have been lost while it was
+        not, so the listener checks the store for what it missed.
+        """
+
+
+class IBus(Interface):
+    """
+    How nodes sharing a store hear about each other's commits.
+
+    Every listener hears every hint published after it subscribed, the
+    publisher's own included, in the order each publisher published them.
+    """
+
+    def publish(room, last_seq, messages):
+        """
+        Tell every listener (this node's as well) that C{messages}, up to
+        seq C{last_seq}, were committed in C{room}.  Never raises, never
+        waits: a bus that cannot send drops the hint.
+        """
+
+    def subscribe(listener):
+        """
+        Start telling C{listener} (an L{IBusListener}) every hint; its
+        C{connected} is called once the subscription is live.
+
+        @return: an L{IBusSubscription}.
         """

@@ -11,7 +11,9 @@ from typing import Dict, Hashable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["Limits", "RateLimiter", "parse_rate", "DEFAULT_RATE"]
+from chatd.model import ChatError, Peer, rate_limited
+
+__all__ = ["Limits", "RateLimiter", "Ticket", "parse_rate", "unlimited_ticket", "DEFAULT_RATE"]
 
 #: Posting: bursts of 10, then 5 messages a second, per connection and per IP.
 DEFAULT_RATE = "10/5"
@@ -89,12 +91,43 @@ class RateLimiter:
         return len(self._buckets)
 
 
+class Ticket:
+    """
+    A place among the server's concurrent connections, taken by
+    L{Limits.admit}; L{release} it when the connection ends (safe to call
+    twice).
+    """
+
+    __slots__ = ("_limits", "_ip")
+
+    def __init__(self, limits: Optional["Limits"], ip: str) -> None:
+        self._limits = limits
+        self._ip = ip
+
+    def release(self) -> None:
+        """
+        Give the place back.
+        """
+        limits, self._limits = self._limits, None
+        if limits is not None:
+            limits.release(self._ip)
+
+
+def unlimited_ticket(ip: str) -> Ticket:
+    """
+    A ticket of no limits: releasing it does nothing.
+    """
+    return Ticket(None, ip)
+
+
 class Limits:
     """
-    Every limit chatd enforces, with its defaults.
+    Every limit chatd enforces, with its defaults, and the counters they
+    are checked against.  Nothing else changes the counters: connections
+    are counted by L{admit} and L{release}.
 
-    @ivar posting: per-IP and per-connection posting buckets, or C{None}
-        when rate limiting is off.
+    @ivar posting_by_ip: per-IP posting buckets, or C{None} when rate
+        limiting is off (likewise C{posting_by_connection}).
     """
 
     def __init__(
@@ -116,5 +149,79 @@ class Limits:
             if rooms_per_ip_per_hour
             else None
         )
-        self.connections = 0
-        self.connections_by_ip: Dict[str, int] = {}
+        self._connections = 0
+        self._connections_by_ip: Dict[str, int] = {}
+
+    @property
+    def connections(self) -> int:
+        """
+        How many connections hold a place now.
+        """
+        return self._connections
+
+    def connections_from(self, ip: str) -> int:
+        """
+        How many connections from C{ip} hold a place now.
+        """
+        return self._connections_by_ip.get(ip, 0)
+
+    def admit(self, ip: str) -> Ticket:
+        """
+        Take a place for a WebSocket connection or a waiting long-poll.
+
+        @raise ChatError: C{server_full} or C{too_many_connections}.
+        """
+        if self._connections >= self.max_connections:
+            raise ChatError(
+                "server_full", "The server has no room for more connections.", 5.0
+            )
+        mine = self._connections_by_ip.get(ip, 0)
+        if mine >= self.max_connections_per_ip:
+            raise ChatError(
+                "too_many_connections",
+                f"{ip} already has {mine} connections open; close some first.",
+                5.0,
+            )
+        self._connections += 1
+        self._connections_by_ip[ip] = mine + 1
+        return Ticket(self, ip)
+
+    def release(self, ip: str) -> None:
+        """
+        A connection from C{ip} ended (called by its L{Ticket}).
+        """
+        self._connections -= 1
+        left = self._connections_by_ip[ip] - 1
+        if left:
+            self._connections_by_ip[ip] = left
+        else:
+            del self._connections_by_ip[ip]
+
+    def check_post(self, peer: Peer) -> None:
+        """
+        Take a posting token for C{peer}'s IP and connection.
+
+        @raise ChatError: C{rate_limited}.
+        """
+        if self.posting_by_ip is None or self.posting_by_connection is None:
+            return
+        wait = self.posting_by_ip.take(peer.ip)
+        if not wait and peer.connection is not None:
+            wait = self.posting_by_connection.take(peer.connection)
+        if wait:
+            raise rate_limited("Too many messages", wait)
+
+    def check_room_creation(self, peer: Peer, rooms: int) -> None:
+        """
+        May C{peer} create a room, with C{rooms} rooms there already?
+
+        @raise ChatError: C{too_many_rooms} or C{rate_limited}.
+        """
+        if rooms >= self.max_rooms:
+            raise ChatError(
+                "too_many_rooms", f"This server holds its maximum of {self.max_rooms} rooms."
+            )
+        if self.rooms_by_ip is not None:
+            wait = self.rooms_by_ip.take(peer.ip)
+            if wait:
+                raise rate_limited(f"Too many rooms created from {peer.ip}", wait)

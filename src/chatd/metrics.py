@@ -9,7 +9,7 @@ its own registry, so tests and embedded servers never share counters.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -54,6 +54,12 @@ class Metrics:
             "From a message arriving to the store's commit of it.",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.gap_filled = Counter(
+            "chatd_gap_filled_messages",
+            "Messages read from the store to fill a gap in a room's seqs (messages "
+            "committed elsewhere or reported out of order).",
+            registry=r,
+        )
         for transport in ("websocket", "longpoll"):
             self.connections.labels(transport)
             self.posted.labels(transport)
@@ -70,12 +76,18 @@ class Metrics:
     def committed(self, seconds: float) -> None:
         self.commit_latency.observe(seconds)
 
-    def delivered_to(self, subscribers: int, waiters: int, seconds: float) -> None:
+    def delivered_to(self, subscribers: int, waiters: int, seconds: Optional[float]) -> None:
         if subscribers:
             self.delivered.labels("websocket").inc(subscribers)
         if waiters:
             self.delivered.labels("longpoll").inc(waiters)
-        self.delivery_latency.observe(seconds)
+        if seconds is not None:
+            # Only for this node's own posts: a message from another node
+            # arrived at this one at a time this node does not know.
+            self.delivery_latency.observe(seconds)
+
+    def filled(self, room: str, messages: int) -> None:
+        self.gap_filled.inc(messages)
 
     def render(self) -> bytes:
         """

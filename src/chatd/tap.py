@@ -6,40 +6,35 @@ implementations and wires store, core, web and WebSocket together.
 
 from __future__ import annotations
 
-import gc
-import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.application.internet import TimerService
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from zope.interface import implementer
 
-from chatd._http import HeaderDeadlineFactory
 from chatd._paths import find_data_dir
+from chatd._send import direct_writes_available
 from chatd._version import __version__
-from chatd.core import MAX_BODY, ChatCore, ChatError, validate_room_name
-from chatd.interfaces import IMessageStore
+from chatd.core import ChatCore
+from chatd.interfaces import IBus, IMessageStore
 from chatd.limits import DEFAULT_RATE, Limits, parse_rate
 from chatd.metrics import CONTENT_TYPE, Metrics
-from chatd.store.postgres import redact
+from chatd.model import MAX_BODY, ChatError, validate_room_name
+from chatd.service import ChatService, Listener, Retention
+from chatd.store import StoreError, redact
 from chatd.web import ChatWeb, make_environment
 from chatd.ws import ChatWebSocketFactory
 
-__all__ = ["Options", "makeService", "ChatService"]
+__all__ = ["Options", "makeService", "make_bus", "make_store"]
 
 MAX_HISTORY = 100_000
 
@@ -257,32 +252,17 @@ class Options(usage.Options):
         return url
 
 
-@implementer(IStreamServerEndpoint)
-class _ReportingEndpoint:
-    """
-    An endpoint that tells its owner where it ended up listening (the
-    real port number of C{tcp:0}, say).
-    """
-
-    def __init__(self, endpoint: IStreamServerEndpoint, on_listen: Any) -> None:
-        self._endpoint = endpoint
-        self._on_listen = on_listen
-
-    def listen(self, factory: Any) -> Deferred:
-        return self._endpoint.listen(factory).addCallback(self._listening)
-
-    def _listening(self, port: IListeningPort) -> IListeningPort:
-        self._on_listen(port)
-        return port
-
-
-# Stores by URL scheme, imported only when chosen so that a driver (psycopg)
-# loads only if that store is used.
+# Stores by URL scheme, and buses by name, imported only when chosen so that
+# a driver (psycopg) loads only if it is used.
 _STORES = {
     "memory": "chatd.store.memory.MemoryStore",
     "sqlite": "chatd.store.sqlite.SQLiteStore",
     "postgresql": "chatd.store.postgres.PostgresStore",
     "postgres": "chatd.store.postgres.PostgresStore",
+}
+
+_BUSES = {
+    "local": "chatd.bus.local.LocalBus",
 }
 
 
@@ -299,228 +279,31 @@ def make_store(url: str, history: int, reactor: Any) -> IMessageStore:
     return factory(url, reactor=reactor)
 
 
-def _freeze_startup_objects() -> None:
-    """
-    Leave what start-up made (modules, classes, templates, the rooms'
-    history: most of the process's objects) out of every later garbage
-    collection.  Waiting long-polls and their callbacks live long enough to
-    reach the oldest generation, so full collections come often under load;
-    without this each one walked every module object as well.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-class ChatService(MultiService):
-    """
-    chatd's root service: loads the core's rooms from the store, then
-    starts its children (the listener).
-
-    @ivar ready: a Deferred that fires once the core is loaded and the
-        listener started.
-    @ivar ports: the listening ports, once listening.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        core: ChatCore,
-        rooms: List[str],
-        store: IMessageStore,
-        reactor: Any,
-        exit_on_failure: bool = False,
-        web: Optional[ChatWeb] = None,
-        websockets: Optional[ChatWebSocketFactory] = None,
-        json_logs: bool = False,
-    ) -> None:
-        super().__init__()
-        self.core = core
-        self.store = store
-        self.web = web
-        self.websockets = websockets
-        self._rooms = rooms
-        self._reactor = reactor
-        self._exit_on_failure = exit_on_failure
-        self._json_logs = json_logs
-        self.ready: Optional[Deferred] = None
-        self.ports: List[IListeningPort] = []
-        #: Set once stopService is called: who waits for it to finish.
-        self._stopping: Optional[List[Deferred]] = None
-        self._stopped = False
-
-    def listening(self, port: IListeningPort) -> None:
-        """
-        Record and log a port chatd listens on.
-        """
-        self.ports.append(port)
-        host: Any = port.getHost()
-        if hasattr(host, "port"):
-            address = f"{host.host}:{host.port}"
-        else:
-            address = str(getattr(host, "name", host))
-        self.log.info("chatd listening on {address}", address=address)
-
-    def privilegedStartService(self) -> None:
-        # Children (the listener) start only in startService, once the
-        # store is open and the rooms are loaded: StreamServerEndpointService
-        # would otherwise listen here, before twistd even runs the reactor,
-        # and serve requests against a half-loaded core.
-        Service.privilegedStartService(self)
-
-    def startService(self) -> None:
-        Service.startService(self)
-
-        async def start() -> None:
-            await self.store.open()
-            await self.core.start(self._rooms)
-            for service in self:
-                service.startService()
-            if self._exit_on_failure:
-                self._install_sigterm()
-                _freeze_startup_objects()
-
-        def failed(failure: Failure) -> Failure:
-            self.log.critical("chatd could not start: {error}", error=failure.getErrorMessage())
-            if self._exit_on_failure:
-                self._exit()
-            return failure
-
-        self.ready = Deferred.fromCoroutine(start()).addErrback(failed)
-
-    def _exit(self) -> None:
-        """
-        Under twistd: stop, and exit with status 1 so that a supervisor
-        sees the failure (twistd itself would exit 0).
-        """
-
-        def exit_1() -> None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-
-        self._reactor.addSystemEventTrigger("after", "shutdown", exit_1)
-        if self._reactor.running:
-            self._reactor.stop()
-        else:
-            self._reactor.callWhenRunning(self._reactor.stop)
-
-    def setServiceParent(self, parent: Any) -> None:
-        """
-        Under twistd the parent is the application; twistd starts logging
-        after this, with the application's log observer if it has one.
-        """
-        if self._json_logs and hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
-        super().setServiceParent(parent)
-
-    def _install_sigterm(self) -> None:
-        """
-        twistd ends itself with SIGTERM after a SIGTERM-initiated shutdown
-        (exit status 143); a clean shutdown should say 0.  This handler
-        stops the reactor the same way, without recording the signal.
-        """
-        reactor = self._reactor
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            self.log.info("Received SIGTERM, shutting down.")
-            reactor.callFromThread(reactor.stop)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    def stopService(self) -> Deferred:
-        """
-        Shut down in order: stop accepting, answer waiting long-polls,
-        close WebSockets with 1001, let the store commit what it was
-        given, all within SHUTDOWN_TIMEOUT seconds.
-        """
-        if self._stopped:
-            return succeed(None)
-        if self._stopping is not None:
-            # Stopping already: wait for that.
-            done: Deferred = Deferred()
-            self._stopping.append(done)
-            return done
-        self._stopping = []
-        if self.web is not None:
-            self.web.shutting_down = True
-
-        async def stop() -> None:
-            Service.stopService(self)
-            # Children that never started (the store failed to open) have
-            # nothing to stop.
-            await DeferredList(
-                [maybeDeferred(s.stopService) for s in reversed(list(self)) if s.running],
-                consumeErrors=True,
-            )
-            released = self.core.release_waiters()
-            if self.websockets is not None:
-                closing = len(self.websockets.connections)
-                await self.websockets.shutdown(SHUTDOWN_TIMEOUT / 2, self._reactor)
-                self.log.info(
-                    "Shut down: answered {polls} long-polls, closed {sockets} WebSockets",
-                    polls=released,
-                    sockets=closing,
-                )
-            closing_store = self.store.close()
-            closing_store.addTimeout(SHUTDOWN_TIMEOUT / 2, self._reactor)
-            await closing_store
-
-        def stopped(result: object) -> object:
-            waiting, self._stopping = self._stopping or [], None
-            self._stopped = True
-            for d in waiting:
-                d.callback(None)
-            return result
-
-        return Deferred.fromCoroutine(stop()).addBoth(stopped)
-
-
-class _Retention:
-    """
-    The background job that deletes messages older than the retention
-    period.  It logs its own failures so one bad run does not stop it.
-    """
-
-    log = Logger()
-
-    def __init__(self, core: ChatCore, clock: Any, days: int) -> None:
-        self._core = core
-        self._clock = clock
-        self._days = days
-
-    def run(self) -> Deferred:
-        cutoff_ms = int((self._clock.seconds() - self._days * 86400) * 1000)
-        d = self._core.prune(cutoff_ms)
-
-        def done(count: int) -> None:
-            if count:
-                self.log.info("Retention deleted {count} messages", count=count)
-
-        def failed(failure: Failure) -> None:
-            self.log.failure("Retention run failed", failure)
-
-        return d.addCallbacks(done, failed)
-
-
 #: How often retention runs.
 RETENTION_INTERVAL = 3600.0
 #: Idle HTTP connections are closed after this many seconds (more than the
 #: longest long-poll).
 IDLE_TIMEOUT = 75
-#: A new connection must send its request head within this many seconds.
+#: A request head must be complete this many seconds after its first byte.
 HEADER_TIMEOUT = 10.0
-#: The longest a shutdown waits for WebSockets to close and writes to finish.
-SHUTDOWN_TIMEOUT = 10.0
+
+
+def make_bus(name: str) -> IBus:
+    """
+    Build the bus C{name} names.
+    """
+    return cast(IBus, namedAny(_BUSES[name])())
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
-    Build chatd from parsed options.
+    Build chatd from parsed options: the one place that picks the store
+    and bus and wires them, the core, the web and WebSocket adapters and
+    the listeners together.
 
     Under twistd (no C{reactor} given) a start-up failure, such as a store
-    that cannot be opened, ends the process with status 1 after one log
-    line saying why.
+    that cannot be opened or a port that is taken, ends the process with
+    status 1 after one line saying why.
     """
     under_twistd = reactor is None
     if reactor is None:
@@ -528,7 +311,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = _reactor
     history = options["history"]
-    store = make_store(options["store"], history, reactor)
+    try:
+        store = make_store(options["store"], history, reactor)
+    except StoreError as e:
+        if not under_twistd:
+            raise
+        # twistd has not started logging yet: one line on stderr.
+        print(f"chatd could not start: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     limits = Limits(
         reactor,
         rate=options["rate-limit"],
@@ -537,10 +327,23 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_rooms=options["max-rooms"],
         rooms_per_ip_per_hour=options["rooms-per-hour"],
     )
-    core = ChatCore(store, reactor, history, limits=limits, max_body=options["max-message"])
     metrics = Metrics()
-    core.observer = metrics
+    core = ChatCore(
+        store,
+        reactor,
+        history,
+        limits=limits,
+        max_body=options["max-message"],
+        bus=make_bus("local"),
+        observer=metrics,
+    )
     metrics.watch_waiters(core.waiting)
+    if not direct_writes_available():
+        Logger().warn(
+            "This Twisted's TCP transports are not laid out as chatd's direct "
+            "writes expect (chatd._send): WebSocket frames take the transport's "
+            "own, slower path."
+        )
     factory = ChatWebSocketFactory(core, metrics=metrics, clock=reactor)
     web = ChatWeb(
         core,
@@ -550,37 +353,37 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics=metrics,
         allow_origins=options["allow-origins"],
         serve_metrics=options["metrics-port"] is None,
+        ready=False,
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
-    # long-poll), and a new one must send its request head promptly.
-    site = web.site(IDLE_TIMEOUT, access_log=options["access-log"] == "on")
-    front = HeaderDeadlineFactory(site, reactor, HEADER_TIMEOUT)
+    # long-poll), and every request head must come within HEADER_TIMEOUT.
+    site = web.site(
+        IDLE_TIMEOUT, HEADER_TIMEOUT, access_log=options["access-log"] == "on", reactor=reactor
+    )
     service = ChatService(
         core,
         options["rooms"],
         store,
         reactor,
-        exit_on_failure=under_twistd,
         web=web,
         websockets=factory,
+        exit_on_failure=under_twistd,
         json_logs=options["log-format"] == "json",
     )
+    Listener(options["port"], serverFromString(reactor, options["port"]), site).setServiceParent(
+        service
+    )
+    if options["metrics-port"] is not None:
+        Listener(
+            options["metrics-port"],
+            serverFromString(reactor, options["metrics-port"]),
+            Site(_MetricsPage(metrics)),
+        ).setServiceParent(service)
     if options["retain-days"]:
-        retention = _Retention(core, reactor, options["retain-days"])
+        retention = Retention(core, reactor, options["retain-days"])
         timer = TimerService(RETENTION_INTERVAL, retention.run)
         timer.clock = reactor
         timer.setServiceParent(service)
-    endpoint = _ReportingEndpoint(
-        serverFromString(reactor, options["port"]), service.listening
-    )
-    listener = StreamServerEndpointService(endpoint, front)
-    listener.setServiceParent(service)
-    if options["metrics-port"] is not None:
-        metrics_site = Site(_MetricsPage(metrics))
-        metrics_endpoint = _ReportingEndpoint(
-            serverFromString(reactor, options["metrics-port"]), service.listening
-        )
-        StreamServerEndpointService(metrics_endpoint, metrics_site).setServiceParent(service)
     return service
 
 

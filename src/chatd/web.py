@@ -1,8 +1,16 @@
-# -*- test-case-name: tests.test_web -*-
+# -*- test-case-name: tests.test_web,tests.test_longpoll -*-
 """
 The HTTP adapter: HTML pages, the JSON/JSONP long-poll and POST API, the
 tutorial-compatible long-poll endpoint, static files, and the doorway to
 the WebSocket at C{/ws/<room>}.
+
+Every HTTP byte is parsed by twisted.web (L{chatd._http}).  Routing is
+Klein's, with one exception: C{GET /api/rooms/<room>/messages}, the
+request a long-poll client sends again after every answer, goes from the
+site's root straight to the handler Klein's route runs (L{_Root}), which
+saves werkzeug's routing on every poll.  Both ways run the same code for
+parameters, the answer and its errors, so they answer alike byte for byte
+(C{tests/test_longpoll.py} checks this).
 
 Every API error is a specific 4xx (or 500) with a JSON body
 C{{"error": CODE, "detail": TEXT}}; no traceback reaches a client.
@@ -15,33 +23,27 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from klein import Klein
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, NoResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from chatd._http import EXTRA_REASONS, ChatSite
-from chatd.core import (
-    Batch,
-    ChatCore,
-    ChatError,
-    Message,
-    Peer,
-    Room,
-    Ticket,
-    encode_json,
-    parse_cursor,
-)
+from chatd._http import ChatSite
+from chatd._wire import REASONS, client_host, error_body, http_status
+from chatd.core import ChatCore
+from chatd.limits import Ticket
 from chatd.metrics import CONTENT_TYPE, Metrics
+from chatd.model import Batch, ChatError, Message, Peer, encode_json, parse_cursor
+from chatd.room import Room
 
 __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "make_environment"]
 
@@ -55,6 +57,8 @@ MAX_TIMEOUT = 60.0
 
 _CALLBACK = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*(?:\.[A-Za-z_$][A-Za-z0-9_$]*)*\Z")
 _MAX_CALLBACK = 64
+#: A room name as a path segment (what L{_Root} sends to the long-poll).
+_ROOM_SEGMENT = re.compile(rb"[A-Za-z0-9_-]{1,64}\Z")
 
 _JSON = b"application/json; charset=utf-8"
 _JAVASCRIPT = b"application/javascript; charset=utf-8"
@@ -67,14 +71,15 @@ _CSP = (
     b"form-action 'self'; frame-ancestors 'none'; object-src 'none'"
 )
 
-# Reason phrases twisted.web does not know.
-
 _INTERNAL_ERROR = ("internal_error", "The server failed to handle this request.")
 
 _HTTP_ERROR_CODES = {
     404: "not_found",
     405: "method_not_allowed",
 }
+
+#: Statuses whose refusals are logged and counted (abuse, not mistakes).
+_LOGGED_REFUSALS = frozenset({403, 413, 429, 503})
 
 
 def make_environment(templates: Path) -> Environment:
@@ -99,7 +104,13 @@ def _timestamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
+# -- query parameters: twisted.web parsed the query (request.args) ----------
+
+
 def _query(request: IRequest, name: str) -> Optional[str]:
+    """
+    The last value of query parameter C{name}, or None.
+    """
     values = request.args.get(name.encode("ascii"))
     if not values:
         return None
@@ -109,27 +120,27 @@ def _query(request: IRequest, name: str) -> Optional[str]:
         raise ChatError("invalid_parameter", f"{name} is not valid UTF-8.") from None
 
 
-def _bounded_int(
-    request: IRequest, name: str, default: int, low: int, high: int
-) -> int:
-    return _int_value(_query(request, name), name, default, low, high)
+#: More digits than any bound of a count parameter: capped without
+#: converting (Python refuses to convert over 4,300 digits).
+_MAX_COUNT_DIGITS = 12
 
 
-def _int_value(value: Optional[str], name: str, default: int, low: int, high: int) -> int:
+def _bounded_int(request: IRequest, name: str, default: int, low: int, high: int) -> int:
+    value = _query(request, name)
     if value is None:
         return default
-    if not (value.isascii() and value.isdigit()) or int(value) < low:
-        raise ChatError(
-            "invalid_parameter", f"{name} must be a whole number of at least {low}."
-        )
-    return min(int(value), high)
+    if not (value.isascii() and value.isdigit()):
+        raise ChatError("invalid_parameter", f"{name} must be a whole number of at least {low}.")
+    if len(value.lstrip("0")) > _MAX_COUNT_DIGITS:
+        return high
+    number = int(value)
+    if number < low:
+        raise ChatError("invalid_parameter", f"{name} must be a whole number of at least {low}.")
+    return min(number, high)
 
 
 def _bounded_seconds(request: IRequest, name: str, default: float, high: float) -> float:
-    return _seconds_value(_query(request, name), name, default, high)
-
-
-def _seconds_value(value: Optional[str], name: str, default: float, high: float) -> float:
+    value = _query(request, name)
     if value is None:
         return default
     try:
@@ -142,14 +153,11 @@ def _seconds_value(value: Optional[str], name: str, default: float, high: float)
 
 
 def _callback(request: IRequest) -> Optional[bytes]:
-    return _callback_value(_query(request, "callback"))
-
-
-def _callback_value(value: Optional[str]) -> Optional[bytes]:
     """
     The JSONP callback name, if any; never reflected unless it is a plain
     JavaScript identifier path.
     """
+    value = _query(request, "callback")
     if value is None:
         return None
     if len(value) > _MAX_CALLBACK or not _CALLBACK.match(value):
@@ -161,14 +169,7 @@ def _callback_value(value: Optional[str]) -> Optional[bytes]:
     return value.encode("ascii")
 
 
-def _jsonp(callback: Optional[bytes], body: bytes) -> Tuple[bytes, bytes]:
-    """
-    The content type and body of a JSON answer, wrapped for JSONP when
-    there is a callback.
-    """
-    if callback is not None:
-        return _JAVASCRIPT, callback + b"(" + body + b");"
-    return _JSON, body
+# -- bodies ------------------------------------------------------------------
 
 
 def _read_body(request: IRequest) -> bytes:
@@ -177,14 +178,12 @@ def _read_body(request: IRequest) -> bytes:
         raise ChatError(
             "request_too_large",
             f"The request body is over {MAX_REQUEST_BODY} bytes.",
-            413,
         )
     body = request.content.read(MAX_REQUEST_BODY + 1)
     if len(body) > MAX_REQUEST_BODY:
         raise ChatError(
             "request_too_large",
             f"The request body is over {MAX_REQUEST_BODY} bytes.",
-            413,
         )
     return body
 
@@ -219,96 +218,194 @@ def _form_or_json(request: IRequest) -> Dict[str, Any]:
     raise ChatError(
         "unsupported_media_type",
         "Send application/json or application/x-www-form-urlencoded.",
-        415,
     )
 
 
 def _ip(request: IRequest) -> str:
-    return getattr(request.getClientAddress(), "host", "?")
+    """
+    The client's IP address: the one place the HTTP side reads it.
+    """
+    return client_host(request.getClientAddress())
 
+
+# -- answers -----------------------------------------------------------------
 
 #: A long-poll answer holds at most this many bytes of messages (the client
 #: asks again for the rest), so a slow reader pins a bounded buffer.
 MAX_RESPONSE_BYTES = 1024 * 1024
 
 
-def _within_budget(batch: Batch) -> bytes:
-    body = batch.json
-    if len(body) <= MAX_RESPONSE_BYTES or len(batch.messages) <= 1:
-        return body
+class _BatchBodies:
+    """
+    Long-poll bodies: a batch's JSON, at most L{MAX_RESPONSE_BYTES} of
+    messages, built from the messages' own cached encodings.  The last one
+    made is kept: every waiter of a room gets the same batch when a message
+    arrives, and it is encoded once for all of them.
+    """
+
+    __slots__ = ("_batch", "_body")
+
+    def __init__(self) -> None:
+        self._batch: Optional[Batch] = None
+        self._body = b""
+
+    def body(self, batch: Batch) -> bytes:
+        if batch is not self._batch:
+            self._body = _encode_batch(_within_budget(batch))
+            self._batch = batch
+        return self._body
+
+
+def _within_budget(batch: Batch) -> Batch:
+    messages = batch.messages
+    if len(messages) <= 1 or sum(len(m.json) + 1 for m in messages) <= MAX_RESPONSE_BYTES - 256:
+        return batch
     size, keep = 0, 0
-    for message in batch.messages:
+    for message in messages:
         size += len(message.json) + 1
         if size > MAX_RESPONSE_BYTES - 256:
             break
         keep += 1
-    smaller = Batch(batch.room, batch.messages[: max(keep, 1)], batch.last_seq, batch.reset, batch.first_seq)
-    return smaller.json
+    return Batch(batch.room, messages[: max(keep, 1)], batch.last_seq, batch.reset, batch.first_seq)
 
 
-class _Waiter:
+def _encode_batch(batch: Batch) -> bytes:
+    parts = [
+        b'{"room":"',
+        # Room names are [A-Za-z0-9_-]: nothing to escape.
+        batch.room.encode("ascii"),
+        b'","messages":[',
+        b",".join(m.json for m in batch.messages),
+        b'],"last_seq":%d,"reset":%s' % (batch.last_seq, b"true" if batch.reset else b"false"),
+    ]
+    if batch.reset:
+        parts.append(b',"first_seq":%d' % (batch.first_seq,))
+    parts.append(b"}")
+    return b"".join(parts)
+
+
+def _jsonp(callback: Optional[bytes], body: bytes) -> Tuple[bytes, bytes]:
     """
-    One short-path long-poll (L{ChatWeb.long_poll}): answered, failed or
-    cancelled once, its connection place given back once.
+    The content type and body of a JSON answer, wrapped for JSONP when
+    there is a callback.
     """
-
-    __slots__ = ("web", "ticket", "callback", "write", "forget", "finished")
-
-    def __init__(
-        self,
-        web: "ChatWeb",
-        ticket: Ticket,
-        callback: Optional[bytes],
-        write: Callable[[int, bytes, bytes], None],
-    ) -> None:
-        self.web = web
-        self.ticket = ticket
-        self.callback = callback
-        self.write = write
-        self.forget: Optional[Callable[[], None]] = None
-        self.finished = False
-
-    def done(self) -> bool:
-        if self.finished:
-            return False
-        self.finished = True
-        # forget holds this waiter's answer, and so the waiter: a cycle
-        # that would leave every long-poll to the garbage collector.
-        self.forget = None
-        self.web._end_long_poll(self.ticket)
-        return True
-
-    def answer(self, batch: Batch) -> None:
-        if self.done():
-            self.write(200, *_jsonp(self.callback, _within_budget(batch)))
-
-    def failed(self, failure: Failure) -> None:
-        if not self.done():
-            return
-        if failure.check(ChatError):
-            error = cast(ChatError, failure.value)
-            status, code, detail = error.status, error.code, error.detail
-        else:
-            self.web.log.failure("Unhandled error serving a long-poll", failure)
-            status, code, detail = 500, *_INTERNAL_ERROR
-        self.write(status, _JSON, encode_json({"error": code, "detail": detail}))
-
-    def cancel(self) -> None:
-        forget = self.forget
-        if self.done() and forget is not None:
-            forget()
+    if callback is not None:
+        return _JAVASCRIPT, callback + b"(" + body + b");"
+    return _JSON, body
 
 
-class _LongPoll(NamedTuple):
+class _MessagesQuery(NamedTuple):
     """
-    A long-poll's checked parameters (L{ChatWeb.prepare_long_poll}).
+    The checked parameters of C{GET /api/rooms/<room>/messages}.
     """
 
-    room: str
     after: Optional[int]
+    before: Optional[int]
     limit: int
     timeout: float
-    callback: Optional[bytes]
+
+
+def _messages_query(request: IRequest) -> _MessagesQuery:
+    """
+    Read and check a messages GET's parameters, in the order the errors
+    are reported.
+
+    @raise ChatError: C{invalid_callback}, C{invalid_parameter}.
+    """
+    _callback(request)  # refuse a bad callback before waiting
+    after = parse_cursor(_query(request, "after"), "after")
+    before = parse_cursor(_query(request, "before"), "before")
+    limit = _bounded_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    if before is not None:
+        if after is not None:
+            raise ChatError("invalid_parameter", "Give after or before, not both.")
+        return _MessagesQuery(None, before, limit, DEFAULT_TIMEOUT)
+    timeout = _bounded_seconds(request, "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT)
+    return _MessagesQuery(after, None, limit, timeout)
+
+
+class _Poll:
+    """
+    One long-poll request, waiting in the core: it holds a connection
+    place until it is answered, failed or its client goes away, and then
+    gives it back, once.
+    """
+
+    __slots__ = ("_web", "_request", "_ticket", "_forget", "_timeout")
+
+    def __init__(self, web: "ChatWeb", request: Any, timeout: float) -> None:
+        self._web = web
+        self._request = request
+        self._timeout = timeout
+        self._ticket: Optional[Ticket] = None
+        self._forget: Optional[Callable[[], None]] = None
+
+    def wait(
+        self,
+        room: str,
+        query: _MessagesQuery,
+        answer: Callable[[bytes], None],
+        failed: Callable[[Failure], None],
+    ) -> None:
+        """
+        Wait in C{room} after C{query.after}: C{answer} gets the body of
+        the answer (its status and headers set on the request), C{failed}
+        the failure (a refusal, a store error).
+        """
+        web = self._web
+        request = self._request
+        try:
+            self._ticket, timeout = web._admit_poll(_ip(request), self._timeout)
+        except ChatError:
+            failed(Failure())
+            return
+
+        def got(batch: Batch) -> None:
+            if self._done():
+                try:
+                    body = web._respond_batch(batch, request)
+                except Exception:
+                    failed(Failure())
+                    return
+                answer(body)
+
+        def failure(reason: Failure) -> None:
+            if self._done():
+                failed(reason)
+
+        forget = web._core.wait_for(room, query.after, query.limit, timeout, got, failure)
+        if self._ticket is not None:
+            self._forget = forget
+
+    def _done(self) -> bool:
+        ticket, self._ticket = self._ticket, None
+        # Dropping the forget function breaks the cycle through the
+        # waiter's closures, so a finished poll is freed at once.
+        self._forget = None
+        if ticket is None:
+            return False
+        self._web._end_poll(ticket)
+        return True
+
+    def cancel(self) -> None:
+        """
+        The client went away: forget the waiter.
+        """
+        forget = self._forget
+        if self._done() and forget is not None:
+            forget()
+
+    def gone(self, failure: Failure) -> None:
+        """
+        C{notifyFinish}'s errback: the connection was lost.
+        """
+        self.cancel()
+
+    def write(self, body: bytes) -> None:
+        _finish(body, self._request)
+
+    def write_error(self, failure: Failure) -> None:
+        self._web._finish_failed(failure, self._request)
 
 
 def _room_info(room: Room) -> dict:
@@ -320,52 +417,49 @@ def _room_info(room: Room) -> dict:
     }
 
 
+Renderable = Union[bytes, Deferred]
+
+
 class _Root(Resource):
     """
     The site's root: refuses URLs that are not UTF-8 with a JSON 400
-    (Klein would answer them with a bare text page), then routes.
+    (Klein would answer them with a bare text page) and everything but
+    C{/healthz} with a 503 until chatd is ready; sends long-poll GETs
+    straight to their handler (L{ChatWeb.long_poll}); routes the rest
+    through Klein.
     """
 
     isLeaf = True
 
-    def __init__(self, app: IResource) -> None:
+    def __init__(self, web: "ChatWeb", app: IResource) -> None:
         super().__init__()
+        self._web = web
         self._app = app
 
     def render(self, request: IRequest) -> Any:
-        try:
-            b"/".join(request.postpath).decode("utf-8")
-        except UnicodeDecodeError:
-            request.setResponseCode(400)
-            request.setHeader(b"content-type", _JSON)
-            request.setHeader(b"x-content-type-options", b"nosniff")
-            return encode_json(
-                {"error": "invalid_url", "detail": "The URL path is not valid UTF-8."}
-            )
+        postpath = request.postpath
+        web = self._web
+        if (
+            request.method == b"GET"
+            and len(postpath) == 4
+            and postpath[3] == b"messages"
+            and postpath[1] == b"rooms"
+            and postpath[0] == b"api"
+            and _ROOM_SEGMENT.match(postpath[2])
+        ):
+            # The route Klein would pick for this path: a room name is
+            # ASCII, so werkzeug would read the segment as it is.
+            if web.ready:
+                return web.long_poll(request, postpath[2].decode("ascii"))
+        else:
+            try:
+                b"/".join(postpath).decode("utf-8")
+            except UnicodeDecodeError:
+                return web.error_now(request, 400, "invalid_url", "The URL path is not valid UTF-8.")
+        if not web.ready and postpath != [b"healthz"]:
+            request.setHeader(b"retry-after", b"1")
+            return web.error_now(request, 503, "not_ready", "chatd is starting; try again in a moment.")
         return self._app.render(request)
-
-
-class ChatRequest(Request):
-    """
-    A request whose body twisted.web does not parse: chatd reads POST
-    bodies itself (JSON or URL-encoded forms) and refuses multipart with a
-    JSON 415, where twisted.web would answer a malformed multipart body
-    with a bare 400 of its own and drop the connection.
-    """
-
-    _content_type: Optional[Sequence[bytes]] = None
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self._content_type = self.requestHeaders.getRawHeaders(b"content-type")
-        if self._content_type is not None:
-            self.requestHeaders.removeHeader(b"content-type")
-        super().requestReceived(command, path, version)
-
-    def process(self) -> None:
-        # Called by requestReceived once the arguments are parsed.
-        if self._content_type is not None:
-            self.requestHeaders.setRawHeaders(b"content-type", self._content_type)
-        super().process()
 
 
 class _StaticFiles(File):
@@ -386,6 +480,10 @@ class ChatWeb:
     @param env: the Jinja2 environment for pages.
     @param static: the folder of static files.
     @param websocket: the resource that takes over a C{/ws/<room>} request.
+    @ivar ready: requests are served (set once the core is loaded; until
+        then everything but C{/healthz} is a 503).
+    @ivar shutting_down: set when the server starts shutting down:
+        C{/readyz} says no, and long-polls are answered at once.
     """
 
     app = Klein()
@@ -400,6 +498,7 @@ class ChatWeb:
         metrics: Optional[Metrics] = None,
         allow_origins: Sequence[str] = (),
         serve_metrics: bool = True,
+        ready: bool = True,
     ) -> None:
         self._core = core
         self._metrics = metrics
@@ -409,11 +508,11 @@ class ChatWeb:
             metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
         self._allow_origins = {o.rstrip("/").lower() for o in allow_origins}
         self._serve_metrics = serve_metrics
-        #: Set when the server starts shutting down: /readyz says no, and
-        #: long-polls are answered at once.
+        self.ready = ready
         self.shutting_down = False
         self._static = _StaticFiles(str(static))
         self._websocket = websocket
+        self._bodies = _BatchBodies()
         # Loaded once here, never per request.
         self._index = env.get_template("index.html")
         self._room_page = env.get_template("room.html")
@@ -423,31 +522,38 @@ class ChatWeb:
         """
         The root resource to serve.
         """
-        return _Root(self.app.resource())
+        return _Root(self, self.app.resource())
 
-    def site(self, timeout: float, access_log: bool = False, reactor: Any = None) -> Site:
+    def site(self, timeout: float, head_timeout: float, access_log: bool = False, reactor: Any = None) -> ChatSite:
         """
-        The Site to serve: L{resource} with L{ChatRequest}, closing
-        connections idle for C{timeout} seconds, long-poll GETs on the
-        channel's short path (L{long_poll}).  With C{access_log}, every
-        request takes twisted.web's full path and is logged, a line each.
+        The Site to serve L{resource}: connections idle for C{timeout}
+        seconds are closed, and a request head must arrive within
+        C{head_timeout} seconds of its first byte.  With C{access_log},
+        every request is logged, a line each.
         """
-        site = ChatSite(self.resource(), access_log=access_log, timeout=timeout, reactor=reactor)
-        site.requestFactory = ChatRequest
-        if not access_log:
-            site.long_polls = self
-        return site
+        return ChatSite(
+            self.resource(),
+            access_log=access_log,
+            head_timeout=head_timeout,
+            timeout=timeout,
+            reactor=reactor,
+        )
 
     # -- responses -----------------------------------------------------------
 
     def _json(
         self, request: IRequest, body: bytes, status: int = 200, jsonp: bool = True
     ) -> bytes:
+        """
+        Set up a JSON (or JSONP) answer: its status and headers, with a
+        Content-Length; the body is returned, to be written in one piece.
+        """
         content_type, body = _jsonp(_callback(request) if jsonp else None, body)
-        request.setResponseCode(status, EXTRA_REASONS.get(status))
+        request.setResponseCode(status, REASONS.get(status))
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", content_type)
+        request.setHeader(b"content-length", b"%d" % (len(body),))
         return body
 
     def _page(self, request: IRequest, template: Any, status: int = 200, **context: Any) -> bytes:
@@ -459,14 +565,22 @@ class ChatWeb:
         request.setHeader(b"referrer-policy", b"same-origin")
         return template.render(**context).encode("utf-8")
 
-    @app.handle_errors(ChatError)
-    def _chat_error(self, request: IRequest, failure: Failure) -> bytes:
+    def _error_answer(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        The answer to a request that failed: a L{ChatError}'s status and
+        JSON body, or a logged 500 for anything else.  Both the Klein
+        routes and the long-poll (L{long_poll}) answer their errors here.
+        """
+        if not failure.check(ChatError):
+            self.log.failure("Unhandled error serving {uri}", failure, uri=request.uri)
+            return self._error_json(request, 500, *_INTERNAL_ERROR)
         error = cast(ChatError, failure.value)
+        status = http_status(error)
         if error.retry_after is not None:
             request.setHeader(b"retry-after", b"%d" % (max(1, math.ceil(error.retry_after)),))
-        if error.status in (403, 413, 429, 503):
+        if status in _LOGGED_REFUSALS:
             self._log_rejection(request, error.code)
-        return self._error_json(request, error.status, error.code, error.detail)
+        return self._error_json(request, status, error.code, error.detail)
 
     def _log_rejection(self, request: IRequest, reason: str) -> None:
         self.log.info(
@@ -490,42 +604,67 @@ class ChatWeb:
         return self._error_json(request, status, code, detail)
 
     @app.handle_errors(Exception)
-    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("Unhandled error serving {uri}", failure, uri=request.uri)
-        return self._error_json(request, 500, *_INTERNAL_ERROR)
+    def _failed(self, request: IRequest, failure: Failure) -> bytes:
+        return self._error_answer(request, failure)
 
     def _error_json(self, request: IRequest, status: int, code: str, detail: str) -> bytes:
-        body = encode_json({"error": code, "detail": detail})
-        return self._json(request, body, status, jsonp=False)
+        return self._json(request, error_body(code, detail), status, jsonp=False)
+
+    def error_now(self, request: IRequest, status: int, code: str, detail: str) -> bytes:
+        """
+        A JSON error answer for a request refused before routing.
+        """
+        return self._error_json(request, status, code, detail)
+
+    def _in_room(self, name: str, then: Callable[..., Any], *args: Any) -> Any:
+        """
+        C{then(*args)}, once room C{name} is known here: at once for a room
+        this node follows, else after looking it up in the store (another
+        node may have made it).  An unknown room fails with
+        C{room_not_found} before anything else about the request is
+        checked, on every route.
+        """
+        try:
+            self._core.room(name)
+        except ChatError:
+            return self._core.find_room(name).addCallback(lambda _: then(*args))
+        return then(*args)
 
     # -- pages ---------------------------------------------------------------
 
     @app.route("/", methods=["GET"])
-    def index(self, request: IRequest) -> bytes:
+    def index(self, request: IRequest) -> Deferred:
         """
         The room list and the create-room form.
         """
-        rooms = [_room_info(room) for room in self._core.rooms()]
-        return self._page(request, self._index, rooms=rooms)
 
-    def _chat_page(self, request: IRequest, name: str, transport: str) -> bytes:
-        try:
-            room = self._core.room(name)
-        except ChatError as e:
+        def render(rooms: Sequence[Room]) -> bytes:
+            return self._page(request, self._index, rooms=[_room_info(room) for room in rooms])
+
+        return self._core.list_rooms().addCallback(render)
+
+    def _chat_page(self, request: IRequest, name: str, transport: str) -> Deferred:
+        def render(room: Room) -> bytes:
+            return self._page(request, self._room_page, room=_room_info(room), transport=transport)
+
+        def missing(failure: Failure) -> bytes:
+            failure.trap(ChatError)
+            error = cast(ChatError, failure.value)
             return self._page(
-                request, self._error_page, e.status, title="No such room", detail=e.detail
+                request, self._error_page, http_status(error), title="No such room", detail=error.detail
             )
-        return self._page(request, self._room_page, room=_room_info(room), transport=transport)
+
+        return self._core.find_room(name).addCallbacks(render, missing)
 
     @app.route("/rooms/<room>", methods=["GET"])
-    def room_page(self, request: IRequest, room: str) -> bytes:
+    def room_page(self, request: IRequest, room: str) -> Deferred:
         """
         A room's chat page, over WebSocket.
         """
         return self._chat_page(request, room, "websocket")
 
     @app.route("/rooms/<room>/longpoll", methods=["GET"])
-    def longpoll_page(self, request: IRequest, room: str) -> bytes:
+    def longpoll_page(self, request: IRequest, room: str) -> Deferred:
         """
         A room's chat page, over long-poll.
         """
@@ -541,12 +680,16 @@ class ChatWeb:
     # -- rooms API -----------------------------------------------------------
 
     @app.route("/api/rooms", methods=["GET"])
-    def list_rooms(self, request: IRequest) -> bytes:
+    def list_rooms(self, request: IRequest) -> Deferred:
         """
         C{{"rooms": [{"name", "last_seq", "clients"}, ...]}}.
         """
-        rooms = [_room_info(room) for room in self._core.rooms()]
-        return self._json(request, encode_json({"rooms": rooms}))
+        _callback(request)  # refuse a bad callback first
+
+        def render(rooms: Sequence[Room]) -> bytes:
+            return self._json(request, encode_json({"rooms": [_room_info(r) for r in rooms]}))
+
+        return self._core.list_rooms().addCallback(render)
 
     @app.route("/api/rooms", methods=["POST"])
     def create_room(self, request: IRequest) -> Deferred:
@@ -571,125 +714,118 @@ class ChatWeb:
         return self._core.create_room(fields.get("name"), Peer(_ip(request))).addCallback(created)
 
     @app.route("/api/rooms/<room>", methods=["GET"])
-    def room_info(self, request: IRequest, room: str) -> bytes:
+    def room_info(self, request: IRequest, room: str) -> Deferred:
         """
         One room's C{{"name", "last_seq", "clients"}}.
         """
-        return self._json(request, encode_json(_room_info(self._core.room(room))))
+
+        def render(found: Room) -> bytes:
+            return self._json(request, encode_json(_room_info(found)))
+
+        return self._core.find_room(room).addCallback(render)
 
     # -- messages API --------------------------------------------------------
 
     @app.route("/api/rooms/<room>/messages", methods=["GET"])
-    def get_messages(self, request: IRequest, room: str) -> Deferred:
+    def get_messages(self, request: IRequest, room: str) -> Renderable:
         """
         Long-poll for messages after C{after}, or page back before
-        C{before}.
+        C{before}.  (A plain GET comes here past Klein: L{long_poll}.)
         """
-        self._core.room(room)
-        _callback(request)  # refuse a bad callback before waiting
-        after = parse_cursor(_query(request, "after"), "after")
-        before = parse_cursor(_query(request, "before"), "before")
-        limit = _bounded_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        if before is not None:
-            if after is not None:
-                raise ChatError("invalid_parameter", "Give after or before, not both.")
-            d = self._core.read_before(room, before, limit)
-        else:
-            timeout = _bounded_seconds(request, "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT)
-            d = self._wait(_ip(request), room, after, limit, timeout)
+        return self._in_room(room, self._get_messages, request, room)
 
-        def respond(batch: Batch) -> bytes:
-            return self._json(request, _within_budget(batch))
+    def _get_messages(self, request: IRequest, room: str) -> Deferred:
+        query = _messages_query(request)
+        if query.before is not None:
+            d = self._core.read_before(room, query.before, query.limit)
+            return d.addCallback(self._respond_batch, request)
+        poll = _Poll(self, request, query.timeout)
+        d = Deferred(lambda _: poll.cancel())
+        poll.wait(room, query, d.callback, d.errback)
+        return d
 
-        return d.addCallback(respond)
+    def _respond_batch(self, batch: Batch, request: IRequest) -> bytes:
+        return self._json(request, self._bodies.body(batch))
+
+    def long_poll(self, request: Any, room: str) -> object:
+        """
+        Answer C{GET /api/rooms/<room>/messages} as its Klein route does
+        (L{get_messages}), without Klein's routing: the same parameters,
+        the same wait, the same answers and errors, written in one piece
+        with a Content-Length.  A client that goes away cancels its wait
+        (C{notifyFinish}).  This is the request every long-poll client
+        sends after every answer, so it does without Deferreds of its own.
+        """
+        try:
+            self._core.room(room)
+            query = _messages_query(request)
+        except Exception:
+            # An unknown room (maybe another node's: looked up in the
+            # store), a refused parameter, a bug: the route's own way.
+            self._answer_later(request, self._in_room, room, self._get_messages, request, room)
+            return NOT_DONE_YET
+        if query.before is not None:
+            self._answer_later(request, self._get_messages, request, room)
+            return NOT_DONE_YET
+        poll = _Poll(self, request, query.timeout)
+        request.notifyFinish().addErrback(poll.gone)
+        poll.wait(room, query, poll.write, poll.write_error)
+        return NOT_DONE_YET
+
+    def _answer_later(self, request: Any, handler: Callable[..., Any], *args: Any) -> None:
+        """
+        Write the answer (or the error answer) that C{handler(*args)}
+        comes to, at once or later.
+        """
+        result = maybeDeferred(handler, *args)
+        result.addCallbacks(_finish, self._finish_failed, callbackArgs=(request,), errbackArgs=(request,))
+        request.notifyFinish().addErrback(_cancel, result)
+
+    def _finish_failed(self, failure: Failure, request: Any) -> None:
+        if request.channel is None or failure.check(CancelledError):
+            return  # the client went away
+        _finish(self._error_answer(request, failure), request)
+
+    def _admit_poll(self, ip: str, timeout: Optional[float]) -> Tuple[Ticket, Optional[float]]:
+        """
+        Take a connection place for a long-poll and count it.
+
+        @return: its ticket, and how long it may wait (not at all while
+            shutting down).
+        @raise ChatError: C{server_full}, C{too_many_connections}.
+        """
+        ticket = self._core.admit(ip)
+        self.long_polls += 1
+        return ticket, 0.0 if self.shutting_down else timeout
+
+    def _end_poll(self, ticket: Ticket) -> None:
+        ticket.release()
+        self.long_polls -= 1
 
     def _wait(
         self, ip: str, room: str, after: Optional[int], limit: int, timeout: Optional[float]
     ) -> Deferred:
         """
         Long-poll within the connection limits, counted as a connection
-        while it waits.
+        while it waits (the tutorial's endpoint).
         """
-        ticket, timeout = self._start_long_poll(ip, timeout)
+        ticket, timeout = self._admit_poll(ip, timeout)
 
         def done(result: object) -> object:
-            self._end_long_poll(ticket)
+            self._end_poll(ticket)
             return result
 
-        try:
-            d = self._core.wait(room, after, limit, timeout)
-        except BaseException:
-            done(None)
-            raise
-        return d.addBoth(done)
-
-    def _start_long_poll(self, ip: str, timeout: Optional[float]) -> Tuple[Ticket, Optional[float]]:
-        """
-        Take a connection place for a long-poll and count it.
-
-        @return: its ticket, and how long it may wait (not at all while
-            shutting down).
-        """
-        ticket = self._core.admit(ip)
-        self.long_polls += 1
-        return ticket, 0.0 if self.shutting_down else timeout
-
-    def _end_long_poll(self, ticket: Ticket) -> None:
-        ticket.release()
-        self.long_polls -= 1
-
-    def prepare_long_poll(self, room: str, query: Mapping[str, str]) -> "_LongPoll":
-        """
-        The parameters of a C{GET /api/rooms/<room>/messages?after=...},
-        checked as L{get_messages} checks them, for the HTTP channel's short
-        path (L{chatd._http.ChatChannel}, which keeps the result for the
-        same request line).
-
-        @param query: the query's parameters (the last value of each).
-        @raise ChatError: for what L{get_messages} would refuse; the channel
-            then hands the request to it, for the same answer.
-        """
-        if "before" in query:
-            raise ChatError("invalid_parameter", "Paging back takes the full path.")
-        return _LongPoll(
-            room,
-            parse_cursor(query.get("after"), "after"),
-            _int_value(query.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
-            _seconds_value(query.get("timeout"), "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT),
-            _callback_value(query.get("callback")),
-        )
-
-    def long_poll(
-        self, poll: "_LongPoll", ip: str, write: Callable[[int, bytes, bytes], None]
-    ) -> Callable[[], None]:
-        """
-        Start a prepared long-poll: the same wait as L{get_messages}, with
-        no Deferred (this is the path every long-poll takes).  C{write} is
-        called once, with the answer's status, content type and body (a
-        JSON error if the store fails), unless the returned function is
-        called first (the client went away).
-
-        @raise ChatError: for a room that does not exist or a client over
-            its connection limits (the channel hands those to the full path).
-        """
-        ticket, timeout = self._start_long_poll(ip, poll.timeout)
-        waiter = _Waiter(self, ticket, poll.callback, write)
-        try:
-            waiter.forget = self._core.wait_for(
-                poll.room, poll.after, poll.limit, timeout, waiter.answer, waiter.failed
-            )
-        except BaseException:
-            waiter.done()
-            raise
-        return waiter.cancel
+        return self._core.wait(room, after, limit, timeout).addBoth(done)
 
     @app.route("/api/rooms/<room>/messages", methods=["POST"])
-    def post_message(self, request: IRequest, room: str) -> Deferred:
+    def post_message(self, request: IRequest, room: str) -> Renderable:
         """
         Post C{{"nick", "body", "client_id"}} (JSON or form); 201 with the
         stored message once it is committed.
         """
-        self._core.room(room)
+        return self._in_room(room, self._post_message, request, room)
+
+    def _post_message(self, request: IRequest, room: str) -> Deferred:
         fields = _form_or_json(request)
         d = self._core.post(
             room, fields.get("nick"), fields.get("body"), fields.get("client_id"), Peer(_ip(request))
@@ -704,18 +840,20 @@ class ChatWeb:
     # -- WebSocket -----------------------------------------------------------
 
     @app.route("/ws/<room>", methods=["GET"])
-    def websocket(self, request: IRequest, room: str) -> IResource:
+    def websocket(self, request: IRequest, room: str) -> Any:
         """
         Hand a WebSocket upgrade for an existing room to Autobahn.
         """
-        self._core.room(room)
+        return self._in_room(room, self._websocket_upgrade, request)
+
+    def _websocket_upgrade(self, request: IRequest) -> IResource:
         parse_cursor(_query(request, "after"), "after")
         self._check_origin(request)
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade.lower() != b"websocket":
             request.setHeader(b"upgrade", b"websocket")
             raise ChatError(
-                "upgrade_required", "This is a WebSocket endpoint; connect with ws://.", 426
+                "upgrade_required", "This is a WebSocket endpoint; connect with ws://."
             )
         return self._websocket
 
@@ -735,7 +873,6 @@ class ChatWeb:
         raise ChatError(
             "origin_not_allowed",
             f"WebSocket connections from {text!r} are not allowed here.",
-            403,
         )
 
     def _count_post(self) -> None:
@@ -777,7 +914,7 @@ class ChatWeb:
         Prometheus metrics (unless they are served on --metrics-port).
         """
         if self._metrics is None or not self._serve_metrics:
-            raise ChatError("not_found", "Metrics are not served here.", 404)
+            raise ChatError("not_found", "Metrics are not served here.")
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
         return self._metrics.render()
 
@@ -790,12 +927,14 @@ class ChatWeb:
         return self._json(request, json.dumps(payload).encode("ascii"))
 
     @app.route("/rooms/<room>/poll", methods=["GET"])
-    def tutorial_poll(self, request: IRequest, room: str) -> Any:
+    def tutorial_poll(self, request: IRequest, room: str) -> Renderable:
         """
         The tutorial's long-poll: one message after cursor C{lastupdate}
         (the previous answer's C{timestamp}, which is a seq here).
         """
-        self._core.room(room)
+        return self._in_room(room, self._tutorial_poll, request, room)
+
+    def _tutorial_poll(self, request: IRequest, room: str) -> Renderable:
         _callback(request)
         raw = _query(request, "lastupdate")
         if raw is None or raw == "-1":
@@ -823,11 +962,13 @@ class ChatWeb:
         return self._wait(_ip(request), room, after, 1, timeout).addCallback(respond)
 
     @app.route("/rooms/<room>/poll", methods=["POST"])
-    def tutorial_post(self, request: IRequest, room: str) -> Deferred:
+    def tutorial_post(self, request: IRequest, room: str) -> Renderable:
         """
         The tutorial's post: form field C{new_message}.
         """
-        self._core.room(room)
+        return self._in_room(room, self._tutorial_post, request, room)
+
+    def _tutorial_post(self, request: IRequest, room: str) -> Deferred:
         request.setHeader(b"access-control-allow-origin", b"*")
         fields = _form_or_json(request)
         d = self._core.post(
@@ -841,3 +982,21 @@ class ChatWeb:
             )
 
         return d.addCallback(respond)
+
+
+def _finish(body: bytes, request: Any) -> None:
+    """
+    Write a whole answer and finish the request, unless its client went
+    away meanwhile.
+    """
+    if request.channel is None:
+        return
+    request.write(body)
+    request.finish()
+
+
+def _cancel(failure: Failure, d: Deferred) -> None:
+    """
+    The request's connection was lost: cancel what it waits for.
+    """
+    d.cancel()

@@ -11,13 +11,14 @@ C{{"type": "ping"}}, or plain text, which is taken as a message body.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Set
+from typing import Any, Callable, Optional, Set, cast
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IPushProducer
@@ -25,17 +26,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatd._send import Ticks, direct_writer
-from chatd.core import (
-    ChatCore,
-    ChatError,
-    Message,
-    Peer,
-    Subscription,
-    Ticket,
-    encode_json,
-    parse_cursor,
-)
+from chatd._send import Ticks, writer_for
+from chatd._wire import client_host, http_status
+from chatd.core import ChatCore
+from chatd.limits import Ticket
+from chatd.model import ChatError, Message, Peer, encode_json, parse_cursor
+from chatd.room import Subscription
 
 __all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "frame_limit"]
 
@@ -43,6 +39,7 @@ __all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "frame_limit"]
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
 
 #: Rate-limited posts in a row after which a connection is closed (1008).
 FLOOD_CLOSE_AFTER = 20
@@ -105,8 +102,10 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _sending = False
     _rejected = 0
     _ip = "?"
+    #: Where frames are written once the connection is open (L{sendData}).
+    _write: Optional[Callable[[bytes], None]] = None
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> Any:
         """
         Accept C{/ws/<room>[?after=SEQ]} for a room that exists, within the
         connection limits.
@@ -117,20 +116,35 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "No such endpoint.")
         name = unquote(path[len(prefix):])
         transport: Any = self.transport
-        self._ip = getattr(transport.getPeer(), "host", "?")
+        self._ip = client_host(transport.getPeer())
         core = self.factory.core
         try:
             core.room(name)
+        except ChatError:
+            # Not followed by this node (yet): the store may know it.
+            d = core.find_room(name)
+            return d.addCallbacks(lambda _: self._admit(request, name), self._refuse, errbackArgs=(path,))
+        return self._admit(request, name)
+
+    def _admit(self, request: ConnectionRequest, name: str) -> None:
+        try:
             after = request.params.get("after", [None])[-1]
             self._after = parse_cursor(after, "after")
-            self._ticket = core.admit(self._ip)
+            self._ticket = self.factory.core.admit(self._ip)
         except ChatError as e:
-            self._log.info(
-                "Refused WebSocket from {ip} to {path}: {reason}", ip=self._ip, path=path, reason=e.code
-            )
-            self.factory.rejected(e.code)
-            raise ConnectionDeny(e.status, e.detail) from None
+            self._refuse(Failure(e), request.path)
         self._room = name
+        return None
+
+    def _refuse(self, failure: Failure, path: str) -> None:
+        failure.trap(ChatError)
+        error = failure.value
+        assert isinstance(error, ChatError)
+        self._log.info(
+            "Refused WebSocket from {ip} to {path}: {reason}", ip=self._ip, path=path, reason=error.code
+        )
+        self.factory.rejected(error.code)
+        raise ConnectionDeny(http_status(error), error.detail)
 
     def onOpen(self) -> None:
         """
@@ -145,13 +159,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         transport.unregisterProducer()
         transport.registerProducer(self._backpressure, True)
-        # Past the HTTP layer's wrappers (not TLS), for the fan-out path.
-        ticks = self.factory.ticks
-        self._write = (
-            transport.write
-            if ticks is None
-            else direct_writer(getattr(transport, "direct_transport", transport), ticks)
-        )
+        self._write = writer_for(transport, self.factory.ticks)
         self._sending = True
         try:
             self._subscription = self.factory.core.subscribe(
@@ -159,7 +167,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             )
         except ChatError as e:
             self._send_error(e)
-            self.close_with(1011, e.detail)
+            self.close_with(CLOSE_INTERNAL_ERROR, e.detail)
 
     def close_with(self, code: int, reason: str) -> None:
         """
@@ -175,24 +183,41 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if self._sending and self.state == self.STATE_OPEN:
             self.sendMessage(encode_json(frame))
 
-    def _send_message(self, message: Message) -> None:
-        # The fan-out hot path: one framed payload shared by every recipient,
-        # written straight to the transport.  (Autobahn's sendData formats
-        # debug-log arguments on every call, a fifth of the fan-out's CPU.)
-        if not self._sending:
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        """
+        Every byte Autobahn sends comes here (frames, prepared messages,
+        close frames, pongs).  Once the connection is open, a plain write
+        goes to this connection's writer (L{chatd._send}): at once where
+        that keeps the bytes in order, and without formatting Autobahn's
+        debug-log arguments on every call (a fifth of the fan-out's CPU).
+        Synchronous and chopped sends, and anything queued by them, stay
+        with Autobahn, and so does everything before the connection opens.
+        """
+        write = self._write
+        if write is None or sync or chopsize or self.send_queue or cast(Any, self).logOctets:
+            super().sendData(data, sync, chopsize)
             return
-        factory = self.factory
-        if message is factory._last_message:
-            frame = factory._last_frame
-        else:
-            frame = factory.frame(message)
+        if self.state == self.STATE_CLOSED:
+            return  # nothing is written after the connection closed
+        write(data)
+        if self.state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+
+    def _send_message(self, message: Message) -> None:
+        # The fan-out hot path: one prepared frame shared by every
+        # recipient, sent only while the connection is open and no close
+        # frame has been sent (Autobahn's sendPreparedMessage does not
+        # check the state itself).
+        if not self._sending or self.state != self.STATE_OPEN:
+            return
+        prepared = self.factory.prepared(message)
         backpressure = self._backpressure
         if backpressure is not None and backpressure.paused:
-            backpressure.backlog += len(frame)
-            if backpressure.backlog > factory.slow_consumer_limit:
+            backpressure.backlog += len(prepared.payloadHybi)
+            if backpressure.backlog > self.factory.slow_consumer_limit:
                 self._too_slow()
                 return
-        self._write(frame)
+        self.sendPreparedMessage(prepared)
 
     def _too_slow(self) -> None:
         """
@@ -220,7 +245,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         frame: dict = {
             "type": "error",
             "code": error.code,
-            "status": error.status,
+            "status": http_status(error),
             "detail": error.detail,
         }
         if error.retry_after is not None:
@@ -250,7 +275,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         except Exception:
             # A bug must cost this frame, not the connection or the process.
             self._log.failure("Handling a frame from {ip} failed", ip=self._ip)
-            self._send_error(ChatError("internal_error", "The frame could not be handled.", 500))
+            self._send_error(ChatError("internal_error", "The frame could not be handled."))
 
     def _handle(self, text: str) -> None:
         frame: Any
@@ -306,7 +331,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             return
         self._log.failure("Storing a message failed", failure)
         self._send_error(
-            ChatError("internal_error", "The message could not be stored.", 500),
+            ChatError("internal_error", "The message could not be stored."),
             client_id,
         )
 
@@ -336,8 +361,8 @@ class ChatWebSocketFactory(WebSocketServerFactory):
     """
     Builds L{ChatWebSocketProtocol}s that share one L{ChatCore}.
 
-    Each message is framed once (C{prepareMessage}) and the same bytes are
-    written to every recipient.
+    Each message is framed once (C{prepareMessage}) and the same prepared
+    message is sent to every recipient.
 
     @param metrics: optional; told about connections, posts and rejections.
     """
@@ -357,7 +382,7 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         super().__init__(*args, **kwargs)
         self.core = core
         self.metrics = metrics
-        #: With a clock, fan-out frames may be sent at once (direct_writer).
+        #: With a clock, frames may be sent at once (L{chatd._send}).
         self.ticks = Ticks(clock) if clock is not None else None
         self.slow_consumer_limit = slow_consumer_limit
         self.connections: Set[ChatWebSocketProtocol] = set()
@@ -377,20 +402,26 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             autoPingTimeout=auto_ping,
         )
         self._last_message: Optional[Message] = None
-        self._last_frame = b""
+        self._last_prepared: Optional[PreparedMessage] = None
+
+    def prepared(self, message: Message) -> PreparedMessage:
+        """
+        C{message} framed for sending (C{prepareMessage}).  The core offers
+        each new message to all of a room's subscribers before the next
+        one, so remembering the last message frames it once per fan-out.
+        """
+        if message is not self._last_message or self._last_prepared is None:
+            # Server frames are unmasked and not compressed (chatd does not
+            # negotiate permessage-deflate), so the frame is the same for all.
+            self._last_prepared = self.prepareMessage(message.json)
+            self._last_message = message
+        return self._last_prepared
 
     def frame(self, message: Message) -> bytes:
         """
-        C{message} as a complete WebSocket frame.  The core offers each new
-        message to all of a room's subscribers before the next one, so
-        remembering the last message frames it once per fan-out.
+        C{message} as the bytes of a complete WebSocket frame.
         """
-        if message is not self._last_message:
-            # Server frames are unmasked and not compressed (chatd does not
-            # negotiate permessage-deflate), so the frame is the same for all.
-            self._last_frame = self.prepareMessage(message.json).payloadHybi
-            self._last_message = message
-        return self._last_frame
+        return self.prepared(message).payloadHybi
 
     # -- bookkeeping -----------------------------------------------------------
 

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.core import Message
+from chatd.model import Message
 
 __all__ = ["SQLStore", "StoreError", "schema_files"]
 
@@ -153,6 +153,15 @@ class SQLStore:
             return [(name, last_seq) for name, last_seq in rows]
 
         return self._read.runWithConnection(load)
+
+    def room_state(self, name: str) -> Deferred:
+        def read(conn: Any) -> Optional[Tuple[int, int]]:
+            row = conn.execute(
+                self._sql("SELECT last_seq, first_seq FROM rooms WHERE name = ?"), (name,)
+            ).fetchone()
+            return None if row is None else (int(row[0]), int(row[1]))
+
+        return self._read.runWithConnection(read)
 
     def create_room(self, name: str, now_ms: int = 0) -> Deferred:
         def create(conn: Any) -> bool:

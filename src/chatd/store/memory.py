@@ -12,8 +12,8 @@ from typing import Deque, Dict, List, Optional, Tuple
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from chatd.core import Message
 from chatd.interfaces import IMessageStore
+from chatd.model import Message
 
 __all__ = ["MemoryStore"]
 
@@ -51,6 +51,12 @@ class MemoryStore:
 
     def load_rooms(self) -> Deferred:
         return succeed([(name, log.last_seq) for name, log in self._rooms.items()])
+
+    def room_state(self, name: str) -> Deferred:
+        log = self._rooms.get(name)
+        if log is None:
+            return succeed(None)
+        return succeed((log.last_seq, log.first_seq()))
 
     def create_room(self, name: str, now_ms: int = 0) -> Deferred:
         if name in self._rooms:

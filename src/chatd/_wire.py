@@ -1,0 +1,71 @@
+# -*- test-case-name: tests.test_web,tests.test_ws -*-
+"""
+What the HTTP and WebSocket adapters share: the HTTP status of each
+L{ChatError} code (an HTTP answer's status, a WebSocket error frame's
+C{status} field, a refused handshake's status), the JSON error body, and
+how a client's address is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from chatd.model import ChatError, encode_json
+
+__all__ = ["STATUS", "REASONS", "client_host", "error_body", "http_status"]
+
+#: Every error code chatd uses, with its HTTP status.
+STATUS: Dict[str, int] = {
+    "invalid_url": 400,
+    "invalid_room_name": 400,
+    "invalid_nick": 400,
+    "invalid_body": 400,
+    "invalid_client_id": 400,
+    "invalid_parameter": 400,
+    "invalid_callback": 400,
+    "invalid_json": 400,
+    "invalid_form": 400,
+    "invalid_utf8": 400,
+    "unknown_type": 400,
+    "origin_not_allowed": 403,
+    "too_many_rooms": 403,
+    "room_not_found": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "room_exists": 409,
+    "body_too_long": 413,
+    "request_too_large": 413,
+    "unsupported_media_type": 415,
+    "upgrade_required": 426,
+    "rate_limited": 429,
+    "internal_error": 500,
+    "server_full": 503,
+    "too_many_connections": 503,
+    "not_ready": 503,
+}
+
+#: Reason phrases twisted.web's own table lacks.
+REASONS: Dict[int, bytes] = {426: b"Upgrade Required", 429: b"Too Many Requests"}
+
+
+def http_status(error: ChatError) -> int:
+    """
+    The HTTP status that carries C{error}.
+    """
+    return STATUS[error.code]
+
+
+def error_body(code: str, detail: str) -> bytes:
+    """
+    The JSON body of an HTTP error: C{{"error": CODE, "detail": TEXT}}.
+    """
+    return encode_json({"error": code, "detail": detail})
+
+
+def client_host(address: Any) -> str:
+    """
+    The host part of a peer address (the TCP peer's, or the one the PROXY
+    protocol gave, which Twisted's C{haproxy:} endpoint puts in its place);
+    C{"?"} for addresses without one (UNIX sockets).
+    """
+    return str(getattr(address, "host", "?"))

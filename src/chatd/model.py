@@ -1,0 +1,321 @@
+# -*- test-case-name: tests.test_core -*-
+"""
+chatd's value types and input rules: the leaf module every other part
+imports, and which imports no other part of chatd.
+
+  - L{Message} and L{Batch}: data, as the store makes them and every
+    transport sends them.
+  - L{ChatError}: a request refused, by a machine-readable code and a
+    sentence; the adapters choose the status or frame that carries it
+    (L{chatd._wire}).
+  - The validators every transport shares: room names, nicks, bodies,
+    client ids and seq cursors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import List, Optional
+
+__all__ = [
+    "Batch",
+    "ChatError",
+    "DEFAULT_NICK",
+    "MAX_BODY",
+    "MAX_CLIENT_ID",
+    "MAX_NICK",
+    "MAX_SEQ",
+    "Message",
+    "Peer",
+    "encode_json",
+    "parse_cursor",
+    "rate_limited",
+    "room_exists",
+    "room_not_found",
+    "validate_body",
+    "validate_client_id",
+    "validate_nick",
+    "validate_room_name",
+]
+
+DEFAULT_NICK = "anonymous"
+MAX_NICK = 32
+MAX_BODY = 4096
+MAX_CLIENT_ID = 64
+#: The largest seq (and cursor) there can be: a signed 64-bit integer.
+MAX_SEQ = 2**63 - 1
+#: Decimal digits in MAX_SEQ: a longer number is refused before int() sees
+#: it (Python refuses to convert more than 4,300 digits, and converting
+#: fewer still costs time quadratic in their number).
+_MAX_SEQ_DIGITS = len(str(MAX_SEQ))
+
+_ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+# C0 controls other than TAB and LF, DEL, and C1 controls never belong in a
+# chat line; lone surrogates cannot be encoded as UTF-8 at all.
+_BAD_BODY_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_LINE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class ChatError(Exception):
+    """
+    A request chatd refuses.
+
+    @ivar code: a short machine-readable error code, e.g. C{"room_not_found"};
+        each code has one HTTP status (L{chatd._wire.http_status}).
+    @ivar detail: a sentence a person can act on.
+    @ivar retry_after: for refusals that pass (rate limits, a full server):
+        seconds after which trying again may work, else C{None}.
+    """
+
+    def __init__(self, code: str, detail: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+def rate_limited(what: str, wait: float) -> ChatError:
+    """
+    C{rate_limited}: C{what} happened too often; try again in C{wait} s.
+    """
+    return ChatError("rate_limited", f"{what}; try again in {wait:.1f} s.", wait)
+
+
+def room_exists(name: str) -> ChatError:
+    """
+    C{room_exists}: a room of this name is already there.
+    """
+    return ChatError("room_exists", f"A room named {name!r} already exists.")
+
+
+def room_not_found(name: object) -> ChatError:
+    """
+    C{room_not_found}: no room has this name.
+    """
+    return ChatError("room_not_found", f"There is no room named {name!r}.")
+
+
+def validate_room_name(name: object) -> str:
+    """
+    Check a room name against C{[A-Za-z0-9_-]{1,64}}.
+
+    @return: the name.
+    @raise ChatError: C{invalid_room_name} otherwise.
+    """
+    if not isinstance(name, str) or not _ROOM_NAME.match(name):
+        raise ChatError(
+            "invalid_room_name",
+            "A room name is 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'.",
+        )
+    return name
+
+
+def parse_cursor(value: Optional[str], name: str = "after") -> Optional[int]:
+    """
+    Parse a seq cursor from a query string: absent means C{None}, otherwise
+    a decimal integer from 0 to L{MAX_SEQ}.
+
+    @raise ChatError: C{invalid_parameter}, for anything else (however
+        many digits it has: the length is checked before converting).
+    """
+    if value is None:
+        return None
+    if (
+        not (value.isascii() and value.isdigit())
+        or len(value.lstrip("0")) > _MAX_SEQ_DIGITS
+        or int(value) > MAX_SEQ
+    ):
+        raise ChatError(
+            "invalid_parameter",
+            f"{name} must be a whole number from 0 to {MAX_SEQ} (a message seq).",
+        )
+    return int(value)
+
+
+def validate_nick(nick: object) -> str:
+    """
+    Normalise a nick: missing or blank means L{DEFAULT_NICK}.
+
+    @raise ChatError: C{invalid_nick} if it is not a string, is longer
+        than L{MAX_NICK} characters or holds control characters.
+    """
+    if nick is None:
+        return DEFAULT_NICK
+    if not isinstance(nick, str):
+        raise ChatError("invalid_nick", "nick must be a string.")
+    nick = nick.strip()
+    if not nick:
+        return DEFAULT_NICK
+    if len(nick) > MAX_NICK or _BAD_LINE_CHARS.search(nick):
+        raise ChatError(
+            "invalid_nick",
+            f"A nick is 1 to {MAX_NICK} printable characters.",
+        )
+    return nick
+
+
+def validate_body(body: object, max_body: int = MAX_BODY) -> str:
+    """
+    Strip a message body and check it is 1 to C{max_body} characters.
+
+    @raise ChatError: C{invalid_body} if missing, not a string, blank or
+        holding control characters; C{body_too_long} if too long.
+    """
+    if not isinstance(body, str):
+        raise ChatError("invalid_body", "body must be a non-empty string.")
+    body = body.strip()
+    if not body:
+        raise ChatError("invalid_body", "body is empty.")
+    if len(body) > max_body:
+        raise ChatError(
+            "body_too_long",
+            f"body is {len(body)} characters; the limit is {max_body}.",
+        )
+    if _BAD_BODY_CHARS.search(body):
+        raise ChatError(
+            "invalid_body",
+            "body holds control characters or unpaired surrogates.",
+        )
+    return body
+
+
+def validate_client_id(client_id: object) -> Optional[str]:
+    """
+    Check an optional client-chosen idempotency key.
+
+    @raise ChatError: C{invalid_client_id} unless it is C{None} or a string
+        of 1 to L{MAX_CLIENT_ID} printable characters.
+    """
+    if client_id is None:
+        return None
+    if (
+        not isinstance(client_id, str)
+        or not 0 < len(client_id) <= MAX_CLIENT_ID
+        or _BAD_LINE_CHARS.search(client_id)
+    ):
+        raise ChatError(
+            "invalid_client_id",
+            f"client_id is a string of 1 to {MAX_CLIENT_ID} printable characters.",
+        )
+    return client_id
+
+
+def encode_json(value: object) -> bytes:
+    """
+    Encode a value as compact ASCII JSON.
+
+    ASCII-only output keeps U+2028/U+2029 and every other non-ASCII
+    character escaped, so the same bytes are safe inside JSONP.
+    """
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+class Message:
+    """
+    One stored chat message.  Immutable once the store has made it.
+
+    Its JSON encoding (L{json}) is computed once, on first use, and shared
+    by every transport and recipient.
+    """
+
+    __slots__ = ("room", "seq", "nick", "body", "ts_ms", "client_id", "_json")
+
+    def __init__(
+        self,
+        room: str,
+        seq: int,
+        nick: str,
+        body: str,
+        ts_ms: int,
+        client_id: Optional[str] = None,
+    ) -> None:
+        self.room = room
+        self.seq = seq
+        self.nick = nick
+        self.body = body
+        self.ts_ms = ts_ms
+        self.client_id = client_id
+        self._json: Optional[bytes] = None
+
+    def __repr__(self) -> str:
+        return f"<Message {self.room}#{self.seq} {self.nick!r}: {self.body!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.room, self.seq))
+
+    def as_dict(self) -> dict:
+        """
+        The message as its wire-format dictionary.
+        """
+        d = {
+            "type": "message",
+            "room": self.room,
+            "seq": self.seq,
+            "nick": self.nick,
+            "body": self.body,
+            "ts": self.ts_ms / 1000.0,
+        }
+        if self.client_id is not None:
+            d["client_id"] = self.client_id
+        return d
+
+    @property
+    def json(self) -> bytes:
+        """
+        The UTF-8 JSON encoding of L{as_dict}, computed once.
+        """
+        if self._json is None:
+            self._json = encode_json(self.as_dict())
+        return self._json
+
+
+class Batch:
+    """
+    The answer to a read: some messages after a cursor.
+
+    @ivar messages: the messages, in seq order.
+    @ivar last_seq: the room's newest seq when the batch was made.
+    @ivar reset: C{True} when the cursor was older than anything the store
+        still holds (or newer than anything ever issued), so the messages
+        start at C{first_seq} and the client must drop what it shows.
+    @ivar first_seq: the oldest seq still held for the room.
+    """
+
+    __slots__ = ("room", "messages", "last_seq", "reset", "first_seq")
+
+    def __init__(
+        self,
+        room: str,
+        messages: List[Message],
+        last_seq: int,
+        reset: bool = False,
+        first_seq: int = 1,
+    ) -> None:
+        self.room = room
+        self.messages = messages
+        self.last_seq = last_seq
+        self.reset = reset
+        self.first_seq = first_seq
+
+    def __repr__(self) -> str:
+        seqs = [m.seq for m in self.messages]
+        return f"<Batch {self.room} {seqs} last_seq={self.last_seq} reset={self.reset}>"
+
+
+class Peer:
+    """
+    Who is acting: the client's IP address and, for a WebSocket, its
+    connection (any hashable object), for the limits that apply to each.
+    """
+
+    __slots__ = ("ip", "connection")
+
+    def __init__(self, ip: str, connection: object = None) -> None:
+        self.ip = ip
+        self.connection = connection

@@ -1,0 +1,350 @@
+# -*- test-case-name: tests.test_tap,tests.test_hardening -*-
+"""
+chatd's services: the root service that opens the store, loads the core
+and shuts everything down in order; the listeners; the retention job.
+
+Listening happens in C{privilegedStartService}, before twistd gives up
+root (C{twistd --uid ... chatd --port tcp:80}); until the store is open
+and the rooms are loaded, the site answers everything but C{/healthz}
+with a 503 (L{chatd.web.ChatWeb.ready}).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import signal
+import sys
+from typing import Any, List, Optional, Sequence
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.python.failure import Failure
+
+import twisted
+from chatd._version import __version__
+from chatd.core import ChatCore
+from chatd.interfaces import IMessageStore
+from chatd.web import ChatWeb
+from chatd.ws import ChatWebSocketFactory
+
+__all__ = ["ChatService", "Listener", "Retention", "SHUTDOWN_TIMEOUT"]
+
+#: The longest a shutdown waits for WebSockets to close and writes to finish.
+SHUTDOWN_TIMEOUT = 10.0
+
+
+def describe_address(port: IListeningPort) -> str:
+    """
+    Where a port listens, as a person would write it.
+    """
+    host: Any = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+class Listener(Service):
+    """
+    Listens on one endpoint in C{privilegedStartService} (or in
+    C{startService}, if nothing called that first), and remembers how that
+    went.
+
+    @ivar description: the endpoint as the user gave it (C{tcp:8080}).
+    @ivar port: the listening port, once listening.
+    @ivar failure: why listening failed, if it did.
+    """
+
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Any) -> None:
+        self.description = description
+        self._endpoint = endpoint
+        self._factory = factory
+        self.port: Optional[IListeningPort] = None
+        self.failure: Optional[Failure] = None
+        self._listening: Optional[Deferred] = None
+        self._waiting: List[Deferred] = []
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._listening = self._endpoint.listen(self._factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def _listened(self, port: IListeningPort) -> None:
+        self.port = port
+        self._done()
+
+    def _failed(self, failure: Failure) -> None:
+        self.failure = failure
+        self._done()
+
+    def _done(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self)
+
+    def listened(self) -> Deferred:
+        """
+        A Deferred firing with this listener once it listens or has failed.
+        """
+        if self.port is not None or self.failure is not None:
+            return succeed(self)
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
+        return succeed(None)
+
+
+class Retention:
+    """
+    The background job that deletes messages older than the retention
+    period.  It logs its own failures so one bad run does not stop it.
+    """
+
+    log = Logger()
+
+    def __init__(self, core: ChatCore, clock: Any, days: int) -> None:
+        self._core = core
+        self._clock = clock
+        self._days = days
+
+    def run(self) -> Deferred:
+        cutoff_ms = int((self._clock.seconds() - self._days * 86400) * 1000)
+        d = self._core.prune(cutoff_ms)
+
+        def done(count: int) -> None:
+            if count:
+                self.log.info("Retention deleted {count} messages", count=count)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Retention run failed", failure)
+
+        return d.addCallbacks(done, failed)
+
+
+def _freeze_startup_objects() -> None:
+    """
+    Leave what start-up made (modules, classes, templates, the rooms'
+    history: most of the process's objects) out of every later garbage
+    collection.  Waiting long-polls and their callbacks live long enough to
+    reach the oldest generation, so full collections come often under load;
+    without this each one walked every module object as well.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+class ChatService(MultiService):
+    """
+    chatd's root service.  Its listeners listen first (privileged); then
+    it opens the store, loads the core's rooms, starts its other children
+    (the retention job) and lets the site serve.
+
+    @ivar ready: a Deferred that fires once chatd serves requests (or
+        fails, if it cannot start).
+    @ivar ports: the listening ports, once listening.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        core: ChatCore,
+        rooms: Sequence[str],
+        store: IMessageStore,
+        reactor: Any,
+        web: ChatWeb,
+        websockets: ChatWebSocketFactory,
+        exit_on_failure: bool = False,
+        json_logs: bool = False,
+    ) -> None:
+        super().__init__()
+        self.core = core
+        self.store = store
+        self.web = web
+        self.websockets = websockets
+        self._rooms = list(rooms)
+        self._reactor = reactor
+        self._exit_on_failure = exit_on_failure
+        self._json_logs = json_logs
+        self.ready: Optional[Deferred] = None
+        #: Set once stopService is called: who waits for it to finish.
+        self._stopping: Optional[List[Deferred]] = None
+        self._stopped = False
+        self._listening = False
+
+    @property
+    def ports(self) -> List[IListeningPort]:
+        return [s.port for s in self if isinstance(s, Listener) and s.port is not None]
+
+    def _listeners(self) -> List[Listener]:
+        return [s for s in self if isinstance(s, Listener)]
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Under twistd the parent is the application; twistd starts logging
+        after this, with the application's log observer if it has one.
+        """
+        if self._json_logs and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        # Only the listeners start here (while twistd may still be root);
+        # the store is opened in startService, after any --uid switch.
+        Service.privilegedStartService(self)
+        self._listening = True
+        self.log.info(
+            "chatd {version} starting (Python {python}, Twisted {twisted})",
+            version=__version__,
+            python=platform.python_version(),
+            twisted=twisted.__version__,
+        )
+        for listener in self._listeners():
+            listener.privilegedStartService()
+
+    def startService(self) -> None:
+        if not self._listening:
+            self.privilegedStartService()
+        Service.startService(self)
+
+        async def start() -> None:
+            for listener in self._listeners():
+                await listener.listened()
+                if listener.failure is not None:
+                    raise _StartupError(
+                        f"cannot listen on {listener.description}: "
+                        f"{listener.failure.getErrorMessage()}"
+                    )
+            for listener in self._listeners():
+                listener.startService()
+            version = await self.store.open()
+            self.log.info(
+                "Store: {store}{schema}",
+                store=self.store.description,
+                schema=f" (schema v{version})" if isinstance(version, int) else "",
+            )
+            await self.core.start(self._rooms)
+            for service in self:
+                if not service.running:
+                    service.startService()
+            self.web.ready = True
+            # Said once requests are served (until now they were 503s).
+            for listener in self._listeners():
+                assert listener.port is not None
+                self.log.info(
+                    "chatd listening on {address}",
+                    address=describe_address(listener.port),
+                    endpoint=listener.description,
+                    rooms=len(self.core.rooms()),
+                )
+            if self._exit_on_failure:
+                self._reactor.callWhenRunning(self._install_sigterm)
+                _freeze_startup_objects()
+
+        def failed(failure: Failure) -> Failure:
+            self.log.critical("chatd could not start: {error}", error=failure.getErrorMessage())
+            if self._exit_on_failure:
+                self._exit()
+            return failure
+
+        self.ready = Deferred.fromCoroutine(start()).addErrback(failed)
+
+    def _exit(self) -> None:
+        """
+        Under twistd: stop, and exit with status 1 so that a supervisor
+        sees the failure (twistd itself would exit 0).
+        """
+
+        def exit_1() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        self._reactor.addSystemEventTrigger("after", "shutdown", exit_1)
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+    def _install_sigterm(self) -> None:
+        """
+        twistd ends itself with SIGTERM after a SIGTERM-initiated shutdown
+        (exit status 143); a clean shutdown should say 0.  This handler,
+        installed once the reactor runs (after the reactor's own), stops
+        the reactor the same way without recording the signal.
+        """
+        reactor = self._reactor
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.log.info("Received SIGTERM, shutting down.")
+            reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def stopService(self) -> Deferred:
+        """
+        Shut down in order: stop accepting, answer waiting long-polls,
+        close WebSockets with 1001, let the store commit what it was
+        given, all within SHUTDOWN_TIMEOUT seconds.
+        """
+        if self._stopped:
+            return succeed(None)
+        if self._stopping is not None:
+            # Stopping already: wait for that.
+            done: Deferred = Deferred()
+            self._stopping.append(done)
+            return done
+        self._stopping = []
+        self.web.shutting_down = True
+
+        async def stop() -> None:
+            Service.stopService(self)
+            # Children that never started (the store failed to open) have
+            # nothing to stop.
+            await DeferredList(
+                [maybeDeferred(s.stopService) for s in reversed(list(self)) if s.running],
+                consumeErrors=True,
+            )
+            self.core.stop()
+            released = self.core.release_waiters()
+            closing = len(self.websockets.connections)
+            await self.websockets.shutdown(SHUTDOWN_TIMEOUT / 2, self._reactor)
+            self.log.info(
+                "Shut down: answered {polls} long-polls, closed {sockets} WebSockets",
+                polls=released,
+                sockets=closing,
+            )
+            closing_store = self.store.close()
+            closing_store.addTimeout(SHUTDOWN_TIMEOUT / 2, self._reactor)
+            await closing_store
+
+        def stopped(result: object) -> object:
+            waiting, self._stopping = self._stopping or [], None
+            self._stopped = True
+            for d in waiting:
+                d.callback(None)
+            return result
+
+        return Deferred.fromCoroutine(stop()).addBoth(stopped)
+
+
+class _StartupError(Exception):
+    """
+    chatd cannot start; the message says why, in one line.
+    """
