@@ -434,7 +434,6 @@ class ChatCore:
 
     def _filled(self, result: Tuple[List[Message], int], room: Room, before: int) -> None:
         messages, first_seq = result
-        room.filling = False
         gone = (messages[0].seq if messages else first_seq) - 1
         if gone > room.last_seq and room.known_last >= first_seq - 1:
             # Retention removed messages before this node delivered them.
@@ -445,15 +444,17 @@ class ChatCore:
                 last=gone,
             )
             room.skip_to(gone)
+        # Still marked as filling here, so that delivering starts no fill.
         self._arrived(room, messages, room.known_last, None)
         room.drop_delivered_pending()
+        room.filling = False
         if messages:
             self._observer.filled(room.name, len(messages))
         if not room.behind:
             self._fill_delay.pop(room.name, None)
-        elif room.last_seq > before and not room.filling:
+        elif room.last_seq > before:
             self._fill(room)
-        elif not room.filling:
+        else:
             # Nothing new in the store yet (the hint came before the commit
             # showed to this node's readers): try again a little later.
             self._retry_fill(room)
