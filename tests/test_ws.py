@@ -2,7 +2,10 @@
 Unit tests for L{chatd.ws} that need no socket.
 """
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from chatd.core import ChatCore
@@ -47,3 +50,73 @@ class FactoryTests(SynchronousTestCase):
         self.assertEqual(options.autoPingInterval, 30.0)
         self.assertFalse(options.webStatus)
         self.assertFalse(options.failByDrop)
+
+
+class _NoProducer:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+HANDSHAKE = (
+    b"GET /ws/lobby?after=0 HTTP/1.1\r\nHost: chatd.test\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class SendTests(SynchronousTestCase):
+    """
+    Every byte goes out through Autobahn's sendData, and nothing is written
+    once the connection is closing or closed.
+    """
+
+    def open(self) -> tuple:
+        core = ChatCore(MemoryStore(), Clock())
+        core.start()
+        factory = ChatWebSocketFactory(core, clock=Clock())
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        # The HTTP channel that carried the handshake is the producer.
+        transport.registerProducer(_NoProducer(), True)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(HANDSHAKE)
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        transport.clear()
+        return core, protocol, transport
+
+    def test_messages_then_close(self) -> None:
+        """
+        Messages are written as prepared frames while open; after the close
+        frame, neither messages nor other frames are written.
+        """
+        core, protocol, transport = self.open()
+        first = self.successResultOf(core.post("lobby", "a", "one"))
+        self.assertEqual(transport.value(), protocol.factory.frame(first))
+        transport.clear()
+        protocol.close_with(1000, "bye")
+        close_frame = transport.value()
+        self.assertEqual(close_frame[0], 0x88)  # FIN + close
+        core.post("lobby", "a", "two")
+        protocol._send_frame({"type": "pong"})
+        self.assertEqual(transport.value(), close_frame)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(protocol.state, protocol.STATE_CLOSED)
+        protocol.sendData(b"late")
+        self.assertEqual(transport.value(), close_frame)
+
+    def test_pong_goes_through_send_data(self) -> None:
+        """
+        A pong (any frame Autobahn builds) is written by the same writer.
+        """
+        core, protocol, transport = self.open()
+        written: list = []
+        protocol._write = written.append
+        protocol.onMessage(b'{"type": "ping", "id": 7}', False)
+        self.assertEqual(len(written), 1)
+        self.assertIn(b'{"type":"pong","id":7}', written[0])
