@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -90,6 +91,26 @@ async def start_chatd(test: TestCase, *args: str) -> Tuple[ChatService, str]:
     await service.ready
     port = service.ports[0].getHost().port
     return service, f"http://127.0.0.1:{port}"
+
+
+async def make_certificate(test: TestCase) -> Tuple[str, str]:
+    """
+    A self-signed certificate for localhost and 127.0.0.1, made with
+    openssl in a folder of the test's own.
+
+    @return: the paths of its key and certificate.
+    """
+    folder = os.path.abspath(test.mktemp())
+    os.makedirs(folder)
+    key, cert = os.path.join(folder, "key.pem"), os.path.join(folder, "cert.pem")
+    out, err, code = await getProcessOutputAndValue(
+        "openssl",
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
+        env=os.environ,
+    )
+    assert code == 0, err
+    return key, cert
 
 
 class HTTP:

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from tests._support import HTTP, ChatdProcess
+from tests._support import HTTP, ChatdProcess, make_certificate
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -74,9 +74,12 @@ class Browser:
         self.console_errors: List[str] = []
         self.dialogs: List[str] = []
         self.requests: List[str] = []
+        self.websockets: List[str] = []
         self.pages: List[Any] = []
         #: Console errors a scenario provokes on purpose (regexes).
         self.expected_errors: List[str] = []
+        #: Options of every new browser profile.
+        self.context_options: Dict[str, Any] = {}
 
     def open(
         self,
@@ -89,7 +92,9 @@ class Browser:
         Open a page in a new browser profile (or in C{context}'s).
         """
         if context is None:
-            context = self.browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+            context = self.browser.new_context(
+                viewport=viewport or {"width": 1200, "height": 800}, **self.context_options
+            )
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
         page.add_init_script(_WATCH + init)
@@ -97,6 +102,7 @@ class Browser:
         page.on("pageerror", lambda e: self.console_errors.append(str(e)))
         page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         page.on("request", lambda r: self.requests.append(r.url))
+        page.on("websocket", lambda ws: self.websockets.append(ws.url))
         page.response = page.goto(self.base + path)
         self.pages.append(page)
         return page
@@ -139,19 +145,26 @@ class BrowserTestCase(TestCase):
     def chatd_args(self) -> List[str]:
         return ["--data-dir", self.folder]
 
+    def base_url(self) -> str:
+        return self.server.base
+
+    def context_options(self) -> Dict[str, Any]:
+        return {}
+
     def in_browser(self, scenario: Callable[[Browser], None]) -> Any:
         """
         Run C{scenario} with a fresh Chromium in a worker thread; it fails
         if any page logged a console error or a CSP violation, or opened a
         dialog.
         """
-        base = self.server.base
+        base = self.base_url()
 
         def run() -> None:
             with self.sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
                 try:
                     b = Browser(browser, base)
+                    b.context_options = self.context_options()
                     scenario(b)
                     for page in b.pages:
                         violations = page.evaluate("window.__chatd_test.violations")
@@ -293,6 +306,52 @@ class ChatInTheBrowserTests(BrowserTestCase):
                     self.screenshot(page, "chat-phone.png")
                 if path == "/":
                     self.screenshot(page, "rooms-phone.png")
+
+        await self.in_browser(scenario)
+
+
+class TLSTests(BrowserTestCase):
+    """
+    The pages over https://, chatting over wss://: Chromium offers ALPN
+    (h2 and http/1.1) and must get http/1.1.
+    """
+
+    async def setUp(self) -> None:
+        self.sync_playwright = _playwright()
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+        key, cert = await make_certificate(self)
+        self.server = ChatdProcess.spawn(
+            self, "--data-dir", self.folder,
+            "--port", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        )
+        await self.server.listening
+
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.server.port}"
+
+    def context_options(self) -> Dict[str, Any]:
+        # The test's own self-signed certificate.
+        return {"ignore_https_errors": True}
+
+    async def test_https_page_and_wss(self) -> None:
+        """
+        The chat page loads over https, connects with wss (not the
+        long-poll fallback), and two pages chat.
+        """
+
+        def scenario(b: Browser) -> None:
+            one, two = b.open("/rooms/lobby"), b.open("/rooms/lobby")
+            self.assertEqual(one.response.status, 200)
+            for page in (one, two):
+                b.wait_connected(page)
+                self.assertEqual(page.text_content("#transport"), "websocket")
+            self.assertTrue(b.websockets, "no WebSocket opened")
+            self.assertTrue(all(url.startswith("wss://127.0.0.1:") for url in b.websockets), b.websockets)
+            b.say(one, "over TLS", nick="ann")
+            for page in (one, two):
+                b.wait_messages(page, 1)
+                self.assertEqual(b.messages(page)[0]["body"], "over TLS")
 
         await self.in_browser(scenario)
 

@@ -8,22 +8,24 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from typing import Any, List, Tuple
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.static import Data
+from zope.interface import implementer
 
 from chatd._http import ChatSite
 from chatd.limits import RateLimiter, parse_rate
-from tests._support import HTTP, ChatdProcess, WSClient, start_chatd
+from tests._support import HTTP, ChatdProcess, WSClient, make_certificate, start_chatd
 
 
 class RateLimiterTests(SynchronousTestCase):
@@ -499,15 +501,7 @@ class TLSTests(TestCase):
         """
         A wss:// client chats through an ssl: endpoint.
         """
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        key, cert = os.path.join(folder, "key.pem"), os.path.join(folder, "cert.pem")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-             "-keyout", key, "-out", cert],
-            check=True, capture_output=True,
-        )
+        key, cert = await make_certificate(self)
         service, _ = await start_chatd(
             self, "--store", "memory:", "--port",
             f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
@@ -541,6 +535,62 @@ class TLSTests(TestCase):
         frame = await received
         self.assertEqual((frame["seq"], frame["body"]), (1, "over TLS"))
         self.assertEqual(await closed, 1000)
+
+    async def test_clients_that_offer_alpn(self) -> None:
+        """
+        Clients that offer ALPN (h2 and http/1.1, as curl and browsers do)
+        negotiate http/1.1 and are answered: curl, and a Twisted client
+        that reports what was negotiated.
+        """
+        key, cert = await make_certificate(self)
+        service, _ = await start_chatd(
+            self, "--store", "memory:", "--port",
+            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        )
+        port = service.ports[0].getHost().port
+        out, err, code = await getProcessOutputAndValue(
+            "curl",
+            ["-sS", "--cacert", cert, "-w", "\n%{http_version}",
+             f"https://localhost:{port}/api/rooms", "--resolve", f"localhost:{port}:127.0.0.1"],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, err)
+        body, version = out.rsplit(b"\n", 1)
+        self.assertEqual(version, b"1.1")
+        self.assertEqual(json.loads(body)["rooms"][0]["name"], "lobby")
+
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        with open(cert) as f:
+            authority = ssl.Certificate.loadPEM(f.read())
+        context = ssl.optionsForClientTLS(
+            "localhost", trustRoot=authority, acceptableProtocols=[b"h2", b"http/1.1"]
+        )
+        answered: Deferred = Deferred()
+
+        @implementer(IHandshakeListener)
+        class Get(Protocol):
+            data = b""
+
+            def connectionMade(self) -> None:
+                self.transport.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+            def connectionLost(self, reason: Any = None) -> None:
+                answered.callback((self.negotiated, self.data))
+
+            def handshakeCompleted(self) -> None:
+                self.negotiated = self.transport.negotiatedProtocol
+
+        client = Get()
+        client.negotiated = None
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, context), client)
+        negotiated, data = await answered
+        self.assertEqual(negotiated, b"http/1.1")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK"), data)
 
 
 class MultipartTests(ChatdCase):
