@@ -7,7 +7,10 @@ acknowledged, and seq numbering continues exactly.
 import os
 from typing import Dict, List, Tuple
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
 from tests._support import HTTP, ChatdProcess, WSClient
@@ -180,6 +183,51 @@ class StartupFailureTests(TestCase):
             f"chatd could not start: cannot open the sqlite:{folder} store".encode(),
             "--store",
             f"sqlite:{folder}",
+        )
+
+    async def test_port_in_use(self) -> None:
+        """
+        A --port (or --metrics-port) someone else listens on: one line
+        naming it, exit status 1, no traceback, and no data file made.
+        """
+        taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+        self.addCleanup(taken.stopListening)
+        busy = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        for args in (["--port", busy], ["--port", "tcp:0:interface=127.0.0.1", "--metrics-port", busy]):
+            folder = os.path.abspath(self.mktemp())
+            os.makedirs(folder)
+            process = ChatdProcess.spawn(self, "--data-dir", folder, *args)
+            process.listening.addErrback(lambda _: None)
+            await process.ended
+            self.assertEqual(process.exit_code, 1, process.output)
+            lines = [line for line in process.output.splitlines() if b"could not start" in line]
+            self.assertEqual(len(lines), 1, process.output)
+            self.assertIn(f"cannot listen on {busy}: ".encode(), lines[0])
+            self.assertIn(b"Address already in use", lines[0])
+            self.assertNotIn(b"Traceback", process.output)
+            self.assertNotIn(b"Unhandled", process.output)
+            self.assertNotIn(b"chatd listening", process.output)
+            self.assertEqual(os.listdir(folder), [], "a data file was made")
+
+    async def test_postgresql_without_psycopg(self) -> None:
+        """
+        --store postgresql://... where psycopg cannot be imported: the
+        documented one line, exit status 1, no traceback.
+        """
+        fake = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(fake, "psycopg"))
+        with open(os.path.join(fake, "psycopg", "__init__.py"), "w") as f:
+            f.write("raise ImportError('psycopg is not installed here')\n")
+        process = ChatdProcess.spawn(
+            self, "--store", "postgresql://postgres@127.0.0.1:5432/test", env={"PYTHONPATH": fake}
+        )
+        process.listening.addErrback(lambda _: None)
+        await process.ended
+        self.assertEqual(process.exit_code, 1, process.output)
+        self.assertEqual(
+            process.output.strip(),
+            b"chatd could not start: the postgresql store needs psycopg: "
+            b"pip install 'chatd[postgresql]'",
         )
 
     async def test_bad_scheme(self) -> None:

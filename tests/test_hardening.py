@@ -448,6 +448,18 @@ class ShutdownTests(TestCase):
 
     timeout = 60
 
+    async def test_sigterm_exit_status_on_every_store(self) -> None:
+        """
+        SIGTERM ends chatd with status 0 on the memory store (whose start
+        finishes before the reactor runs) as on the default store.
+        """
+        for args in (["--store", "memory:"], ["--data-dir", os.path.abspath(self.mktemp())]):
+            if args[0] == "--data-dir":
+                os.makedirs(args[1])
+            process = await ChatdProcess.start(self, *args)
+            await process.stop("TERM")
+            self.assertEqual((process.exit_code, process.signal), (0, None), process.output)
+
     async def test_sigterm_during_traffic(self) -> None:
         """
         WebSockets get 1001, a waiting long-poll an empty answer, the
@@ -612,6 +624,33 @@ class MultipartTests(ChatdCase):
                 headers={"Content-Type": ["multipart/form-data; boundary=x"]},
             )
             self.assertEqual((code, json.loads(content)["error"]), (415, "unsupported_media_type"))
+
+
+class StartupLogTests(TestCase):
+    """
+    What chatd says when it starts.
+    """
+
+    timeout = 30
+
+    async def test_version_store_and_addresses(self) -> None:
+        """
+        One line each: chatd's version, the store in use, and every
+        address it listens on.
+        """
+        from chatd import __version__
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        process = await ChatdProcess.start(
+            self, "--data-dir", folder, "--metrics-port", "tcp:0:interface=127.0.0.1"
+        )
+        await process.stop("TERM")  # (and so all it said is in)
+        output = process.output.decode()
+        self.assertEqual(output.count(f"chatd {__version__} starting"), 1, output)
+        store = os.path.join(folder, "chatd.sqlite3")
+        self.assertEqual(output.count(f"Store: sqlite:{store} (schema v2)"), 1, output)
+        self.assertEqual(output.count("chatd listening on 127.0.0.1:"), 2, output)
 
 
 class LoggingTests(TestCase):

@@ -182,6 +182,7 @@ class RetentionTests(SynchronousTestCase):
             parse("--store", "memory:", "--retain-days", "2", "--port", "tcp:0"), clock
         )
         service.startService()
+        clock.run()  # chatd starts once the reactor runs
         self.addCleanup(service.stopService)
         core = service.core
         self.successResultOf(core.post("lobby", "a", "old"))
@@ -204,6 +205,7 @@ class RetentionTests(SynchronousTestCase):
         clock = MemoryReactorClock()
         service = tap.makeService(parse("--store", "memory:", "--port", "tcp:0"), clock)
         service.startService()
+        clock.run()  # chatd starts once the reactor runs
         self.addCleanup(service.stopService)
         self.successResultOf(service.core.post("lobby", "a", "old"))
         clock.advance(86400 * 365)

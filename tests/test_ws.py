@@ -79,9 +79,13 @@ class SendTests(SynchronousTestCase):
     def open(self) -> tuple:
         core = ChatCore(MemoryStore(), Clock())
         core.start()
-        factory = ChatWebSocketFactory(core, clock=Clock())
+        factory = ChatWebSocketFactory(core, clock=Clock(), auto_ping=0)
+        # Autobahn's handshake timers run on the global reactor, in
+        # batches that outlive a cancel: none for these tests.
+        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
+        self.addCleanup(lambda: protocol.state == protocol.STATE_CLOSED or protocol.connectionLost(Failure(ConnectionDone())))
         # The HTTP channel that carried the handshake is the producer.
         transport.registerProducer(_NoProducer(), True)
         protocol.makeConnection(transport)

@@ -254,7 +254,6 @@ class ChatService(MultiService):
                     rooms=len(self.core.rooms()),
                 )
             if self._exit_on_failure:
-                self._reactor.callWhenRunning(self._install_sigterm)
                 _freeze_startup_objects()
 
         def failed(failure: Failure) -> Failure:
@@ -263,7 +262,18 @@ class ChatService(MultiService):
                 self._exit()
             return failure
 
-        self.ready = Deferred.fromCoroutine(start()).addErrback(failed)
+        ready: Deferred = Deferred()
+
+        def begin() -> None:
+            # Once the reactor runs (at once if it does already): its own
+            # signal handlers are in place by then, so chatd's SIGTERM
+            # handler replaces them before chatd says it is listening.
+            if self._exit_on_failure:
+                self._install_sigterm()
+            Deferred.fromCoroutine(start()).addErrback(failed).chainDeferred(ready)
+
+        self.ready = ready
+        self._reactor.callWhenRunning(begin)
 
     def _exit(self) -> None:
         """
