@@ -3,11 +3,13 @@ chatd's benchmark: chatd and its peers side by side, driven by one load
 generator (Node.js, bench/loadgen), in one run.
 
     python -m bench [--runs 3] [--only fanout,latency,idle,longpoll,getcost,store]
-                    [--servers chatd,autobahn,websockets,tornado,socketio]
+                    [--servers chatd-sqlite,chatd,autobahn,websockets,tornado,socketio]
                     [--out bench/results.jsonl]
 
-Every server runs pinned to CPU 0 and the load generator to CPU 1 (when
-the machine has two); each cell runs --runs times.  Results are JSON lines;
+chatd-sqlite is chatd as the README runs it (the default SQLite store),
+chatd the same with --store memory:.  Every server runs pinned to CPU 0
+and the load generator to CPU 1 (when the machine has two); each cell
+runs --runs times.  Results are JSON lines;
 python -m bench.report turns them into docs/benchmarks.md and its chart.
 Needs: node and npm (the loadgen installs ws and socket.io-client), a C
 compiler for the latency and long-poll clients (bench/loadgen/rawclients.c),
@@ -216,8 +218,8 @@ def raw_clients() -> Optional[str]:
     return str(binary)
 
 
-def longpoll(clients: int) -> Dict[str, Any]:
-    server = Server("chatd")
+def longpoll(name: str, clients: int) -> Dict[str, Any]:
+    server = Server(name)
     client = raw_clients()
     try:
         if client is None:
@@ -229,7 +231,7 @@ def longpoll(clients: int) -> Dict[str, Any]:
                                   str(clients), "20", "10"])
     finally:
         server.stop()
-    return {"bench": "longpoll", "server": "chatd", "clients": clients, **r}
+    return {"bench": "longpoll", "server": name, "clients": clients, **r}
 
 
 def getcost(messages: int) -> Dict[str, Any]:
@@ -265,7 +267,7 @@ def main(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="fanout,latency,idle,longpoll,getcost,store")
-    parser.add_argument("--servers", default="chatd,autobahn,websockets,tornado,socketio")
+    parser.add_argument("--servers", default="chatd-sqlite,chatd,autobahn,websockets,tornado,socketio")
     parser.add_argument("--out", default=str(HERE / "results.jsonl"))
     parser.add_argument("--idle-connections", type=int, default=5000)
     args = parser.parse_args(argv)
@@ -302,7 +304,9 @@ def main(argv: List[str]) -> None:
                     emit(idle(name, args.idle_connections), run)
             if "longpoll" in only:
                 for clients in (100, 1000):
-                    emit(longpoll(clients), run)
+                    for name in servers:
+                        if name.startswith("chatd"):
+                            emit(longpoll(name, clients), run)
             if "getcost" in only:
                 for messages in (10, 100_000):
                     emit(getcost(messages), run)

@@ -43,15 +43,41 @@ class ReportTests(SynchronousTestCase):
             row(bench="getcost", server="chatd", messages=100_000, p50_ms=0.33, p99_ms=1.0),
             row(bench="store", store="sqlite", messages_per_s=70000),
         ]
+        rows.append(
+            row(bench="fanout", server="chatd-sqlite", receivers=100, deliveries_per_s=750,
+                server_us_per_delivery=1.0, server_cpu_s=5.0, loadgen_cpu_s=1.0)
+        )
+        rows.append(
+            row(bench="longpoll", server="chatd-sqlite", clients=100, deliveries_per_s=1.0,
+                p50_ms=1.0, p99_ms=30.0, max_ms=40.0, undelivered=0, received=20_000,
+                server_cpu_s=1.0, loadgen_cpu_s=0.5, loadgen="c")
+        )
         text = report.report(rows)
-        self.assertIn("| chatd | 100 | 1,000 (900-1,100) |", text)
-        self.assertIn("2.00x Autobahn, 5.00x websockets", text)
-        self.assertIn("| latency p99 <= 0.5x Autobahn's, nothing undelivered | 0.50x", text)
+        self.assertIn("| chatd (--store memory:) | 100 | 1,000 (900-1,100) |", text)
+        self.assertIn("| chatd (default SQLite store) | 100 | 750 (750-750) |", text)
+        self.assertIn(
+            "| chatd (--store memory:): fan-out R=100 >= 1.5x Autobahn | 2.00x Autobahn, 5.00x websockets |",
+            text,
+        )
+        self.assertIn("| chatd (default SQLite store): fan-out R=100 >= 1.5x Autobahn | 1.50x Autobahn", text)
+        self.assertIn(
+            "| chatd (--store memory:): latency p99 <= 0.5x Autobahn's, nothing undelivered | 0.50x", text
+        )
         self.assertIn("1.10x", text)
         self.assertIn("11.5 (11.5-11.5) KiB", text)
         # Long-poll: server CPU per request-response cycle, and which load
         # generator ran; latency: server CPU per recipient.
         self.assertIn("| 0 (0-0) | 20.0 (20.0-20.0) | 2.00 (2.00-2.00) | c |", text)
+        self.assertIn(
+            "| chatd (--store memory:): long-poll, 1000 waiters, p99 < 150 ms, nothing undelivered | "
+            "p99 2.0 (2.0-2.0) ms, undelivered 0 (0-0) |",
+            text,
+        )
+        self.assertIn(
+            "| chatd (default SQLite store): long-poll, 100 waiters, p99 < 20 ms, nothing undelivered | "
+            "p99 30.0 (30.0-30.0) ms",
+            text,
+        )
         self.assertIn("about 10 µs of server CPU per recipient", text)
         self.assertIn("Autobahn spends 20 µs.", text)
         self.assertIn("20.0 (20.0-20.0) µs of server CPU per cycle that is 40% of the server's", text)
