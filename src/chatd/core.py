@@ -507,7 +507,13 @@ class ChatCore:
             return room.cached_batch(after, limit)
         return None
 
-    async def _read_store(self, room: Room, after: Optional[int], limit: int) -> Batch:
+    async def _read_store(
+        self, room: Room, after: Optional[int], limit: int, state: Optional[Tuple[int, int]] = None
+    ) -> Batch:
+        """
+        L{_read} from the store.  C{state} is the room's C{room_state},
+        if the caller has just read it.
+        """
         last_seq = room.last_seq
         if after is None:
             after = last_seq
@@ -516,7 +522,8 @@ class ChatCore:
             # client came from another node), or the cursor is from the
             # future (the store lost messages the client saw, or the client
             # is confused).  Only the store can tell.
-            state = await self._store.room_state(room.name)
+            if state is None:
+                state = await self._store.room_state(room.name)
             if state is not None and state[0] > last_seq:
                 last_seq = state[0]
                 self._note(room, last_seq)
@@ -672,7 +679,7 @@ class ChatCore:
             state = await self._store.room_state(room.name)
             store_last = room.last_seq if state is None else state[0]
             if store_last != after:
-                call.answer(await self._read_store(room, after, limit))
+                call.answer(await self._read_store(room, after, limit, state))
                 return
             self._note(room, store_last)
             reached = room.reaches(after)

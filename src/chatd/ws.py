@@ -204,20 +204,24 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             self.trafficStats.outgoingOctetsWireLevel += len(data)
 
     def _send_message(self, message: Message) -> None:
-        # The fan-out hot path: one prepared frame shared by every
-        # recipient, sent only while the connection is open and no close
-        # frame has been sent (Autobahn's sendPreparedMessage does not
-        # check the state itself).
+        # The fan-out hot path: the message's frame, made once for every
+        # recipient (prepareMessage), goes to this connection's writer
+        # (sendData's, the chatd._send seam) without the calls
+        # sendPreparedMessage and sendData would add per recipient, and
+        # only while the connection is open and no close frame was sent
+        # (sendPreparedMessage would not check).
         if not self._sending or self.state != self.STATE_OPEN:
             return
-        prepared = self.factory.prepared(message)
+        frame = self.factory.frame(message)
         backpressure = self._backpressure
         if backpressure is not None and backpressure.paused:
-            backpressure.backlog += len(prepared.payloadHybi)
+            backpressure.backlog += len(frame)
             if backpressure.backlog > self.factory.slow_consumer_limit:
                 self._too_slow()
                 return
-        self.sendPreparedMessage(prepared)
+        write = self._write
+        assert write is not None
+        write(frame)
 
     def _too_slow(self) -> None:
         """
@@ -421,6 +425,8 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         """
         C{message} as the bytes of a complete WebSocket frame.
         """
+        if message is self._last_message and self._last_prepared is not None:
+            return self._last_prepared.payloadHybi
         return self.prepared(message).payloadHybi
 
     # -- bookkeeping -----------------------------------------------------------
