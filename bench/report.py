@@ -293,11 +293,12 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "the server is what saturates. For websockets and python-socketio the "
         "load generator's CPU time reaches the run's length too, so their "
         "figures are lower bounds.",
-        "- chatd frames each message once (`prepareMessage`) and sends the same "
-        "bytes to every recipient through Autobahn's `sendData`, which chatd "
-        "overrides once: Autobahn's own formats debug-log arguments on every "
-        "call, about a fifth of a broadcast (py-spy), which is most of the "
-        "fan-out gap to the Autobahn peer.",
+        "- chatd frames each message once (`prepareMessage`) and writes the same "
+        "bytes to every open connection with the writer its `sendData` override "
+        "uses for every other frame; Autobahn's own `sendData` formats debug-log "
+        "arguments on every call, about a fifth of a broadcast (py-spy), which is "
+        "most of the fan-out gap to the Autobahn peer. This VM's speed moves "
+        "from run to run (the ranges): compare the servers within a run.",
         "- Latency: chatd sends a connection's first frame of each reactor "
         "iteration at once (`chatd._send`, the one seam that writes past "
         "Twisted's buffer, pinned by `tests/test_send.py`; Twisted otherwise "

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_limits -*-
+# -*- test-case-name: tests.test_hardening -*-
 """
 Abuse limits, with no I/O: token buckets for posting and room creation,
 and counters for concurrent connections.  Time comes only from the clock

@@ -337,7 +337,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         bus=make_bus("local"),
         observer=metrics,
     )
-    metrics.watch_waiters(core.waiting)
     if not direct_writes_available():
         Logger().warn(
             "This Twisted's TCP transports are not laid out as chatd's direct "

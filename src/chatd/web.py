@@ -506,6 +506,7 @@ class ChatWeb:
         self.long_polls = 0
         if metrics is not None:
             metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
+            metrics.watch_waiters(core.waiting)
         self._allow_origins = {o.rstrip("/").lower() for o in allow_origins}
         self._serve_metrics = serve_metrics
         self.ready = ready
