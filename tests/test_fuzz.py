@@ -163,7 +163,6 @@ class WebSocketFuzzTests(SynchronousTestCase):
         self.protocol._room = "lobby"
         self.protocol.state = self.protocol.STATE_OPEN
         self.protocol._sending = True
-        self.protocol._write = lambda frame: None
         self.sent: List[dict] = []
         self.protocol.sendMessage = lambda payload, isBinary=False: self.sent.append(json.loads(payload))
 

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from chatd._send import DirectWriter, Ticks, direct_writes_available, writer_for
+from chatd._send import FrameWriter, Ticks, direct_writes_available
 
 
 class LayoutTests(SynchronousTestCase):
@@ -34,14 +34,36 @@ class LayoutTests(SynchronousTestCase):
         self.assertIsInstance(tcp.Connection.dataBuffer, bytes)
         self.assertTrue(callable(tcp.Connection.getHandle))
 
-    def test_other_transports_write_plainly(self) -> None:
+    def test_other_transports(self) -> None:
         """
-        Anything but plain TCP (here a test transport) gets its own write;
-        so does TCP without ticks.
+        On anything but plain TCP (here a test transport) nothing is sent
+        at once: write() goes to the transport's write, and queued frames
+        are written together, in order, at the next iteration, or at once
+        before anything written after them.
+        """
+        clock = Clock()
+        transport = StringTransport()
+        writer = FrameWriter(transport, Ticks(clock))
+        writer.queue(b"1")
+        writer.queue(b"2")
+        self.assertEqual(transport.value(), b"")
+        clock.advance(0)
+        self.assertEqual(transport.value(), b"12")
+        writer.queue(b"3")
+        writer.write(b"4")
+        self.assertEqual(transport.value(), b"1234")
+        clock.advance(0)
+        self.assertEqual(transport.value(), b"1234")
+
+    def test_without_ticks(self) -> None:
+        """
+        Without a clock both write() and queue() are the transport's write.
         """
         transport = StringTransport()
-        self.assertEqual(writer_for(transport, Ticks(Clock())), transport.write)
-        self.assertEqual(writer_for(transport, None), transport.write)
+        writer = FrameWriter(transport, None)
+        writer.queue(b"a")
+        writer.write(b"b")
+        self.assertEqual(transport.value(), b"ab")
 
 
 class _Server(Protocol):
@@ -116,19 +138,20 @@ class RealTransportTests(TestCase):
 
     async def test_order_is_kept(self) -> None:
         """
-        Many payloads through the direct writer, over many reactor
-        iterations, to a client that reads late: every byte arrives, in
-        order, whether it was sent at once or queued by the transport.
+        Many payloads through the writer, queued and written, over many
+        reactor iterations, to a client that reads late: every byte
+        arrives, in order, whether it was sent at once, held for the next
+        iteration or queued by the transport.
         """
         transport, reader = await self.connect()
-        write = writer_for(transport, Ticks(reactor))
-        self.assertIsInstance(write.__self__, DirectWriter)  # type: ignore[attr-defined]
+        writer = FrameWriter(transport, Ticks(reactor))
         sent: List[bytes] = []
         for burst in range(60):
             for i in range(20):
                 payload = b"%06d-%06d|" % (burst, i) * 300
                 sent.append(payload)
-                write(payload)
+                # Mostly fan-out frames, now and then another frame.
+                (writer.write if i % 7 == 3 else writer.queue)(payload)
             await deferLater(reactor, 0, lambda: None)
         reader.transport.resumeProducing()
         expected = b"".join(sent)

@@ -79,7 +79,8 @@ class SendTests(SynchronousTestCase):
     def open(self) -> tuple:
         core = ChatCore(MemoryStore(), Clock())
         core.start()
-        factory = ChatWebSocketFactory(core, clock=Clock(), auto_ping=0)
+        self.clock = Clock()
+        factory = ChatWebSocketFactory(core, clock=self.clock, auto_ping=0)
         # Autobahn's handshake timers run on the global reactor, in
         # batches that outlive a cancel: none for these tests.
         factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
@@ -101,10 +102,18 @@ class SendTests(SynchronousTestCase):
         """
         core, protocol, transport = self.open()
         first = self.successResultOf(core.post("lobby", "a", "one"))
+        self.clock.advance(0)  # the frames of an iteration go out together
         self.assertEqual(transport.value(), protocol.factory.frame(first))
         transport.clear()
+        second = self.successResultOf(core.post("lobby", "a", "two"))
+        third = self.successResultOf(core.post("lobby", "a", "three"))
+        # Held for this iteration's write, they still precede the close frame.
         protocol.close_with(1000, "bye")
-        close_frame = transport.value()
+        frames = protocol.factory.frame(second) + protocol.factory.frame(third)
+        self.assertEqual(transport.value()[: len(frames)], frames)
+        close_frame = transport.value()[len(frames) :]
+        transport.clear()
+        transport.write(close_frame)
         self.assertEqual(close_frame[0], 0x88)  # FIN + close
         core.post("lobby", "a", "two")
         protocol._send_frame({"type": "pong"})
@@ -120,7 +129,18 @@ class SendTests(SynchronousTestCase):
         """
         core, protocol, transport = self.open()
         written: list = []
-        protocol._write = written.append
+
+        class Recording:
+            def write(self, data: bytes) -> None:
+                written.append(("write", data))
+
+            def queue(self, frame: bytes) -> None:
+                written.append(("queue", frame))
+
+        protocol._writer = Recording()
         protocol.onMessage(b'{"type": "ping", "id": 7}', False)
-        self.assertEqual(len(written), 1)
-        self.assertIn(b'{"type":"pong","id":7}', written[0])
+        message = self.successResultOf(core.post("lobby", "a", "one"))
+        self.assertEqual(len(written), 2)
+        self.assertEqual(written[0][0], "write")
+        self.assertIn(b'{"type":"pong","id":7}', written[0][1])
+        self.assertEqual(written[1], ("queue", protocol.factory.frame(message)))

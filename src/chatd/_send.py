@@ -7,11 +7,12 @@ iteration: it asks epoll to say when the socket is writable, sends in that
 iteration, and asks epoll to stop watching again.  For the WebSocket
 fan-out that is two epoll calls and an iteration's delay per recipient
 per message, the larger part of delivering a message to a thousand
-clients.  L{DirectWriter} sends a connection's first payload of an
+clients.  L{FrameWriter} sends a connection's first payload of an
 iteration at once, in one C{send()}, when Twisted holds nothing unsent for
-it; everything else goes through the transport's own C{write}, so bytes
-are never reordered and backpressure (the transport pausing its
-producer) works as before.
+it; everything else goes through the transport's own C{write} (the
+fan-out's further frames of an iteration joined into one), so bytes are
+never reordered and backpressure (the transport pausing its producer)
+works as before.
 
 What it relies on, pinned by C{tests/test_send.py} so that a Twisted
 upgrade that changes it fails the tests loudly rather than going slower
@@ -26,7 +27,8 @@ or reordering bytes:
 
 Where that does not hold (TLS, UNIX sockets, another reactor, or a Twisted
 whose buffer looks different, which L{direct_writes_available} reports at
-start-up), the writer is the transport's plain C{write}.
+start-up), nothing is sent at once: every payload goes through the
+transport's C{write}.
 
 Only the WebSocket adapter uses it, through Autobahn's C{sendData} (the
 one method every frame Autobahn sends goes through, L{chatd.ws}).
@@ -35,24 +37,26 @@ one method every frame Autobahn sends goes through, L{chatd.ws}).
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, Optional
+from typing import Any, List, Optional
 
 from twisted.internet import tcp
 
-__all__ = ["DirectWriter", "Ticks", "direct_writes_available", "writer_for"]
+__all__ = ["FrameWriter", "Ticks", "direct_writes_available"]
 
 
 class Ticks:
     """
     Counts reactor iterations in which something was sent, so that a
-    connection sends at most its first payload of an iteration at once
-    and lets the transport batch the rest.
+    connection sends at most its first payload of an iteration at once,
+    and flushes, at the start of the next iteration, what writers held
+    back in this one.
     """
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
         self.now = 0
         self._scheduled = False
+        self._holding: List["FrameWriter"] = []
 
     def current(self) -> int:
         if not self._scheduled:
@@ -60,14 +64,25 @@ class Ticks:
             self._clock.callLater(0, self._next)
         return self.now
 
+    def flush_later(self, writer: "FrameWriter") -> None:
+        """
+        Have C{writer} flush what it holds at the start of the next
+        iteration.
+        """
+        self._holding.append(writer)
+        self.current()
+
     def _next(self) -> None:
         self.now += 1
         self._scheduled = False
+        holding, self._holding = self._holding, []
+        for writer in holding:
+            writer.flush()
 
 
 def direct_writes_available() -> bool:
     """
-    Whether this Twisted's TCP transports look as L{DirectWriter} needs:
+    Whether this Twisted's TCP transports look as L{FrameWriter} needs:
     checked once at start-up, so that a Twisted that changed says so.
     """
     return isinstance(getattr(tcp.Connection, "dataBuffer", None), bytes) and callable(
@@ -75,32 +90,86 @@ def direct_writes_available() -> bool:
     )
 
 
-class DirectWriter:
+def _direct(transport: Any) -> bool:
+    return (
+        isinstance(transport, tcp.Connection)
+        and isinstance(getattr(transport, "dataBuffer", None), bytes)
+        and isinstance(getattr(transport, "_tempDataLen", None), int)
+        and isinstance(transport.getHandle(), socket.socket)
+    )
+
+
+class FrameWriter:
     """
-    Writes to one plain TCP transport, sending at once where that keeps
-    the bytes in order (see the module docstring).
+    Writes one connection's bytes, in order.
+
+    L{write} is for every payload (handshake, close, pong, error frames):
+    it first writes whatever L{queue} held back.  L{queue} is for the
+    fan-out's message frames: the first one of a reactor iteration goes
+    out at once when it can (see the module docstring), the rest are held
+    and written to the transport together, in one C{write}, at the start
+    of the next iteration, instead of one C{write} each (Twisted's write
+    costs more than the rest of a delivery).  Without ticks (no clock),
+    both are the transport's own C{write}.
     """
 
-    __slots__ = ("_transport", "_write", "_send", "_ticks", "_last")
+    __slots__ = ("_transport", "_write", "_send", "_ticks", "_last", "_held")
 
-    def __init__(self, transport: Any, ticks: Ticks) -> None:
+    def __init__(self, transport: Any, ticks: Optional[Ticks]) -> None:
         self._transport = transport
         self._write = transport.write
-        self._send = transport.getHandle().send
+        self._send = transport.getHandle().send if ticks is not None and _direct(transport) else None
         self._ticks = ticks
         self._last = -1
+        self._held: Optional[List[bytes]] = None
 
     def write(self, data: bytes) -> None:
-        transport = self._transport
-        tick = self._ticks.current()
-        if (
-            self._last == tick
-            or transport.dataBuffer
-            or transport._tempDataLen
-            or transport.disconnecting
-        ):
+        """
+        Write C{data} after everything written or queued before it.
+        """
+        if self._held is not None:
+            self.flush()
+        if self._send is None or not self._sent_at_once(data):
             self._write(data)
+
+    def queue(self, frame: bytes) -> None:
+        """
+        Write a fan-out frame: at once, or with the connection's other
+        frames of this iteration.
+        """
+        held = self._held
+        if held is not None:
+            held.append(frame)
             return
+        if self._send is not None and self._sent_at_once(frame):
+            return
+        if self._ticks is None:
+            self._write(frame)
+            return
+        self._held = [frame]
+        self._ticks.flush_later(self)
+
+    def flush(self) -> None:
+        """
+        Write what L{queue} held back, in one piece.
+        """
+        held, self._held = self._held, None
+        if held:
+            self._write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _sent_at_once(self, data: bytes) -> bool:
+        """
+        Send C{data} now if it is this connection's first payload of the
+        iteration and the transport holds nothing unsent; what the socket
+        did not take goes to the transport.
+
+        @return: whether C{data} was dealt with.
+        """
+        transport = self._transport
+        assert self._ticks is not None and self._send is not None
+        tick = self._ticks.current()
+        if self._last == tick or transport.dataBuffer or transport._tempDataLen or transport.disconnecting:
+            return False
         self._last = tick
         try:
             sent = self._send(data)
@@ -108,23 +177,7 @@ class DirectWriter:
             sent = 0
         except OSError:
             # Let the transport meet the error and close as it does.
-            self._write(data)
-            return
+            return False
         if sent < len(data):
             self._write(data[sent:])
-
-
-def writer_for(transport: Any, ticks: Optional[Ticks]) -> Callable[[bytes], None]:
-    """
-    The write function for C{transport}: a L{DirectWriter}'s on a plain
-    TCP connection (with C{ticks}), else the transport's own C{write}.
-    """
-    if (
-        ticks is not None
-        and isinstance(transport, tcp.Connection)
-        and isinstance(getattr(transport, "dataBuffer", None), bytes)
-        and isinstance(getattr(transport, "_tempDataLen", None), int)
-        and isinstance(transport.getHandle(), socket.socket)
-    ):
-        return DirectWriter(transport, ticks).write
-    return transport.write
+        return True

@@ -11,7 +11,7 @@ C{{"type": "ping"}}, or plain text, which is taken as a message body.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional, Set, cast
+from typing import Any, Optional, Set, cast
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import (
@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatd._send import Ticks, writer_for
+from chatd._send import FrameWriter, Ticks
 from chatd._wire import client_host, http_status
 from chatd.core import ChatCore
 from chatd.limits import Ticket
@@ -102,8 +102,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _sending = False
     _rejected = 0
     _ip = "?"
-    #: Where frames are written once the connection is open (L{sendData}).
-    _write: Optional[Callable[[bytes], None]] = None
+    #: Writes this connection's bytes once it is open (L{sendData}).
+    _writer: Optional[FrameWriter] = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
@@ -159,7 +159,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         transport.unregisterProducer()
         transport.registerProducer(self._backpressure, True)
-        self._write = writer_for(transport, self.factory.ticks)
+        self._writer = FrameWriter(transport, self.factory.ticks)
         self._sending = True
         try:
             self._subscription = self.factory.core.subscribe(
@@ -193,23 +193,22 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         Synchronous and chopped sends, and anything queued by them, stay
         with Autobahn, and so does everything before the connection opens.
         """
-        write = self._write
-        if write is None or sync or chopsize or self.send_queue or cast(Any, self).logOctets:
+        writer = self._writer
+        if writer is None or sync or chopsize or self.send_queue or cast(Any, self).logOctets:
             super().sendData(data, sync, chopsize)
             return
         if self.state == self.STATE_CLOSED:
             return  # nothing is written after the connection closed
-        write(data)
+        writer.write(data)
         if self.state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
 
     def _send_message(self, message: Message) -> None:
         # The fan-out hot path: the message's frame, made once for every
-        # recipient (prepareMessage), goes to this connection's writer
-        # (sendData's, the chatd._send seam) without the calls
-        # sendPreparedMessage and sendData would add per recipient, and
-        # only while the connection is open and no close frame was sent
-        # (sendPreparedMessage would not check).
+        # recipient (prepareMessage), is queued on this connection's writer
+        # (sendData's, the chatd._send seam), which joins a connection's
+        # frames of one reactor iteration into one write; only while the
+        # connection is open and no close frame was sent.
         if not self._sending or self.state != self.STATE_OPEN:
             return
         frame = self.factory.frame(message)
@@ -219,9 +218,9 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             if backpressure.backlog > self.factory.slow_consumer_limit:
                 self._too_slow()
                 return
-        write = self._write
-        assert write is not None
-        write(frame)
+        writer = self._writer
+        assert writer is not None
+        writer.queue(frame)
 
     def _too_slow(self) -> None:
         """
