@@ -288,16 +288,19 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "",
         "## Reading these numbers",
         "",
-        "- Fan-out: the load generator's CPU time (table) stays well under the "
-        "run's length for chatd and Autobahn while the server's reaches it, so "
-        "the server is what saturates. For websockets and python-socketio the "
+        "- Fan-out: the load generator's CPU time (table) stays under the run's "
+        "length for chatd and Autobahn while the server's reaches it, so the "
+        "server is what saturates (for chatd the load generator comes within "
+        "about a third of its own limit). For websockets and python-socketio the "
         "load generator's CPU time reaches the run's length too, so their "
         "figures are lower bounds.",
-        "- chatd frames each message once (`prepareMessage`) and writes the same "
-        "bytes to every open connection with the writer its `sendData` override "
-        "uses for every other frame; Autobahn's own `sendData` formats debug-log "
-        "arguments on every call, about a fifth of a broadcast (py-spy), which is "
-        "most of the fan-out gap to the Autobahn peer. This VM's speed moves "
+        "- chatd frames each message once (`prepareMessage`) and queues the same "
+        "bytes on every open connection's writer (`chatd._send.FrameWriter`, which "
+        "its `sendData` override uses for every other frame), which joins a "
+        "connection's frames of one reactor iteration into one `transport.write`: "
+        "Twisted's write costs more than the rest of a delivery. Autobahn's own "
+        "`sendData` writes each frame on its own and formats debug-log arguments "
+        "on every call. This VM's speed moves "
         "from run to run (the ranges): compare the servers within a run.",
         "- Latency: chatd sends a connection's first frame of each reactor "
         "iteration at once (`chatd._send`, the one seam that writes past "
