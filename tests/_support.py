@@ -313,14 +313,22 @@ class ChatdProcess(ProcessProtocol):
         return process
 
     @classmethod
-    def spawn(cls, test: TestCase, *args: str, env: Optional[Dict[str, str]] = None, path: Optional[str] = None) -> "ChatdProcess":
+    def spawn(
+        cls,
+        test: TestCase,
+        *args: str,
+        env: Optional[Dict[str, str]] = None,
+        path: Optional[str] = None,
+        pidfile: str = "",
+    ) -> "ChatdProcess":
         """
         Start C{twistd -n chatd ARGS} without waiting for anything (with
-        C{env} added to the environment, in folder C{path}).
+        C{env} added to the environment, in folder C{path}, with twistd's
+        pid file at C{pidfile}: none by default).
         """
         process = cls()
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        argv = [twistd, "-n", "--pidfile=", "chatd", *_unlimited(args)]
+        argv = [twistd, "-n", f"--pidfile={pidfile}", "chatd", *_unlimited(args)]
         reactor.spawnProcess(process, twistd, argv, env={**os.environ, **(env or {})}, path=path)
         test.addCleanup(process.kill)
         return process

@@ -188,7 +188,8 @@ class StartupFailureTests(TestCase):
     async def test_port_in_use(self) -> None:
         """
         A --port (or --metrics-port) someone else listens on: one line
-        naming it, exit status 1, no traceback, and no data file made.
+        naming it, exit status 1, no traceback, no data file made, and
+        twistd's pid file removed.
         """
         taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
         self.addCleanup(taken.stopListening)
@@ -196,9 +197,11 @@ class StartupFailureTests(TestCase):
         for args in (["--port", busy], ["--port", "tcp:0:interface=127.0.0.1", "--metrics-port", busy]):
             folder = os.path.abspath(self.mktemp())
             os.makedirs(folder)
-            process = ChatdProcess.spawn(self, "--data-dir", folder, *args)
+            pidfile = os.path.abspath(self.mktemp())
+            process = ChatdProcess.spawn(self, "--data-dir", folder, *args, pidfile=pidfile)
             process.listening.addErrback(lambda _: None)
             await process.ended
+            self.assertFalse(os.path.exists(pidfile), "the pid file was left behind")
             self.assertEqual(process.exit_code, 1, process.output)
             lines = [line for line in process.output.splitlines() if b"could not start" in line]
             self.assertEqual(len(lines), 1, process.output)

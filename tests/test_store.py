@@ -267,6 +267,20 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         self.assertIn(f"cannot open the sqlite:{folder} store", str(e.exception))
         self.assertNotIn("\n", str(e.exception))
 
+    async def test_failed_open_leaves_no_file(self) -> None:
+        """
+        When SQLite creates the file but opening then fails (here its WAL
+        file cannot be made: a folder has that name), the file it created
+        is removed again; what was there before stays.
+        """
+        os.makedirs(self.path + "-wal")
+        store = self.make_store()
+        self.addCleanup(store.close)
+        with self.assertRaises(StoreError):
+            await store.open()
+        self.assertFalse(os.path.exists(self.path))
+        self.assertTrue(os.path.isdir(self.path + "-wal"))
+
 
 class PostgresStoreTests(StoreContractMixin, TestCase):
     """

@@ -11,6 +11,7 @@ with a 503 (L{chatd.web.ChatWeb.ready}).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import platform
@@ -278,7 +279,8 @@ class ChatService(MultiService):
     def _exit(self) -> None:
         """
         Under twistd: stop, and exit with status 1 so that a supervisor
-        sees the failure (twistd itself would exit 0).
+        sees the failure (twistd itself would exit 0).  The status is set
+        as the interpreter exits, after twistd has removed its pid file.
         """
 
         def exit_1() -> None:
@@ -286,7 +288,7 @@ class ChatService(MultiService):
             sys.stderr.flush()
             os._exit(1)
 
-        self._reactor.addSystemEventTrigger("after", "shutdown", exit_1)
+        atexit.register(exit_1)
         if self._reactor.running:
             self._reactor.stop()
         else:

@@ -87,6 +87,13 @@ class SQLStore:
     def __init__(self, write_pool: adbapi.ConnectionPool, read_pool: adbapi.ConnectionPool) -> None:
         self._write = write_pool
         self._read = read_pool
+        # Read now, while twistd may still be root: after --uid the
+        # process may no longer be able to read its own installation.
+        self._schema = schema_files(self.backend, f"v{SCHEMA_VERSION}.sql")
+        self._upgrades = {
+            version: schema_files(self.backend, f"upgrade-to-v{version}.sql")
+            for version in range(2, SCHEMA_VERSION + 1)
+        }
         self._pending: List[Tuple[_Append, Deferred]] = []
         self._flushing = False
         self._idle: List[Deferred] = []
@@ -128,7 +135,7 @@ class SQLStore:
             conn.execute(self.begin)
         self._lock_schema(conn)
         if not self._has_schema(conn):
-            for statement in _statements(schema_files(self.backend, f"v{SCHEMA_VERSION}.sql")):
+            for statement in _statements(self._schema):
                 conn.execute(statement)
             return SCHEMA_VERSION
         (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
@@ -139,7 +146,7 @@ class SQLStore:
             )
         while version < SCHEMA_VERSION:
             version += 1
-            script = schema_files(self.backend, f"upgrade-to-v{version}.sql")
+            script = self._upgrades[version]
             for statement in _statements(script):
                 conn.execute(statement)
             self.log.info("Upgraded the {store} schema to v{version}", store=self.description, version=version)

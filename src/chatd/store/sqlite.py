@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatd.interfaces import IMessageStore
@@ -67,6 +69,27 @@ class SQLiteStore(SQLStore):
             )
 
         super().__init__(pool(1), pool(2))
+
+    def open(self) -> Deferred:
+        """
+        Open the file (creating it if missing) and its schema.  A file this
+        call created is removed again if opening fails, so that a failed
+        start leaves no data file behind.
+        """
+        created = [
+            p for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")) if not p.exists()
+        ]
+
+        def failed(failure: Failure) -> Failure:
+            if self.path in created:
+                for path in created:
+                    try:
+                        path.unlink()
+                    except OSError:
+                        pass
+            return failure
+
+        return super().open().addErrback(failed)
 
     def _has_schema(self, conn: Any) -> bool:
         row = conn.execute(
