@@ -86,17 +86,22 @@ class HeaderDeadlineTests(SynchronousTestCase):
         self.addCleanup(channel.connectionLost, None)
         return clock, transport, channel
 
-    def test_dribbling_headers_cut(self) -> None:
+    def assertCutAfterTenSeconds(self, clock: Clock, transport: StringTransport, protocol: Any, byte: bytes) -> None:
         """
-        Bytes that never end the head do not keep the connection.
+        A byte a second for 9 s keeps the connection; at 10 s it is cut.
         """
-        clock, transport, protocol = self.connect()
         for _ in range(9):
-            protocol.dataReceived(b"X")
+            protocol.dataReceived(byte)
             clock.advance(1)
         self.assertFalse(transport.disconnecting)
         clock.advance(1)
         self.assertTrue(transport.disconnecting)
+
+    def test_dribbling_headers_cut(self) -> None:
+        """
+        Bytes that never end the head do not keep the connection.
+        """
+        self.assertCutAfterTenSeconds(*self.connect(), b"X")
 
     def test_complete_head_kept(self) -> None:
         """
@@ -118,12 +123,7 @@ class HeaderDeadlineTests(SynchronousTestCase):
         """
         clock, transport, protocol = self.connect()
         protocol.dataReceived(b"\n\n")
-        for _ in range(9):
-            protocol.dataReceived(b"G")
-            clock.advance(1)
-        self.assertFalse(transport.disconnecting)
-        clock.advance(1)
-        self.assertTrue(transport.disconnecting)
+        self.assertCutAfterTenSeconds(clock, transport, protocol, b"G")
 
     def test_second_head_has_a_deadline(self) -> None:
         """
@@ -135,12 +135,7 @@ class HeaderDeadlineTests(SynchronousTestCase):
         protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         clock.advance(30)
         self.assertFalse(transport.disconnecting)
-        for _ in range(9):
-            protocol.dataReceived(b"G")
-            clock.advance(1)
-        self.assertFalse(transport.disconnecting)
-        clock.advance(1)
-        self.assertTrue(transport.disconnecting)
+        self.assertCutAfterTenSeconds(clock, transport, protocol, b"G")
 
 
 class ChatdCase(TestCase):

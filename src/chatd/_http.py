@@ -19,6 +19,7 @@ to its users, each written against the channel's public methods:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, List, Optional, Sequence
 
 from twisted.internet.interfaces import IDelayedCall
@@ -105,21 +106,23 @@ class ChatChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def _start_head_deadline(self) -> None:
-        self._head_call = self.callLater(self.head_timeout, self._head_expired)
+        self._head_call = self.callLater(
+            self.head_timeout,
+            partial(self._drop, "no complete request head {seconds} s after it began", self.head_timeout),
+        )
 
     def _stop_head_deadline(self) -> None:
         call, self._head_call = self._head_call, None
         if call is not None and call.active():
             call.cancel()
 
-    def _head_expired(self) -> None:
-        self._head_call = None
+    def _drop(self, why: str, seconds: float) -> None:
+        """
+        A deadline passed: say so and drop the connection.
+        """
+        self._head_call = self._drain_call = None
         transport: Any = self.transport
-        self.log.info(
-            "Dropping {peer}: no complete request head {seconds} s after it began",
-            peer=transport.getPeer(),
-            seconds=self.head_timeout,
-        )
+        self.log.info("Dropping {peer}: " + why, peer=transport.getPeer(), seconds=seconds)
         transport.abortConnection()
 
     def requestDone(self, request: Request) -> None:
@@ -127,7 +130,10 @@ class ChatChannel(HTTPChannel):
             # The client has not read this answer: keep its next request
             # (if any has come) unread until it does.
             self._held = request
-            self._drain_call = self.callLater(self.drain_timeout, self._never_drained)
+            self._drain_call = self.callLater(
+                self.drain_timeout,
+                partial(self._drop, "its answers were not read for {seconds} s", self.drain_timeout),
+            )
             return
         self._next_request(request)
 
@@ -160,16 +166,6 @@ class ChatChannel(HTTPChannel):
         call, self._drain_call = self._drain_call, None
         if call is not None and call.active():
             call.cancel()
-
-    def _never_drained(self) -> None:
-        self._drain_call = None
-        transport: Any = self.transport
-        self.log.info(
-            "Dropping {peer}: its answers were not read for {seconds} s",
-            peer=transport.getPeer(),
-            seconds=self.drain_timeout,
-        )
-        transport.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._stop_head_deadline()
