@@ -79,7 +79,7 @@ class HeaderDeadlineTests(SynchronousTestCase):
 
     def connect(self) -> Tuple[Clock, StringTransport, Any]:
         clock = Clock()
-        site = ChatSite(Data(b"ok", "text/plain"), head_timeout=10, timeout=75, reactor=clock)
+        site = ChatSite(Data(b"ok", "text/plain"), request_timeout=10, timeout=75, reactor=clock)
         channel = site.buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -136,6 +136,26 @@ class HeaderDeadlineTests(SynchronousTestCase):
         clock.advance(30)
         self.assertFalse(transport.disconnecting)
         self.assertCutAfterTenSeconds(clock, transport, protocol, b"G")
+
+    def test_dribbled_body_cut(self) -> None:
+        """
+        The deadline covers the body too: a complete head, then a body a
+        byte a second, is cut 10 s after the request's first byte.
+        """
+        clock, transport, protocol = self.connect()
+        protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        self.assertCutAfterTenSeconds(clock, transport, protocol, b"x")
+
+    def test_body_in_time_kept(self) -> None:
+        """
+        A body that comes in time ends the deadline: the answer is written
+        and the connection kept.
+        """
+        clock, transport, protocol = self.connect()
+        protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab")
+        clock.advance(30)
+        self.assertFalse(transport.disconnecting)
+        self.assertIn(b"HTTP/1.1 ", transport.value())
 
 
 class ChatdCase(TestCase):

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatd._http import ChatSite
-from chatd.limits import Limits
+from chatd.limits import Connections, Limits
 from chatd.store.memory import MemoryStore
 from tests._support import HTTP, ChatdProcess, make_web, start_chatd
 from tests.test_fuzz import FUZZ
@@ -101,7 +101,13 @@ class Server:
             rooms=["lobby"], limits=None if limits is None else make_limits, store=self.store
         )
         resource = self.web.app.resource() if klein else self.web.resource()
-        self.site = ChatSite(resource, head_timeout=10, timeout=timeout, reactor=self.clock)
+        self.site = ChatSite(
+            resource,
+            request_timeout=10,
+            timeout=timeout,
+            reactor=self.clock,
+            connections=None if self.limits is None else Connections(self.limits),
+        )
         self.site.startFactory()
 
     def connect(self) -> Tuple[Any, StringTransport]:
@@ -378,8 +384,8 @@ class LongPollTests(SynchronousTestCase):
 
     def test_refused_over_connection_limit(self) -> None:
         """
-        A client over its connection limit gets Klein's route's 503 with a
-        Retry-After, on both paths.
+        A client over its connection limit gets a JSON 503 with a
+        Retry-After before its request is read, whichever route it asks for.
         """
         direct = Server(klein=False, limits=lambda clock: Limits(clock, max_connections_per_ip=1))
         klein = Server(klein=True, limits=lambda clock: Limits(clock, max_connections_per_ip=1))

@@ -4,9 +4,14 @@ chatd's HTTP connections: twisted.web's own C{HTTPChannel}, which parses
 every byte, with the bounds a public server needs and twisted.web leaves
 to its users, each written against the channel's public methods:
 
-  - a deadline for every request head, counted from its first byte, so
-    clients that dribble a head a byte at a time cannot pin the server
-    (twisted.web restarts its idle timer at every byte);
+  - a deadline for every request, head and body, counted from its first
+    byte, so clients that dribble a request a byte at a time cannot pin
+    the server (twisted.web restarts its idle timer at every byte);
+  - request bodies are bounded: one declared longer than
+    L{MAX_REQUEST_BODY} is not read at all (no C{100 Continue}), a chunked
+    one is read no further than the bound, and the request goes on at
+    once to be answered 413, on a connection that then closes; bodies are
+    kept in memory, never spooled to a temporary file;
   - pipelined requests wait while the client is not reading: a request's
     successor is taken up only once its answer has drained from the
     transport's buffer (twisted.web would answer every request already
@@ -19,15 +24,40 @@ to its users, each written against the channel's public methods:
 
 from __future__ import annotations
 
+import math
 from functools import partial
+from io import BytesIO
 from typing import Any, List, Optional, Sequence
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request, Site
 
-__all__ = ["ChatChannel", "ChatRequest", "ChatSite"]
+from chatd._wire import client_host, error_body, http_status
+from chatd.limits import Connections, server_full
+from chatd.model import ChatError
+
+__all__ = ["ChatChannel", "ChatRequest", "ChatSite", "MAX_REQUEST_BODY"]
+
+#: The largest request body read from a client, in bytes.
+MAX_REQUEST_BODY = 64 * 1024
+
+#: Refused connections being told so at once, at most; past this they are
+#: closed without a word (a flood of connections costs a descriptor each
+#: for at most a second).
+REFUSALS = 16
+
+#: After refusing a request unread (a connection over the caps, a body
+#: over the bound), chatd reads and drops what the client goes on sending
+#: for at most this many seconds and bytes, then closes: closing with
+#: unread bytes would reset the connection, and the client could lose the
+#: answer that says why.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+
+#: The paths a spare connection (the server full) may ask for.
+HEALTH_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
 
 
 class ChatRequest(Request):
@@ -39,6 +69,26 @@ class ChatRequest(Request):
     """
 
     _content_type: Optional[Sequence[bytes]] = None
+    #: The body was longer than L{MAX_REQUEST_BODY}: what was kept of it
+    #: (at most one byte more than the bound) says so to its reader.
+    body_too_large = False
+    _body_size = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        # In memory, whatever the declared length: no more than the bound
+        # (and a byte) is ever kept (handleContentChunk).
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        room = MAX_REQUEST_BODY + 1 - self._body_size
+        if room <= 0:
+            return
+        if len(data) >= room:
+            data = data[:room]
+            self.body_too_large = True
+        self._body_size += len(data)
+        content: Any = self.content
+        content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._content_type = self.requestHeaders.getRawHeaders(b"content-type")
@@ -50,33 +100,65 @@ class ChatRequest(Request):
         # Called by requestReceived once the arguments are parsed.
         if self._content_type is not None:
             self.requestHeaders.setRawHeaders(b"content-type", self._content_type)
+        channel: Any = self.channel
+        if channel.health_only and self.path not in HEALTH_PATHS:
+            self._answer_and_close(server_full())
+            return
         super().process()
+
+    def _answer_and_close(self, error: ChatError) -> None:
+        """
+        Answer with C{error}'s JSON body, and close the connection.
+        """
+        body = error_body(error.code, error.detail)
+        self.setResponseCode(http_status(error))
+        self.setHeader(b"content-type", b"application/json; charset=utf-8")
+        self.setHeader(b"content-length", b"%d" % (len(body),))
+        if error.retry_after is not None:
+            self.setHeader(b"retry-after", b"%d" % (math.ceil(error.retry_after),))
+        self.setHeader(b"connection", b"close")
+        self.channel.persistent = False
+        self.write(body)
+        self.finish()
 
 
 class ChatChannel(HTTPChannel):
     """
-    twisted.web's HTTP channel with a deadline for every request head and
-    no new request taken up while the client does not read its answers.
+    twisted.web's HTTP channel with a deadline for every request, bounded
+    request bodies, no new request taken up while the client does not
+    read its answers, and a place among the server's connections.
 
-    @ivar head_timeout: seconds from a request's first byte to the end of
-        its head (set by L{ChatSite}).
+    @ivar request_timeout: seconds from a request's first byte to the end
+        of its body (set by L{ChatSite}).
     @ivar drain_timeout: seconds a client may leave its answers unread
         before its connection is dropped (the site's idle timeout).
+    @ivar connections: where the connection takes its place (L{ChatSite}'s).
+    @ivar health_only: the connection is a spare (the server is full): it
+        may ask for health checks only.
     """
 
     log = Logger()
-    head_timeout = 10.0
+    request_timeout = 10.0
     #: Seconds a client may leave its answers unread (the idle timeout).
     drain_timeout = 60.0
-    #: Waiting for the head of a request (from the connection's start, or
-    #: since the previous request was done).
-    _awaiting_head = True
-    _head_call: Optional[IDelayedCall] = None
+    connections: Optional[Connections] = None
+    health_only = False
+    #: Waiting for a request (from the connection's start, or since the
+    #: previous request was done), until its body is in.
+    _awaiting_request = True
+    _request_call: Optional[IDelayedCall] = None
     #: The transport's buffer is full (it paused this channel).
     _transport_full = False
     #: A finished request whose successor waits for the transport to drain.
     _held: Optional[Request] = None
     _drain_call: Optional[IDelayedCall] = None
+    #: Refused: it is being told so (L{_refuse}), and counted as such.
+    _refused = False
+    #: A request's body was refused unread (L{_end_body}).
+    _body_refused = False
+    #: Closing: what the client sends is read and dropped (L{_linger}).
+    _lingering: Optional[IDelayedCall] = None
+    _lingered = 0
 
     _host: Any = None
 
@@ -91,28 +173,109 @@ class ChatChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # A new connection owes its first head from the start: a client
+        transport: Any = self.transport
+        if self.connections is not None:
+            try:
+                self.health_only = self.connections.open(transport, client_host(transport.getPeer()))
+            except ChatError as e:
+                self._refuse(e)
+                return
+        # A new connection owes its first request from the start: a client
         # that connects and sends nothing is dropped as well.
-        self._start_head_deadline()
+        self._start_request_deadline()
+
+    def _refuse(self, error: ChatError) -> None:
+        """
+        Tell a connection over the caps so, in one write before reading
+        anything, and close it: at once, or within a second if the client
+        does not close first.  Refusals are cheap, and bounded: past
+        L{REFUSALS} being told at once, connections are just closed.
+        """
+        transport: Any = self.transport
+        connections = self.connections
+        assert connections is not None
+        if connections.refusing >= REFUSALS:
+            transport.abortConnection()
+            return
+        connections.refusing += 1
+        self._refused = True
+        transport.write(_refusal(error))
+        self._linger()
+
+    def _linger(self) -> None:
+        """
+        Close after what was written, reading and dropping what comes
+        meanwhile (L{LINGER_SECONDS}, L{LINGER_BYTES}).
+        """
+        transport: Any = self.transport
+        self._lingering = self.callLater(LINGER_SECONDS, transport.abortConnection)
+        transport.resumeProducing()
+        getattr(transport, "loseWriteConnection", transport.loseConnection)()
+
+    def loseConnection(self) -> None:
+        if not self._body_refused:
+            super().loseConnection()
+            return
+        # The answer to a request whose body was refused is written.
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        self._linger()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._awaiting_head and self._head_call is None:
-            self._start_head_deadline()
+        if self._lingering is not None:
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                transport: Any = self.transport
+                transport.abortConnection()
+            return
+        if self._awaiting_request and self._request_call is None:
+            self._start_request_deadline()
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._awaiting_head = False
-        self._stop_head_deadline()
+        request = self.requests[-1]
+        if self.length is not None and self.length > MAX_REQUEST_BODY:
+            # Too large as declared: read none of it, and no 100 Continue.
+            request.requestHeaders.removeHeader(b"expect")
+            super().allHeadersReceived()
+            self._end_body(request)
+            return
         super().allHeadersReceived()
 
-    def _start_head_deadline(self) -> None:
-        self._head_call = self.callLater(
-            self.head_timeout,
-            partial(self._drop, "no complete request head {seconds} s after it began", self.head_timeout),
+    def rawDataReceived(self, data: bytes) -> None:
+        super().rawDataReceived(data)
+        request = self.requests[-1] if self.requests else None
+        if self._awaiting_request and isinstance(request, ChatRequest) and request.body_too_large:
+            # A chunked body past the bound: read no more of it.  (Here,
+            # not in handleContentChunk: the decoder must be done first.)
+            self._end_body(request)
+            self.allContentReceived()
+
+    def _end_body(self, request: Request) -> None:
+        """
+        Go on with C{request} without (the rest of) its body, to answer
+        it 413; its connection closes after the answer, unread.
+        """
+        if isinstance(request, ChatRequest):
+            request.body_too_large = True
+        self._body_refused = True
+        self.length = 0
+        self.persistent = False
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def allContentReceived(self) -> None:
+        self._awaiting_request = False
+        self._stop_request_deadline()
+        super().allContentReceived()
+
+    def _start_request_deadline(self) -> None:
+        self._request_call = self.callLater(
+            self.request_timeout,
+            partial(self._drop, "no complete request {seconds} s after it began", self.request_timeout),
         )
 
-    def _stop_head_deadline(self) -> None:
-        call, self._head_call = self._head_call, None
+    def _stop_request_deadline(self) -> None:
+        call, self._request_call = self._request_call, None
         if call is not None and call.active():
             call.cancel()
 
@@ -120,7 +283,7 @@ class ChatChannel(HTTPChannel):
         """
         A deadline passed: say so and drop the connection.
         """
-        self._head_call = self._drain_call = None
+        self._request_call = self._drain_call = None
         transport: Any = self.transport
         self.log.info("Dropping {peer}: " + why, peer=transport.getPeer(), seconds=seconds)
         transport.abortConnection()
@@ -138,7 +301,7 @@ class ChatChannel(HTTPChannel):
         self._next_request(request)
 
     def _next_request(self, request: Request) -> None:
-        self._awaiting_head = True
+        self._awaiting_request = True
         super().requestDone(request)
 
     def pauseProducing(self) -> None:
@@ -168,33 +331,67 @@ class ChatChannel(HTTPChannel):
             call.cancel()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._stop_head_deadline()
+        self._stop_request_deadline()
         self._cancel_drain_call()
         self._held = None
+        lingering, self._lingering = self._lingering, None
+        if lingering is not None and lingering.active():
+            lingering.cancel()
+        if self.connections is not None:
+            if self._refused:
+                self._refused = False
+                self.connections.refusing -= 1
+            else:
+                self.connections.close(self.transport)
         super().connectionLost(reason)
+
+
+def _refusal(error: ChatError) -> bytes:
+    """
+    The whole answer to a connection refused before it sent anything: a
+    JSON error with C{Retry-After}, and the connection closes.
+    """
+    status = http_status(error)
+    body = error_body(error.code, error.detail)
+    head = (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n"
+        b"Retry-After: %d\r\n"
+        b"Connection: close\r\n\r\n"
+    ) % (status, RESPONSES[status], len(body), math.ceil(error.retry_after or 1))
+    return head + body
 
 
 class ChatSite(Site):
     """
     chatd's Site: connections are L{ChatChannel}s, requests
-    L{ChatRequest}s, and twisted.web's access log (a line per request) is
-    written only when asked for.
+    L{ChatRequest}s, each connection takes its place in C{connections}
+    (none: no limits), and twisted.web's access log (a line per request)
+    is written only when asked for.
     """
 
     protocol = ChatChannel  # type: ignore[assignment]
     requestFactory = ChatRequest
 
     def __init__(
-        self, resource: Any, access_log: bool = False, head_timeout: float = 10.0, **kwargs: Any
+        self,
+        resource: Any,
+        access_log: bool = False,
+        request_timeout: float = 10.0,
+        connections: Optional[Connections] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
         self.access_log = access_log
-        self.head_timeout = head_timeout
+        self.request_timeout = request_timeout
+        self.connections = connections
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         if channel is not None:
-            channel.head_timeout = self.head_timeout
+            channel.request_timeout = self.request_timeout
+            channel.connections = self.connections
             if self.timeOut:
                 channel.drain_timeout = self.timeOut
         return channel

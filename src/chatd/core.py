@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatd.interfaces import IBus, IBusListener, IBusSubscription, IMessageStore
-from chatd.limits import Limits, Ticket, unlimited_ticket
+from chatd.limits import Limits
 from chatd.model import (
     MAX_BODY,
     Batch,
@@ -274,18 +274,6 @@ class ChatCore:
         now_ms = int(self._clock.seconds() * 1000)
         d = self._store.create_room(name, now_ms)
         return d.addCallback(created).addBoth(done)
-
-    # -- connections ---------------------------------------------------------
-
-    def admit(self, ip: str) -> Ticket:
-        """
-        Take a place for a WebSocket connection or a waiting long-poll.
-
-        @raise ChatError: C{server_full} or C{too_many_connections}.
-        """
-        if self._limits is None:
-            return unlimited_ticket(ip)
-        return self._limits.admit(ip)
 
     # -- posting -------------------------------------------------------------
 

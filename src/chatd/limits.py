@@ -7,13 +7,22 @@ they are given.
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, Optional
+from typing import Any, Dict, Hashable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
 from chatd.model import ChatError, Peer, rate_limited
 
-__all__ = ["Limits", "RateLimiter", "Ticket", "parse_rate", "unlimited_ticket", "DEFAULT_RATE"]
+__all__ = [
+    "Connections",
+    "DEFAULT_RATE",
+    "Limits",
+    "RateLimiter",
+    "Ticket",
+    "parse_rate",
+    "server_full",
+    "unlimited_ticket",
+]
 
 #: Posting: bursts of 10, then 5 messages a second, per connection and per IP.
 DEFAULT_RATE = "10/5"
@@ -113,6 +122,13 @@ class Ticket:
             limits.release(self._ip)
 
 
+def server_full() -> ChatError:
+    """
+    C{server_full}: the server holds all the connections it may.
+    """
+    return ChatError("server_full", "The server has no room for more connections.", 5.0)
+
+
 def unlimited_ticket(ip: str) -> Ticket:
     """
     A ticket of no limits: releasing it does nothing.
@@ -165,16 +181,21 @@ class Limits:
         """
         return self._connections_by_ip.get(ip, 0)
 
+    def fit_descriptors(self, usable: int) -> None:
+        """
+        The process may hold only C{usable} connections (its descriptor
+        limit, less what it keeps in reserve): lower the total cap to that.
+        """
+        self.max_connections = max(1, min(self.max_connections, usable))
+
     def admit(self, ip: str) -> Ticket:
         """
-        Take a place for a WebSocket connection or a waiting long-poll.
+        Take a place for a connection.
 
         @raise ChatError: C{server_full} or C{too_many_connections}.
         """
         if self._connections >= self.max_connections:
-            raise ChatError(
-                "server_full", "The server has no room for more connections.", 5.0
-            )
+            raise server_full()
         mine = self._connections_by_ip.get(ip, 0)
         if mine >= self.max_connections_per_ip:
             raise ChatError(
@@ -225,3 +246,72 @@ class Limits:
             wait = self.rooms_by_ip.take(peer.ip)
             if wait:
                 raise rate_limited(f"Too many rooms created from {peer.ip}", wait)
+
+
+class Connections:
+    """
+    Every open connection's place, from its accept to its close, whichever
+    protocol ends up owning it (an HTTP channel, then perhaps the WebSocket
+    it was upgraded to): each place is kept under the connection's
+    transport.
+
+    Past the total cap a few connections more are let in as I{spares},
+    which may only ask for health checks, so a load balancer's probe still
+    gets its answer when the server is full; past those, connections are
+    refused.
+
+    @ivar spares: how many spare connections may be open at once.
+    @ivar spares_per_ip: how many of them one IP may hold.
+    @ivar refusing: connections now being told they are refused.
+    """
+
+    def __init__(self, limits: Optional[Limits], spares: int = 16, spares_per_ip: int = 2) -> None:
+        self._limits = limits
+        self.spares = spares
+        self.spares_per_ip = spares_per_ip
+        self._open: Dict[Any, Ticket] = {}
+        #: The spare connections, with their IPs.
+        self._spare: Dict[Any, str] = {}
+        self._spares_by_ip: Dict[str, int] = {}
+        self.refusing = 0
+
+    def __len__(self) -> int:
+        return len(self._open) + len(self._spare)
+
+    def open(self, transport: Any, ip: str) -> bool:
+        """
+        Take a place for the connection on C{transport}, from C{ip}.
+
+        @return: whether it is a spare (health checks only).
+        @raise ChatError: C{server_full} or C{too_many_connections}.
+        """
+        if self._limits is None:
+            self._open[transport] = unlimited_ticket(ip)
+            return False
+        try:
+            self._open[transport] = self._limits.admit(ip)
+            return False
+        except ChatError as e:
+            mine = self._spares_by_ip.get(ip, 0)
+            if e.code != "server_full" or len(self._spare) >= self.spares or mine >= self.spares_per_ip:
+                raise
+        self._spare[transport] = ip
+        self._spares_by_ip[ip] = mine + 1
+        return True
+
+    def close(self, transport: Any) -> None:
+        """
+        The connection on C{transport} is gone: give its place back (safe
+        to call twice, or for a connection that holds none).
+        """
+        ticket = self._open.pop(transport, None)
+        if ticket is not None:
+            ticket.release()
+            return
+        ip = self._spare.pop(transport, None)
+        if ip is not None:
+            left = self._spares_by_ip[ip] - 1
+            if left:
+                self._spares_by_ip[ip] = left
+            else:
+                del self._spares_by_ip[ip]

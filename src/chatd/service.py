@@ -15,9 +15,10 @@ import atexit
 import gc
 import os
 import platform
+import resource
 import signal
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -29,6 +30,7 @@ import twisted
 from chatd._version import __version__
 from chatd.core import ChatCore
 from chatd.interfaces import IMessageStore
+from chatd.limits import Limits
 from chatd.web import ChatWeb
 from chatd.ws import ChatWebSocketFactory
 
@@ -36,6 +38,29 @@ __all__ = ["ChatService", "Listener", "Retention", "SHUTDOWN_TIMEOUT"]
 
 #: The longest a shutdown waits for WebSockets to close and writes to finish.
 SHUTDOWN_TIMEOUT = 10.0
+
+#: Descriptors left out of the connection cap: the store, the logs, the
+#: listening sockets, and the spare and refused connections
+#: (L{chatd.limits.Connections}, L{chatd._http.REFUSALS}).
+RESERVED_DESCRIPTORS = 64
+
+
+def raise_descriptor_limit() -> Tuple[int, int, int]:
+    """
+    Raise the process's soft limit of open files to its hard limit (no
+    privilege needed), so that connections, not a default of 1,024, are
+    what the limits in L{chatd.limits} count.
+
+    @return: the soft limit before and after, and the hard limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = soft if hard == resource.RLIM_INFINITY else hard
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            wanted = soft
+    return soft, max(soft, wanted), hard
 
 
 def describe_address(port: IListeningPort) -> str:
@@ -173,9 +198,11 @@ class ChatService(MultiService):
         websockets: ChatWebSocketFactory,
         exit_on_failure: bool = False,
         json_logs: bool = False,
+        limits: Optional[Limits] = None,
     ) -> None:
         super().__init__()
         self.core = core
+        self._limits = limits
         self.store = store
         self.web = web
         self.websockets = websockets
@@ -216,8 +243,31 @@ class ChatService(MultiService):
             python=platform.python_version(),
             twisted=twisted.__version__,
         )
+        self._fit_descriptors()
         for listener in self._listeners():
             listener.privilegedStartService()
+
+    def _fit_descriptors(self) -> None:
+        before, after, hard = raise_descriptor_limit()
+        if self._limits is None:
+            return
+        self._limits.fit_descriptors(after - RESERVED_DESCRIPTORS)
+        self.log.info(
+            "Open files: soft limit {before}, now {after} (hard limit {hard}); "
+            "at most {connections} connections, {per_ip} from one IP",
+            before=before,
+            after=after,
+            hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
+            connections=self._limits.max_connections,
+            per_ip=self._limits.max_connections_per_ip,
+        )
+        if self._limits.max_connections_per_ip >= self._limits.max_connections:
+            self.log.warn(
+                "One IP may hold every connection: --max-connections-per-ip "
+                "{per_ip} is not below the {connections} connections this process may hold",
+                per_ip=self._limits.max_connections_per_ip,
+                connections=self._limits.max_connections,
+            )
 
     def startService(self) -> None:
         if not self._listening:

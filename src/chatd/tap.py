@@ -26,7 +26,7 @@ from chatd._send import direct_writes_available
 from chatd._version import __version__
 from chatd.core import ChatCore
 from chatd.interfaces import IBus, IMessageStore
-from chatd.limits import DEFAULT_RATE, Limits, parse_rate
+from chatd.limits import DEFAULT_RATE, Connections, Limits, parse_rate
 from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import MAX_BODY, ChatError, validate_room_name
 from chatd.service import ChatService, Listener, Retention
@@ -100,12 +100,19 @@ class Options(usage.Options):
             "(a token bucket), or off.",
         ],
         ["max-message", None, MAX_BODY, "Longest message body, in characters.", int],
-        ["max-connections", None, 10_000, "WebSockets and waiting long-polls, in all.", int],
+        [
+            "max-connections",
+            None,
+            10_000,
+            "Open connections (HTTP and WebSocket), in all; lowered to fit the "
+            "process's descriptor limit.",
+            int,
+        ],
         [
             "max-connections-per-ip",
             None,
             100,
-            "WebSockets and waiting long-polls from one IP address.",
+            "Open connections (HTTP and WebSocket) from one IP address.",
             int,
         ],
         ["max-rooms", None, 1_000, "Rooms in all.", int],
@@ -284,8 +291,9 @@ RETENTION_INTERVAL = 3600.0
 #: Idle HTTP connections are closed after this many seconds (more than the
 #: longest long-poll).
 IDLE_TIMEOUT = 75
-#: A request head must be complete this many seconds after its first byte.
-HEADER_TIMEOUT = 10.0
+#: A request (head and body) must be complete this many seconds after its
+#: first byte.
+REQUEST_TIMEOUT = 10.0
 
 
 def make_bus(name: str) -> IBus:
@@ -343,7 +351,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             "writes expect (chatd._send): WebSocket frames take the transport's "
             "own, slower path."
         )
-    factory = ChatWebSocketFactory(core, metrics=metrics, clock=reactor)
+    connections = Connections(limits)
+    factory = ChatWebSocketFactory(core, metrics=metrics, clock=reactor, connections=connections)
     web = ChatWeb(
         core,
         make_environment(options["templates"]),
@@ -355,9 +364,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ready=False,
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
-    # long-poll), and every request head must come within HEADER_TIMEOUT.
+    # long-poll), and every request must come within REQUEST_TIMEOUT.
     site = web.site(
-        IDLE_TIMEOUT, HEADER_TIMEOUT, access_log=options["access-log"] == "on", reactor=reactor
+        IDLE_TIMEOUT,
+        REQUEST_TIMEOUT,
+        connections=connections,
+        access_log=options["access-log"] == "on",
+        reactor=reactor,
     )
     service = ChatService(
         core,
@@ -368,6 +381,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         websockets=factory,
         exit_on_failure=under_twistd,
         json_logs=options["log-format"] == "json",
+        limits=limits,
     )
     Listener(options["port"], serverFromString(reactor, options["port"]), site).setServiceParent(
         service

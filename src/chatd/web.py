@@ -37,18 +37,15 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from chatd._http import ChatSite
+from chatd._http import MAX_REQUEST_BODY, ChatSite
 from chatd._wire import REASONS, client_host, error_body, http_status
 from chatd.core import ChatCore
-from chatd.limits import Ticket
+from chatd.limits import Connections
 from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import Batch, ChatError, Message, Peer, encode_json, parse_cursor
 from chatd.room import Room
 
 __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "make_environment"]
-
-#: The largest request body read from a client, in bytes.
-MAX_REQUEST_BODY = 64 * 1024
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -326,18 +323,18 @@ def _messages_query(request: IRequest) -> _MessagesQuery:
 
 class _Poll:
     """
-    One long-poll request, waiting in the core: it holds a connection
-    place until it is answered, failed or its client goes away, and then
-    gives it back, once.
+    One long-poll request, waiting in the core: it is counted among the
+    waiting long-polls until it is answered, failed or its client goes
+    away, and then no more, once.
     """
 
-    __slots__ = ("_web", "_request", "_ticket", "_forget", "_timeout")
+    __slots__ = ("_web", "_request", "_waiting", "_forget", "_timeout")
 
     def __init__(self, web: "ChatWeb", request: Any, timeout: float) -> None:
         self._web = web
         self._request = request
         self._timeout = timeout
-        self._ticket: Optional[Ticket] = None
+        self._waiting = False
         self._forget: Optional[Callable[[], None]] = None
 
     def wait(
@@ -354,11 +351,8 @@ class _Poll:
         """
         web = self._web
         request = self._request
-        try:
-            self._ticket, timeout = web._admit_poll(_ip(request), self._timeout)
-        except ChatError:
-            failed(Failure())
-            return
+        timeout = web._start_poll(self._timeout)
+        self._waiting = True
 
         def got(batch: Batch) -> None:
             if self._done():
@@ -374,18 +368,17 @@ class _Poll:
                 failed(reason)
 
         forget = web._core.wait_for(room, query.after, query.limit, timeout, got, failure)
-        if self._ticket is not None:
+        if self._waiting:
             self._forget = forget
 
     def _done(self) -> bool:
-        ticket, self._ticket = self._ticket, None
+        waiting, self._waiting = self._waiting, False
         # Dropping the forget function breaks the cycle through the
         # waiter's closures, so a finished poll is freed at once.
         self._forget = None
-        if ticket is None:
-            return False
-        self._web._end_poll(ticket)
-        return True
+        if waiting:
+            self._web._end_poll()
+        return waiting
 
     def cancel(self) -> None:
         """
@@ -525,17 +518,26 @@ class ChatWeb:
         """
         return _Root(self, self.app.resource())
 
-    def site(self, timeout: float, head_timeout: float, access_log: bool = False, reactor: Any = None) -> ChatSite:
+    def site(
+        self,
+        timeout: float,
+        request_timeout: float,
+        connections: Optional[Connections] = None,
+        access_log: bool = False,
+        reactor: Any = None,
+    ) -> ChatSite:
         """
         The Site to serve L{resource}: connections idle for C{timeout}
-        seconds are closed, and a request head must arrive within
-        C{head_timeout} seconds of its first byte.  With C{access_log},
-        every request is logged, a line each.
+        seconds are closed, a request (head and body) must arrive within
+        C{request_timeout} seconds of its first byte, and every connection
+        takes its place in C{connections}.  With C{access_log}, every
+        request is logged, a line each.
         """
         return ChatSite(
             self.resource(),
             access_log=access_log,
-            head_timeout=head_timeout,
+            request_timeout=request_timeout,
+            connections=connections,
             timeout=timeout,
             reactor=reactor,
         )
@@ -787,33 +789,27 @@ class ChatWeb:
             return  # the client went away
         _finish(self._error_answer(request, failure), request)
 
-    def _admit_poll(self, ip: str, timeout: Optional[float]) -> Tuple[Ticket, Optional[float]]:
+    def _start_poll(self, timeout: Optional[float]) -> Optional[float]:
         """
-        Take a connection place for a long-poll and count it.
+        Count a long-poll that starts waiting (its connection holds a place
+        among the server's connections already, L{chatd.limits.Connections}).
 
-        @return: its ticket, and how long it may wait (not at all while
-            shutting down).
-        @raise ChatError: C{server_full}, C{too_many_connections}.
+        @return: how long it may wait (not at all while shutting down).
         """
-        ticket = self._core.admit(ip)
         self.long_polls += 1
-        return ticket, 0.0 if self.shutting_down else timeout
+        return 0.0 if self.shutting_down else timeout
 
-    def _end_poll(self, ticket: Ticket) -> None:
-        ticket.release()
+    def _end_poll(self) -> None:
         self.long_polls -= 1
 
-    def _wait(
-        self, ip: str, room: str, after: Optional[int], limit: int, timeout: Optional[float]
-    ) -> Deferred:
+    def _wait(self, room: str, after: Optional[int], limit: int, timeout: Optional[float]) -> Deferred:
         """
-        Long-poll within the connection limits, counted as a connection
-        while it waits (the tutorial's endpoint).
+        Long-poll, counted while it waits (the tutorial's endpoint).
         """
-        ticket, timeout = self._admit_poll(ip, timeout)
+        timeout = self._start_poll(timeout)
 
         def done(result: object) -> object:
-            self._end_poll(ticket)
+            self._end_poll()
             return result
 
         return self._core.wait(room, after, limit, timeout).addBoth(done)
@@ -960,7 +956,7 @@ class ChatWeb:
                 request, {"status": 1, "timestamp": message.seq, "data": message.body}
             )
 
-        return self._wait(_ip(request), room, after, 1, timeout).addCallback(respond)
+        return self._wait(room, after, 1, timeout).addCallback(respond)
 
     @app.route("/rooms/<room>/poll", methods=["POST"])
     def tutorial_post(self, request: IRequest, room: str) -> Renderable:
