@@ -29,24 +29,43 @@ from zope.interface import implementer
 from chatd._send import FrameWriter, Ticks
 from chatd._wire import client_host, http_status
 from chatd.core import ChatCore
-from chatd.limits import Ticket
-from chatd.model import ChatError, Message, Peer, encode_json, parse_cursor
+from chatd.limits import Connections, RateLimiter
+from chatd.model import ChatError, Message, Peer, encode_json, parse_cursor, rate_limited
 from chatd.room import Subscription
 
 __all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "frame_limit"]
 
 # RFC 6455 close codes.
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
 
-#: Rate-limited posts in a row after which a connection is closed (1008).
+#: Rate-limited frames in a row after which a connection is closed (1008).
 FLOOD_CLOSE_AFTER = 20
+
+#: Frames other than messages (pings, pongs, frames of unknown types or
+#: that are not JSON): a burst of this many, then L{FRAMES_PER_SECOND}.
+#: (Messages have the posting limit, C{--rate-limit}.)
+FRAME_BURST = 30
+FRAMES_PER_SECOND = 10.0
+
+#: Bytes of client frames handled per reactor iteration: a read full of
+#: small frames is handled a slice at a time, and other clients are
+#: served between the slices.
+READ_SLICE = 8 * 1024
 
 #: Outgoing bytes a connection may have waiting (the kernel and Twisted
 #: buffers full) before it is closed as too slow (1008).
 SLOW_CONSUMER_LIMIT = 1024 * 1024
+
+
+def _valid_close_code(code: int) -> bool:
+    """
+    Whether a client may send close code C{code} (RFC 6455 section 7.4).
+    """
+    return code in WebSocketServerProtocol.CLOSE_STATUS_CODES_ALLOWED or 3000 <= code <= 4999
 
 
 def frame_limit(max_body: int) -> int:
@@ -95,7 +114,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _room: Optional[str] = None
     _after: Optional[int] = None
     _subscription: Optional[Subscription] = None
-    _ticket: Optional[Ticket] = None
+    #: The handshake was accepted: the connection is counted as open.
+    _admitted = False
     _backpressure: Optional[_Backpressure] = None
     _closed = False
     # Live messages may be written (open, and no close frame sent yet).
@@ -104,6 +124,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _ip = "?"
     #: Writes this connection's bytes once it is open (L{sendData}).
     _writer: Optional[FrameWriter] = None
+    #: Bytes read but not yet handled (L{dataReceived}).
+    _unread: Optional[bytes] = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
@@ -130,7 +152,6 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         try:
             after = request.params.get("after", [None])[-1]
             self._after = parse_cursor(after, "after")
-            self._ticket = self.factory.core.admit(self._ip)
         except ChatError as e:
             self._refuse(Failure(e), request.path)
         self._room = name
@@ -151,6 +172,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         Start following the room: history first, then live messages.
         """
         assert self._room is not None
+        self._admitted = True
         self.factory.opened(self)
         self._log.info("WebSocket open: {ip} in {room}", ip=self._ip, room=self._room)
         self._backpressure = _Backpressure()
@@ -159,6 +181,11 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         transport.unregisterProducer()
         transport.registerProducer(self._backpressure, True)
+        # It may also have stopped reading (twisted.web does while it
+        # handles a request, past 16 KiB of what follows it: a client
+        # that sent frames before the handshake's answer, which RFC 6455
+        # forbids); reading is this protocol's now.
+        transport.resumeProducing()
         self._writer = FrameWriter(transport, self.factory.ticks)
         self._sending = True
         try:
@@ -199,6 +226,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             return
         if self.state == self.STATE_CLOSED:
             return  # nothing is written after the connection closed
+        if self._backlog_exceeded(len(data)):
+            return
         writer.write(data)
         if self.state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
@@ -212,15 +241,28 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if not self._sending or self.state != self.STATE_OPEN:
             return
         frame = self.factory.frame(message)
-        backpressure = self._backpressure
-        if backpressure is not None and backpressure.paused:
-            backpressure.backlog += len(frame)
-            if backpressure.backlog > self.factory.slow_consumer_limit:
-                self._too_slow()
-                return
+        if self._backlog_exceeded(len(frame)):
+            return
         writer = self._writer
         assert writer is not None
         writer.queue(frame)
+
+    def _backlog_exceeded(self, size: int) -> bool:
+        """
+        Count C{size} more bytes for the client while it is not reading
+        (every byte chatd writes to it: messages, pongs, error frames); past
+        the limit, close it as too slow.
+
+        @return: whether the connection is being closed (write nothing).
+        """
+        backpressure = self._backpressure
+        if backpressure is None or not backpressure.paused or not self._sending:
+            return False
+        backpressure.backlog += size
+        if backpressure.backlog <= self.factory.slow_consumer_limit:
+            return False
+        self._too_slow()
+        return True
 
     def _too_slow(self) -> None:
         """
@@ -257,11 +299,94 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             frame["client_id"] = client_id
         self._send_frame(frame)
 
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Hand what the client sent to Autobahn, at most L{READ_SLICE} bytes
+        per reactor iteration once the connection is open: reading stops
+        while the rest of a larger read waits for the next iterations.
+        """
+        if self._unread is not None:
+            self._unread += data
+            return
+        if len(data) <= READ_SLICE or self._writer is None or self.factory.clock is None:
+            super().dataReceived(data)
+            return
+        self._unread = data[READ_SLICE:]
+        transport: Any = self.transport
+        transport.pauseProducing()
+        self.factory.clock.callLater(0, self._read_on)
+        super().dataReceived(data[:READ_SLICE])
+
+    def _read_on(self) -> None:
+        unread, self._unread = self._unread, None
+        if unread is None or self.state == self.STATE_CLOSED:
+            return
+        transport: Any = self.transport
+        if len(unread) > READ_SLICE:
+            self._unread = unread[READ_SLICE:]
+            unread = unread[:READ_SLICE]
+            assert self.factory.clock is not None
+            self.factory.clock.callLater(0, self._read_on)
+        else:
+            transport.resumeProducing()
+        super().dataReceived(unread)
+
+    def _frame_allowed(self) -> bool:
+        """
+        Take a token for a frame that is not a message; refuse it (an
+        C{error} frame, and 1008 after L{FLOOD_CLOSE_AFTER} in a row) when
+        there is none.
+        """
+        limiter = self.factory.frames
+        if limiter is None:
+            return True
+        wait = limiter.take(self)
+        if not wait:
+            return True
+        self._refused(rate_limited("Too many frames", wait))
+        return False
+
+    def _refused(self, error: ChatError, client_id: Any = None) -> None:
+        """
+        A frame was refused by a rate limit: say so, and close a client
+        that keeps flooding.
+        """
+        self.factory.rejected(error.code)
+        self._send_error(error, client_id)
+        self._rejected += 1
+        if self._rejected >= FLOOD_CLOSE_AFTER and self._sending:
+            self._log.warn("Closing WebSocket {ip}: flooding", ip=self._ip)
+            self.close_with(CLOSE_POLICY_VIOLATION, "Too many messages or frames.")
+
+    def onPing(self, payload: bytes) -> None:
+        if self._frame_allowed():
+            super().onPing(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        if self._frame_allowed():
+            super().onPong(payload)
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> Any:
+        """
+        A close frame with a code RFC 6455 does not allow is a protocol
+        error: answer 1002 and close once it is written (Autobahn would
+        take the client's close as the reply to its own and drop the
+        connection before the client could read why).
+        """
+        if code is not None and self.state == self.STATE_OPEN and not _valid_close_code(code):
+            self._sending = False
+            self.sendCloseFrame(code=CLOSE_PROTOCOL_ERROR, reasonUtf8=b"Invalid close code.", isReply=True)
+            self.dropConnection(abort=False)
+            return True
+        return super().onCloseFrame(code, reasonRaw)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """
         Handle one client frame.  Errors get an C{error} frame and leave
         the connection usable; binary frames close it (1003).
         """
+        if not self._sending:
+            return  # closing: nothing more is answered
         if isBinary:
             self.factory.rejected("binary_frame")
             self.close_with(CLOSE_UNSUPPORTED_DATA, "Binary frames are not supported.")
@@ -291,6 +416,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             # "42" or "[1]" into one.
             frame = {"type": "message", "body": text}
         kind = frame.get("type", "message")
+        if kind != "message" and not self._frame_allowed():
+            return
         if kind == "ping":
             pong: dict = {"type": "pong"}
             if "id" in frame:
@@ -324,13 +451,11 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             return
         error = failure.value
         if isinstance(error, ChatError):
+            if error.code == "rate_limited":
+                self._refused(error, client_id)
+                return
             self.factory.rejected(error.code)
             self._send_error(error, client_id)
-            if error.code == "rate_limited":
-                self._rejected += 1
-                if self._rejected >= FLOOD_CLOSE_AFTER:
-                    self._log.warn("Closing WebSocket {ip}: flooding", ip=self._ip)
-                    self.close_with(CLOSE_POLICY_VIOLATION, "Too many messages.")
             return
         self._log.failure("Storing a message failed", failure)
         self._send_error(
@@ -348,9 +473,11 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
-        if self._ticket is not None:
-            self._ticket.release()
-            self._ticket = None
+        # The connection's place, taken by the HTTP channel that carried
+        # the handshake, is this protocol's to give back now.
+        self.factory.connection_lost(self.transport)
+        if self._admitted:
+            self._admitted = False
             self.factory.closed(self)
             self._log.info(
                 "WebSocket closed: {ip} in {room} (code {code})",
@@ -380,13 +507,19 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         clock: Any = None,
         auto_ping: float = 30.0,
         slow_consumer_limit: int = SLOW_CONSUMER_LIMIT,
+        connections: Optional[Connections] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.core = core
+        self._connections = connections
         self.metrics = metrics
-        #: With a clock, frames may be sent at once (L{chatd._send}).
+        #: With a clock, frames may be sent at once (L{chatd._send}), reads
+        #: are handled a slice at a time, and frames other than messages
+        #: are rate-limited, per connection.
+        self.clock = clock
         self.ticks = Ticks(clock) if clock is not None else None
+        self.frames = RateLimiter(clock, FRAME_BURST, FRAMES_PER_SECOND) if clock is not None else None
         self.slow_consumer_limit = slow_consumer_limit
         self.connections: Set[ChatWebSocketProtocol] = set()
         limit = frame_limit(core.max_body)
@@ -440,6 +573,14 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             self.connections.discard(protocol)
             if self.metrics is not None:
                 self.metrics.connections.labels("websocket").dec()
+
+    def connection_lost(self, transport: Any) -> None:
+        """
+        A connection upgraded to a WebSocket is gone: give back its place
+        among the server's connections.
+        """
+        if self._connections is not None:
+            self._connections.close(transport)
 
     def posted(self) -> None:
         if self.metrics is not None:
