@@ -304,11 +304,14 @@ class ChatdProcess(ProcessProtocol):
         self.signal: Optional[int] = None
 
     @classmethod
-    async def start(cls, test: TestCase, *args: str, port: int = 0) -> "ChatdProcess":
+    async def start(
+        cls, test: TestCase, *args: str, port: int = 0, prefix: Sequence[str] = ()
+    ) -> "ChatdProcess":
         """
-        Start chatd and wait until it listens (on C{port}, or a free one).
+        Start chatd and wait until it listens (on C{port}, or a free one),
+        run by the command C{prefix} if given (e.g. C{prlimit ...}).
         """
-        process = cls.spawn(test, "--port", f"tcp:{port}:interface=127.0.0.1", *args)
+        process = cls.spawn(test, "--port", f"tcp:{port}:interface=127.0.0.1", *args, prefix=prefix)
         await process.listening
         return process
 
@@ -320,6 +323,7 @@ class ChatdProcess(ProcessProtocol):
         env: Optional[Dict[str, str]] = None,
         path: Optional[str] = None,
         pidfile: str = "",
+        prefix: Sequence[str] = (),
     ) -> "ChatdProcess":
         """
         Start C{twistd -n chatd ARGS} without waiting for anything (with
@@ -328,8 +332,8 @@ class ChatdProcess(ProcessProtocol):
         """
         process = cls()
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        argv = [twistd, "-n", f"--pidfile={pidfile}", "chatd", *_unlimited(args)]
-        reactor.spawnProcess(process, twistd, argv, env={**os.environ, **(env or {})}, path=path)
+        argv = [*prefix, twistd, "-n", f"--pidfile={pidfile}", "chatd", *_unlimited(args)]
+        reactor.spawnProcess(process, argv[0], argv, env={**os.environ, **(env or {})}, path=path)
         test.addCleanup(process.kill)
         return process
 

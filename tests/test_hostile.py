@@ -508,10 +508,10 @@ class OversizedBodyTests(HostileCase):
             )
         )
         chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
-        for sent in range(1024):
-            if client.closed or b"HTTP/1.1" in client.received:
-                break
+        sent = 0
+        while sent < 1024 and not client.closed and b"HTTP/1.1" not in client.received:
             client.transport.write(chunk)
+            sent += 1
             await deferLater(reactor, 0.01, lambda: None)
         answer = await client.lost
         self.assertLessEqual(sent, 10)
