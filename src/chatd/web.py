@@ -32,7 +32,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succ
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -464,11 +464,44 @@ class _Root(Resource):
 
 class _StaticFiles(File):
     """
-    Static files without directory listings.
+    Static files without directory listings, where a path segment that
+    cannot name a file is not found like any missing file.
+
+    Give it a C{childNotFound} (C{File}'s resource for 404s, handed on to
+    every child it makes) to answer those as the rest of chatd does.
     """
 
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        # Each segment must be one file name.  File would take "." as the
+        # folder itself and "x/" (from x%2F) as "x", and a NUL makes
+        # os.stat raise ValueError, which File does not catch (a 500).
+        # Anything else the OS refuses to take as a name (ValueError, e.g.
+        # a name the file system's encoding cannot write) is not a file
+        # here either.
+        if path in (b".", b"..") or b"/" in path or b"\0" in path:
+            return cast(IResource, self.childNotFound)
+        try:
+            return cast(IResource, super().getChild(path, request))
+        except ValueError:
+            return cast(IResource, self.childNotFound)
+
     def directoryListing(self) -> IResource:
-        return NoResource()
+        return cast(IResource, self.childNotFound)
+
+
+class _NotFound(Resource):
+    """
+    chatd's JSON 404, as a resource (for L{_StaticFiles}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, web: "ChatWeb") -> None:
+        super().__init__()
+        self._web = web
+
+    def render(self, request: IRequest) -> bytes:
+        return self._web.error_now(request, 404, "not_found", "No such file.")
 
 
 class ChatWeb:
@@ -512,6 +545,9 @@ class ChatWeb:
         self.ready = ready
         self.shutting_down = False
         self._static = _StaticFiles(str(static))
+        # File documents childNotFound as any Resource; mypy infers the
+        # type of twisted's own default, a private class.
+        self._static.childNotFound = _NotFound(self)  # type: ignore[assignment]
         self._websocket = websocket
         self._bodies = _BatchBodies()
         # Loaded once here, never per request.
