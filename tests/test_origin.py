@@ -1,6 +1,6 @@
 """
-Paths against a real listening server: static paths no file can answer
-are chatd's JSON 404s rather than 500s.
+Paths against a real listening server: paths no file or route can answer
+are chatd's JSON 404s rather than 500s or redirects.
 """
 
 from __future__ import annotations
@@ -65,3 +65,21 @@ class PathTests(OriginCase):
         code, headers, _ = await self.http.request("GET", "/static/chat.js")
         self.assertEqual(code, 200)
         self.assertIn("javascript", headers.getRawHeaders("content-type")[0])
+
+    async def test_empty_segment_404(self) -> None:
+        """
+        A path with an empty segment is a 404, not a 308 without a
+        Location; so is a missing trailing slash that werkzeug would
+        redirect.  chatd does not redirect.
+        """
+        await self.start()
+        for path in [
+            "/rooms//lobby",
+            "/api//rooms",
+            "/static//chat.js",
+            "/api/rooms//messages",
+            "/static",
+        ]:
+            result = await self.http.request("GET", path)
+            self.assertError(result, 404, "not_found")
+            self.assertIsNone(result[1].getRawHeaders("location"))

@@ -36,6 +36,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from chatd._http import ChatSite
 from chatd._wire import REASONS, client_host, error_body, http_status
@@ -520,6 +521,11 @@ class ChatWeb:
     """
 
     app = Klein()
+    # Before any route is added (rules take the map's setting as they are
+    # added): werkzeug would answer a path with an empty segment, such as
+    # /rooms//lobby, with a redirect to the merged path.  chatd does not
+    # redirect; no route matches such a path, so it is a 404.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -633,6 +639,11 @@ class ChatWeb:
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
         error = cast(HTTPException, failure.value)
+        if isinstance(error, RequestRedirect):
+            # werkzeug redirects a path missing a rule's trailing slash
+            # (/static); its exception carries no Location for Klein to
+            # send.  chatd does not redirect: no route has that path.
+            return self._error_json(request, 404, "not_found", "No such path.")
         status = error.code or 500
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
