@@ -27,6 +27,7 @@ STATUS: Dict[str, int] = {
     "invalid_form": 400,
     "invalid_utf8": 400,
     "unknown_type": 400,
+    "invalid_origin": 400,
     "origin_not_allowed": 403,
     "too_many_rooms": 403,
     "room_not_found": 404,

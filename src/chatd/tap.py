@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Any, Optional, cast
-from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import TimerService
@@ -31,7 +30,7 @@ from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import MAX_BODY, ChatError, validate_room_name
 from chatd.service import ChatService, Listener, Retention
 from chatd.store import StoreError, redact
-from chatd.web import ChatWeb, make_environment
+from chatd.web import ChatWeb, canonical_origin, make_environment
 from chatd.ws import ChatWebSocketFactory
 
 __all__ = ["Options", "makeService", "make_bus", "make_store"]
@@ -136,15 +135,10 @@ class Options(usage.Options):
 
     def opt_allow_origin(self, origin: str) -> None:
         """
-        Also accept WebSocket connections from pages of this origin, e.g.
-        https://chat.example.org (repeatable).
+        Also accept WebSockets and POSTs from pages of this origin, e.g.
+        https://tutorial.example.org (repeatable).
         """
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            raise usage.UsageError(
-                f"--allow-origin {origin!r}: give scheme://host[:port], e.g. https://chat.example.org"
-            )
-        self["allow-origins"].append(origin.rstrip("/"))
+        self["allow-origins"].append(_origin("allow-origin", origin))
 
     def opt_room(self, name: str) -> None:
         """
@@ -250,6 +244,20 @@ class Options(usage.Options):
                     f"--store {url!r}: the folder {str(path.parent)!r} does not exist."
                 )
         return url
+
+
+def _origin(option: str, value: str) -> str:
+    """
+    C{value} as given to C{--option}, if it is an http or https origin.
+
+    @raise usage.UsageError: if it is not.
+    """
+    if canonical_origin(value) is None:
+        raise usage.UsageError(
+            f"--{option} {value!r}: give scheme://host[:port] (http or https), "
+            "e.g. https://chat.example.org"
+        )
+    return value.rstrip("/")
 
 
 # Stores by URL scheme, and buses by name, imported only when chosen so that

@@ -14,6 +14,11 @@ parameters, the answer and its errors, so they answer alike byte for byte
 
 Every API error is a specific 4xx (or 500) with a JSON body
 C{{"error": CODE, "detail": TEXT}}; no traceback reaches a client.
+
+Before any route, L{_Root} checks which page sent a WebSocket upgrade or
+a state-changing request (L{ChatWeb.check_request}): a browser's Origin
+that is not this server's own or an C{--allow-origin} one is a 403, which
+stops cross-site WebSocket hijacking and cross-site form posts.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -46,7 +51,7 @@ from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import Batch, ChatError, Message, Peer, encode_json, parse_cursor
 from chatd.room import Room
 
-__all__ = ["ChatWeb", "MAX_REQUEST_BODY", "make_environment"]
+__all__ = ["ChatWeb", "MAX_REQUEST_BODY", "canonical_origin", "make_environment"]
 
 #: The largest request body read from a client, in bytes.
 MAX_REQUEST_BODY = 64 * 1024
@@ -81,6 +86,46 @@ _HTTP_ERROR_CODES = {
 
 #: Statuses whose refusals are logged and counted (abuse, not mistakes).
 _LOGGED_REFUSALS = frozenset({403, 413, 429, 503})
+
+#: Methods that change something: a browser sends them cross-site without
+#: asking first (a form post), so their Origin is checked.
+_STATE_CHANGING = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_origin(text: str) -> Optional[str]:
+    """
+    An http or https origin as browsers write it in an Origin header:
+    C{scheme://host[:port]} in lower case, without the scheme's default
+    port (RFC 6454 section 6.1).
+
+    @param text: an origin or a URL with no path beyond C{/}.
+    @return: the origin, or None if C{text} is no such origin (C{null},
+        another scheme, a user name, a path, a bad port, a name that is not
+        ASCII: browsers send internationalised names in punycode).
+    """
+    if not text.isascii():
+        return None
+    try:
+        parts = urlsplit(text.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if (
+        parts.scheme not in _DEFAULT_PORTS
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.netloc.endswith(":")
+    ):
+        return None
+    netloc = parts.netloc
+    if port == _DEFAULT_PORTS[parts.scheme]:
+        netloc = netloc.rsplit(":", 1)[0]
+    return f"{parts.scheme}://{netloc}"
 
 
 def make_environment(templates: Path) -> Environment:
@@ -423,11 +468,12 @@ Renderable = Union[bytes, Deferred]
 
 class _Root(Resource):
     """
-    The site's root: refuses URLs that are not UTF-8 with a JSON 400
-    (Klein would answer them with a bare text page) and everything but
-    C{/healthz} with a 503 until chatd is ready; sends long-poll GETs
-    straight to their handler (L{ChatWeb.long_poll}); routes the rest
-    through Klein.
+    The site's root: refuses requests sent by another site's page
+    (L{ChatWeb.check_request}), URLs that are not UTF-8 with a JSON 400
+    (Klein would answer them with a bare text page), and everything but
+    C{/healthz} with a 503 until chatd is ready; sends
+    long-poll GETs straight to their handler (L{ChatWeb.long_poll});
+    routes the rest through Klein.
     """
 
     isLeaf = True
@@ -440,6 +486,10 @@ class _Root(Resource):
     def render(self, request: IRequest) -> Any:
         postpath = request.postpath
         web = self._web
+        try:
+            web.check_request(request)
+        except ChatError:
+            return web.refuse_now(request, Failure())
         if (
             request.method == b"GET"
             and len(postpath) == 4
@@ -514,6 +564,8 @@ class ChatWeb:
     @param env: the Jinja2 environment for pages.
     @param static: the folder of static files.
     @param websocket: the resource that takes over a C{/ws/<room>} request.
+    @param allow_origins: origins (C{scheme://host[:port]}) whose pages may
+        also open WebSockets and send state-changing requests.
     @ivar ready: requests are served (set once the core is loaded; until
         then everything but C{/healthz} is a 503).
     @ivar shutting_down: set when the server starts shutting down:
@@ -546,7 +598,7 @@ class ChatWeb:
         if metrics is not None:
             metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
             metrics.watch_waiters(core.waiting)
-        self._allow_origins = {o.rstrip("/").lower() for o in allow_origins}
+        self._allow_origins = frozenset(_checked_origins(allow_origins))
         self._serve_metrics = serve_metrics
         self.ready = ready
         self.shutting_down = False
@@ -663,6 +715,13 @@ class ChatWeb:
         A JSON error answer for a request refused before routing.
         """
         return self._error_json(request, status, code, detail)
+
+    def refuse_now(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        The answer to a request refused before routing with a
+        L{ChatError}, logged and counted as the routes' refusals are.
+        """
+        return self._error_answer(request, failure)
 
     def _in_room(self, name: str, then: Callable[..., Any], *args: Any) -> Any:
         """
@@ -896,7 +955,6 @@ class ChatWeb:
 
     def _websocket_upgrade(self, request: IRequest) -> IResource:
         parse_cursor(_query(request, "after"), "after")
-        self._check_origin(request)
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade.lower() != b"websocket":
             request.setHeader(b"upgrade", b"websocket")
@@ -905,23 +963,49 @@ class ChatWeb:
             )
         return self._websocket
 
+    def check_request(self, request: IRequest) -> None:
+        """
+        Refuse a WebSocket upgrade or state-changing request from another
+        site's page.  Every request comes here before routing.
+
+        @raise ChatError: C{invalid_origin}, C{origin_not_allowed}.
+        """
+        upgrade = request.getHeader(b"upgrade")
+        is_upgrade = upgrade is not None and b"websocket" in upgrade.lower()
+        if is_upgrade or request.method in _STATE_CHANGING:
+            self._check_origin(request)
+
     def _check_origin(self, request: IRequest) -> None:
         """
-        Refuse cross-site WebSocket hijacking: a browser's Origin must be
-        this server's own, or one given with --allow-origin.  Clients that
-        send no Origin (not browsers) are let through.
+        Refuse cross-site WebSocket hijacking and cross-site posts: a
+        browser's Origin must be this server's own (the one the Host
+        header names), or one given with --allow-origin.  Clients that
+        send no Origin (not browsers) are let through; C{null} (sandboxed
+        frames, file: pages) is not.
         """
-        origin = request.getHeader(b"origin")
-        if origin is None:
+        origins = request.requestHeaders.getRawHeaders(b"origin")
+        if origins is None:
             return
-        text = origin.decode("latin-1").rstrip("/").lower()
-        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
-        if text in self._allow_origins or urlsplit(text).netloc == host and host:
+        # Every value, not the last one (getHeader's): a check of one of
+        # several would let the others past it.
+        if len(origins) != 1 or len(origins[0].replace(b",", b" ").split()) != 1:
+            raise ChatError("invalid_origin", "Send one Origin header with one origin.")
+        text = origins[0].decode("latin-1")
+        origin = canonical_origin(text)
+        if origin is not None and self._origin_allowed(origin, request):
             return
         raise ChatError(
-            "origin_not_allowed",
-            f"WebSocket connections from {text!r} are not allowed here.",
+            "origin_not_allowed", f"Requests from pages of {text!r} are not allowed here."
         )
+
+    def _origin_allowed(self, origin: str, request: IRequest) -> bool:
+        if origin in self._allow_origins:
+            return True
+        host = request.getHeader(b"host")
+        if not host:
+            return False
+        scheme = origin.split("://", 1)[0]
+        return canonical_origin(f"{scheme}://{host.decode('latin-1')}") == origin
 
     def _count_post(self) -> None:
         if self._metrics is not None:
@@ -1030,6 +1114,21 @@ class ChatWeb:
             )
 
         return d.addCallback(respond)
+
+
+def _checked_origins(urls: Sequence[str]) -> List[str]:
+    """
+    The L{canonical_origin}s of C{urls}.
+
+    @raise ValueError: if one of them is not an http or https origin.
+    """
+    origins = []
+    for url in urls:
+        origin = canonical_origin(url)
+        if origin is None:
+            raise ValueError(f"{url!r} is not an http or https origin")
+        origins.append(origin)
+    return origins
 
 
 def _finish(body: bytes, request: Any) -> None:
