@@ -1,8 +1,8 @@
 """
-Origin and paths against real listening servers: cross-site form posts
-and duplicate Origin headers are refused, the tutorial's cross-origin
-client keeps working once its origin is allowed, and paths no file or
-route can answer are JSON 404s rather than 500s or redirects.
+Host and Origin against real listening servers: DNS rebinding, cross-site
+form posts and duplicate Origin headers are refused, the tutorial's
+cross-origin client keeps working once its origin is allowed, and paths no
+file or route can answer are JSON 404s rather than 500s or redirects.
 """
 
 from __future__ import annotations
@@ -10,9 +10,18 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.trial.unittest import TestCase
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from chatd.tap import Options
 from tests._support import HTTP, start_chatd
+
+#: The public URL the servers of these tests are given.
+PUBLIC = "http://chat.example"
 
 #: The headers of a WebSocket opening handshake (RFC 6455 section 4.1).
 _HANDSHAKE = {
@@ -23,6 +32,38 @@ _HANDSHAKE = {
 }
 
 _FORM = {"Content-Type": ["application/x-www-form-urlencoded"]}
+
+
+class _Handshake(WebSocketClientProtocol):
+    """
+    Fires its factory's C{result} with True once the handshake succeeds,
+    or False if the connection ends before that.
+    """
+
+    factory: "_HandshakeFactory"
+
+    def onOpen(self) -> None:
+        if not self.factory.result.called:
+            self.factory.result.callback(True)
+        self.sendClose(1000)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if not self.factory.result.called:
+            self.factory.result.callback(False)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.factory.closed.callback(None)
+
+
+class _HandshakeFactory(WebSocketClientFactory):
+    protocol = _Handshake
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.result: Deferred = Deferred()
+        #: Fires once the connection is gone.
+        self.closed: Deferred = Deferred()
 
 
 class OriginCase(TestCase):
@@ -56,6 +97,18 @@ class OriginCase(TestCase):
         self.assertEqual(set(answer), {"error", "detail"})
         self.assertEqual(answer["error"], code)
 
+    async def websocket_opens(self, url: str, origin: Optional[str]) -> bool:
+        """
+        Whether a real WebSocket handshake for C{url} (whose host becomes
+        the Host header, as a browser sends it after DNS rebinding), sent
+        to this test's server on loopback, succeeds.
+        """
+        factory = _HandshakeFactory(url, origin=origin)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        await endpoint.connect(factory)
+        self.addCleanup(lambda: factory.closed)
+        return bool(await factory.result)
+
     async def last_seq(self, host: Optional[str] = None) -> int:
         """
         The lobby's last seq, asked for with C{Host: host} if given.
@@ -65,6 +118,123 @@ class OriginCase(TestCase):
         )
         self.assertEqual(code, 200, body)
         return int(json.loads(body)["last_seq"])
+
+
+class PublicURLTests(OriginCase):
+    """
+    With --public-url, requests must be addressed to that URL, and
+    browsers' requests must come from its pages (or --allow-origin ones).
+    """
+
+    async def test_dns_rebinding_websocket_refused(self) -> None:
+        """
+        A page on evil.example whose name now resolves to chatd's address
+        opens a WebSocket with C{Host: evil.example} and C{Origin:
+        http://evil.example}: Host and Origin agree, and today's rule let
+        it in.  With --public-url it is refused with 421, while chatd's own
+        pages (Host and Origin of the public URL, port given or not) get in.
+        """
+        await self.start("--public-url", PUBLIC)
+        self.assertFalse(
+            await self.websocket_opens("ws://evil.example/ws/lobby", "http://evil.example")
+        )
+        self.assertError(
+            await self.request(
+                "GET",
+                "/ws/lobby",
+                {**_HANDSHAKE, "Host": ["evil.example"], "Origin": ["http://evil.example"]},
+            ),
+            421,
+            "misdirected_request",
+        )
+        self.assertTrue(await self.websocket_opens("ws://chat.example/ws/lobby", PUBLIC))
+        self.assertTrue(
+            await self.websocket_opens("ws://CHAT.example:80/ws/lobby", "http://Chat.Example:80")
+        )
+
+    async def test_websocket_origin_checked_against_public_url(self) -> None:
+        """
+        Addressed to the public URL but from another page (the Host
+        header's own origin included, which is no longer "this server"):
+        403.
+        """
+        await self.start("--public-url", PUBLIC)
+        self.assertFalse(
+            await self.websocket_opens("ws://chat.example/ws/lobby", "http://evil.example")
+        )
+        self.assertError(
+            await self.request(
+                "GET", "/ws/lobby", {**_HANDSHAKE, "Host": ["chat.example"], "Origin": [self.base]}
+            ),
+            403,
+            "origin_not_allowed",
+        )
+
+    async def test_host_mismatch_page_and_api(self) -> None:
+        """
+        A page, an API GET and a long-poll GET (which skips Klein's
+        routing) addressed to another host are 421 JSON answers; the public
+        URL's host, in any case, with or without the default port, is
+        served.
+        """
+        await self.start("--public-url", PUBLIC, "--public-url", "https://chat.example:8443")
+        for path in ["/", "/api/rooms", "/api/rooms/lobby/messages?after=0&timeout=0"]:
+            for host in [
+                "evil.example",
+                f"127.0.0.1:{self.port}",
+                "chat.example:8080",
+                "chat.example:443",
+            ]:
+                self.assertError(
+                    await self.request("GET", path, {"Host": [host]}), 421, "misdirected_request"
+                )
+            for host in ["chat.example", "Chat.Example:80", "chat.example:8443"]:
+                code, _, body = await self.request("GET", path, {"Host": [host]})
+                self.assertEqual(code, 200, (path, host, body))
+
+    async def test_probes_exempt(self) -> None:
+        """
+        Load balancers and Prometheus probe by IP: /healthz, /readyz and
+        /metrics answer whatever the Host header says.
+        """
+        await self.start("--public-url", PUBLIC)
+        for path in ["/healthz", "/readyz", "/metrics"]:
+            code, _, body = await self.request("GET", path, {"Host": [f"127.0.0.1:{self.port}"]})
+            self.assertEqual(code, 200, (path, body))
+
+    async def test_cross_site_post_refused(self) -> None:
+        """
+        A form posted from another site's page to the public URL is 403;
+        from the public URL's own pages it is stored.
+        """
+        await self.start("--public-url", PUBLIC)
+        headers = {**_FORM, "Host": ["chat.example"]}
+        self.assertError(
+            await self.request(
+                "POST",
+                "/api/rooms/lobby/messages",
+                {**headers, "Origin": ["https://evil.example"]},
+                b"body=pwned",
+            ),
+            403,
+            "origin_not_allowed",
+        )
+        self.assertError(
+            await self.request(
+                "POST",
+                "/api/rooms/lobby/messages",
+                {**headers, "Origin": [self.base]},
+                b"body=pwned",
+            ),
+            403,
+            "origin_not_allowed",
+        )
+        self.assertEqual(await self.last_seq("chat.example"), 0)
+        code, _, body = await self.request(
+            "POST", "/api/rooms/lobby/messages", {**headers, "Origin": [PUBLIC]}, b"body=ours"
+        )
+        self.assertEqual(code, 201, body)
+        self.assertEqual(await self.last_seq("chat.example"), 1)
 
 
 class DefaultOriginTests(OriginCase):
@@ -209,3 +379,32 @@ class PathTests(OriginCase):
             result = await self.http.request("GET", path)
             self.assertError(result, 404, "not_found")
             self.assertIsNone(result[1].getRawHeaders("location"))
+
+
+class PublicURLOptionTests(SynchronousTestCase):
+    """
+    --public-url takes scheme://host[:port], http or https, like
+    --allow-origin.
+    """
+
+    def test_public_url(self) -> None:
+        """
+        Good values are kept (repeatable); others are a UsageError naming
+        the option.
+        """
+        options = Options()
+        options.parseOptions(
+            ["--public-url", "https://chat.example.org/", "--public-url", "http://[::1]:8080"]
+        )
+        self.assertEqual(options["public-urls"], ["https://chat.example.org", "http://[::1]:8080"])
+        for bad in [
+            "chat.example.org",
+            "ftp://chat.example.org",
+            "https://chat.example.org/chat",
+            "https://user@chat.example.org",
+            "https://chat.example.org:99999",
+            "https://",
+        ]:
+            with self.assertRaises(usage.UsageError) as e:
+                Options().parseOptions(["--public-url", bad])
+            self.assertIn("--public-url", str(e.exception))

@@ -132,6 +132,7 @@ class Options(usage.Options):
         super().__init__()
         self["rooms"] = []
         self["allow-origins"] = []
+        self["public-urls"] = []
 
     def opt_allow_origin(self, origin: str) -> None:
         """
@@ -139,6 +140,16 @@ class Options(usage.Options):
         https://tutorial.example.org (repeatable).
         """
         self["allow-origins"].append(_origin("allow-origin", origin))
+
+    def opt_public_url(self, url: str) -> None:
+        """
+        A URL clients reach chatd by, e.g. https://chat.example.org
+        (repeatable). Requests addressed to any other host are refused
+        (421), except /healthz, /readyz and /metrics, and browsers' pages
+        must come from these origins or --allow-origin ones: this stops DNS
+        rebinding.
+        """
+        self["public-urls"].append(_origin("public-url", url))
 
     def opt_room(self, name: str) -> None:
         """
@@ -361,6 +372,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         allow_origins=options["allow-origins"],
         serve_metrics=options["metrics-port"] is None,
         ready=False,
+        public_urls=options["public-urls"],
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and every request head must come within HEADER_TIMEOUT.

@@ -15,10 +15,12 @@ parameters, the answer and its errors, so they answer alike byte for byte
 Every API error is a specific 4xx (or 500) with a JSON body
 C{{"error": CODE, "detail": TEXT}}; no traceback reaches a client.
 
-Before any route, L{_Root} checks which page sent a WebSocket upgrade or
-a state-changing request (L{ChatWeb.check_request}): a browser's Origin
-that is not this server's own or an C{--allow-origin} one is a 403, which
-stops cross-site WebSocket hijacking and cross-site form posts.
+Before any route, L{_Root} checks where a request was addressed and, for
+WebSocket upgrades and state-changing methods, which page sent it
+(L{ChatWeb.check_request}): with C{--public-url}, a Host that is not one
+of those URLs' is a 421, which is what stops DNS rebinding; a browser's
+Origin that is not this server's own or an C{--allow-origin} one is a
+403, which stops cross-site WebSocket hijacking and cross-site form posts.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ _LOGGED_REFUSALS = frozenset({403, 413, 429, 503})
 #: asking first (a form post), so their Origin is checked.
 _STATE_CHANGING = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 
+#: What load balancers and Prometheus ask for by IP address: answered
+#: whatever the Host header says.
+_PROBES = ([b"healthz"], [b"readyz"], [b"metrics"])
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -126,6 +132,18 @@ def canonical_origin(text: str) -> Optional[str]:
     if port == _DEFAULT_PORTS[parts.scheme]:
         netloc = netloc.rsplit(":", 1)[0]
     return f"{parts.scheme}://{netloc}"
+
+
+def _hosts_of(origin: str) -> Tuple[bytes, ...]:
+    """
+    The Host header values that address C{origin} (a L{canonical_origin}):
+    its host and port, the default port written out or left out.
+    """
+    scheme, netloc = origin.split("://", 1)
+    host = netloc.encode("ascii")
+    if urlsplit(origin).port is None:
+        return (host, b"%s:%d" % (host, _DEFAULT_PORTS[scheme]))
+    return (host,)
 
 
 def make_environment(templates: Path) -> Environment:
@@ -468,10 +486,10 @@ Renderable = Union[bytes, Deferred]
 
 class _Root(Resource):
     """
-    The site's root: refuses requests sent by another site's page
-    (L{ChatWeb.check_request}), URLs that are not UTF-8 with a JSON 400
-    (Klein would answer them with a bare text page), and everything but
-    C{/healthz} with a 503 until chatd is ready; sends
+    The site's root: refuses requests addressed to another host or sent
+    by another site's page (L{ChatWeb.check_request}), URLs that are not
+    UTF-8 with a JSON 400 (Klein would answer them with a bare text page),
+    and everything but C{/healthz} with a 503 until chatd is ready; sends
     long-poll GETs straight to their handler (L{ChatWeb.long_poll});
     routes the rest through Klein.
     """
@@ -566,6 +584,11 @@ class ChatWeb:
     @param websocket: the resource that takes over a C{/ws/<room>} request.
     @param allow_origins: origins (C{scheme://host[:port]}) whose pages may
         also open WebSockets and send state-changing requests.
+    @param public_urls: the URLs clients reach chatd by
+        (C{scheme://host[:port]}).  If given, requests must be addressed
+        to one of their hosts, and browsers' requests must come from one
+        of their origins (or an allowed one); if not, this server's own
+        origin is the one the Host header names.
     @ivar ready: requests are served (set once the core is loaded; until
         then everything but C{/healthz} is a 503).
     @ivar shutting_down: set when the server starts shutting down:
@@ -590,6 +613,7 @@ class ChatWeb:
         allow_origins: Sequence[str] = (),
         serve_metrics: bool = True,
         ready: bool = True,
+        public_urls: Sequence[str] = (),
     ) -> None:
         self._core = core
         self._metrics = metrics
@@ -599,6 +623,10 @@ class ChatWeb:
             metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
             metrics.watch_waiters(core.waiting)
         self._allow_origins = frozenset(_checked_origins(allow_origins))
+        self._public_origins = frozenset(_checked_origins(public_urls))
+        self._public_hosts = frozenset(
+            host for origin in self._public_origins for host in _hosts_of(origin)
+        )
         self._serve_metrics = serve_metrics
         self.ready = ready
         self.shutting_down = False
@@ -965,23 +993,44 @@ class ChatWeb:
 
     def check_request(self, request: IRequest) -> None:
         """
-        Refuse a WebSocket upgrade or state-changing request from another
-        site's page.  Every request comes here before routing.
+        Refuse a request addressed to another host (with --public-url), or
+        a WebSocket upgrade or state-changing request from another site's
+        page.  Every request comes here before routing.
 
-        @raise ChatError: C{invalid_origin}, C{origin_not_allowed}.
+        @raise ChatError: C{misdirected_request}, C{invalid_origin},
+            C{origin_not_allowed}.
         """
+        if self._public_hosts and request.postpath not in _PROBES:
+            self._check_host(request)
         upgrade = request.getHeader(b"upgrade")
         is_upgrade = upgrade is not None and b"websocket" in upgrade.lower()
         if is_upgrade or request.method in _STATE_CHANGING:
             self._check_origin(request)
 
+    def _check_host(self, request: IRequest) -> None:
+        """
+        DNS rebinding: a page on another site whose name now resolves to
+        chatd's address reaches chatd with its own name as Host, and with
+        Origin agreeing.  Only requests addressed to a public URL are
+        answered.
+        """
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) == 1 and hosts[0].lower() in self._public_hosts:
+            return
+        given = b", ".join(hosts or [b"none"]).decode("latin-1")
+        raise ChatError(
+            "misdirected_request",
+            f"This server answers for {', '.join(sorted(self._public_origins))}, "
+            f"not for Host {given!r}.",
+        )
+
     def _check_origin(self, request: IRequest) -> None:
         """
         Refuse cross-site WebSocket hijacking and cross-site posts: a
-        browser's Origin must be this server's own (the one the Host
-        header names), or one given with --allow-origin.  Clients that
-        send no Origin (not browsers) are let through; C{null} (sandboxed
-        frames, file: pages) is not.
+        browser's Origin must be this server's own (a --public-url one, or
+        without those the Host header's), or one given with
+        --allow-origin.  Clients that send no Origin (not browsers) are
+        let through; C{null} (sandboxed frames, file: pages) is not.
         """
         origins = request.requestHeaders.getRawHeaders(b"origin")
         if origins is None:
@@ -1001,6 +1050,8 @@ class ChatWeb:
     def _origin_allowed(self, origin: str, request: IRequest) -> bool:
         if origin in self._allow_origins:
             return True
+        if self._public_origins:
+            return origin in self._public_origins
         host = request.getHeader(b"host")
         if not host:
             return False
