@@ -8,17 +8,19 @@ file or route can answer are JSON 404s rather than 500s or redirects.
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatd.tap import Options
-from tests._support import HTTP, start_chatd
+from tests._support import HTTP, ChatdProcess, start_chatd
 
 #: The public URL the servers of these tests are given.
 PUBLIC = "http://chat.example"
@@ -328,6 +330,66 @@ class DefaultOriginTests(OriginCase):
                 "invalid_origin",
             )
         self.assertEqual(await self.last_seq(), 0)
+
+
+class _AnyInterface(ChatdProcess):
+    """
+    A chatd process that may listen on any interface: found listening by
+    the address it logs, whatever it is.
+    """
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.listening.called:
+            found = re.search(rb"chatd listening on [0-9.]+:(\d+)", self.output)
+            if found:
+                self.port = int(found.group(1))
+                self.listening.callback(self)
+
+    errReceived = outReceived
+
+
+class StartupWarningTests(TestCase):
+    """
+    Without --public-url, chatd says at start-up when DNS rebinding can
+    reach it.
+    """
+
+    timeout = 60
+
+    async def output(self, *args: str) -> str:
+        """
+        Everything chatd says from start-up to a clean stop, run with
+        C{args}.
+        """
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        process = _AnyInterface.spawn(self, "--data-dir", folder, *args)
+        await process.listening
+        await process.stop("TERM")
+        return process.output.decode()
+
+    async def test_warning_beyond_loopback(self) -> None:
+        """
+        Listening on 0.0.0.0 without --public-url logs one warning naming
+        DNS rebinding and --public-url; with --public-url, or on
+        127.0.0.1, nothing is said.
+        """
+        exposed, public, loopback = await gatherResults(
+            [
+                Deferred.fromCoroutine(self.output("--port", "tcp:0:interface=0.0.0.0")),
+                Deferred.fromCoroutine(
+                    self.output("--port", "tcp:0:interface=0.0.0.0", "--public-url", PUBLIC)
+                ),
+                Deferred.fromCoroutine(self.output("--port", "tcp:0:interface=127.0.0.1")),
+            ]
+        )
+        self.assertEqual(exposed.count("DNS rebinding"), 1, exposed)
+        self.assertIn("--public-url", exposed.split("DNS rebinding")[1].splitlines()[0])
+        self.assertIn("#warn]", exposed)
+        for quiet in [public, loopback]:
+            self.assertNotIn("DNS rebinding", quiet)
+            self.assertNotIn("#warn]", quiet)
 
 
 class PathTests(OriginCase):

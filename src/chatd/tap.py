@@ -389,9 +389,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         exit_on_failure=under_twistd,
         json_logs=options["log-format"] == "json",
     )
-    Listener(options["port"], serverFromString(reactor, options["port"]), site).setServiceParent(
-        service
-    )
+    listener = Listener(options["port"], serverFromString(reactor, options["port"]), site)
+    listener.setServiceParent(service)
+    listener.listened().addCallback(_listening, web)
     if options["metrics-port"] is not None:
         Listener(
             options["metrics-port"],
@@ -404,6 +404,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         timer.clock = reactor
         timer.setServiceParent(service)
     return service
+
+
+def _listening(listener: Listener, web: ChatWeb) -> None:
+    """
+    Tell the web adapter where its site listens, once it does (it warns
+    if DNS rebinding can reach it).
+    """
+    if listener.port is not None:
+        web.listening(listener.port.getHost())
 
 
 class _MetricsPage(Resource):

@@ -25,6 +25,7 @@ Origin that is not this server's own or an C{--allow-origin} one is a
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -144,6 +145,18 @@ def _hosts_of(origin: str) -> Tuple[bytes, ...]:
     if urlsplit(origin).port is None:
         return (host, b"%s:%d" % (host, _DEFAULT_PORTS[scheme]))
     return (host,)
+
+
+def _is_loopback(host: str) -> bool:
+    """
+    Whether an interface address is a loopback one (127.0.0.0/8, ::1).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def make_environment(templates: Path) -> Environment:
@@ -1057,6 +1070,24 @@ class ChatWeb:
             return False
         scheme = origin.split("://", 1)[0]
         return canonical_origin(f"{scheme}://{host.decode('latin-1')}") == origin
+
+    def listening(self, address: object) -> None:
+        """
+        Told where the site listens, once it does: without --public-url,
+        warn if that is beyond loopback, where DNS rebinding can reach it.
+
+        @param address: the listening port's address (C{getHost()}).
+        """
+        host = getattr(address, "host", None)
+        if self._public_hosts or not isinstance(host, str) or _is_loopback(host):
+            return
+        self.log.warn(
+            "chatd listens on {address}, beyond loopback, without --public-url: "
+            "DNS rebinding is possible (a page on any site can reach chatd under "
+            "a name of its own and pass for chatd's own pages). Give --public-url "
+            "with each URL clients use, e.g. --public-url https://chat.example.org.",
+            address=f"{host}:{getattr(address, 'port', '?')}",
+        )
 
     def _count_post(self) -> None:
         if self._metrics is not None:
