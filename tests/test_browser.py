@@ -553,18 +553,26 @@ class ResilienceTests(BrowserTestCase):
 class TutorialClientTests(BrowserTestCase):
     """
     The tutorial's jQuery long-poll client, served from another origin,
-    works against chatd by changing only its URL.
+    works against chatd by changing only its URL, once chatd is told that
+    origin with --allow-origin (its form POSTs are cross-site).
     """
+
+    async def setUp(self) -> None:
+        fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tutorial")
+        self.other_origin = reactor.listenTCP(0, Site(File(fixture)), interface="127.0.0.1")
+        self.addCleanup(self.other_origin.stopListening)
+        self.page_origin = f"http://127.0.0.1:{self.other_origin.getHost().port}"
+        await super().setUp()
+
+    def chatd_args(self) -> List[str]:
+        return [*super().chatd_args(), "--allow-origin", self.page_origin]
 
     async def test_cross_origin_jquery_client(self) -> None:
         """
         JSONP long-poll and form POSTs from a page on another port: the
         client greets, sends, and receives messages posted elsewhere.
         """
-        fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tutorial")
-        other_origin = reactor.listenTCP(0, Site(File(fixture)), interface="127.0.0.1")
-        self.addCleanup(other_origin.stopListening)
-        page_url = f"http://127.0.0.1:{other_origin.getHost().port}/index.html"
+        page_url = f"{self.page_origin}/index.html"
         poll_url = f"{self.server.base}/rooms/lobby/poll"
 
         def scenario(b: Browser) -> None:

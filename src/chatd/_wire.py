@@ -27,11 +27,13 @@ STATUS: Dict[str, int] = {
     "invalid_form": 400,
     "invalid_utf8": 400,
     "unknown_type": 400,
+    "invalid_origin": 400,
     "origin_not_allowed": 403,
     "too_many_rooms": 403,
     "room_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
+    "misdirected_request": 421,
     "room_exists": 409,
     "body_too_long": 413,
     "request_too_large": 413,
@@ -45,7 +47,11 @@ STATUS: Dict[str, int] = {
 }
 
 #: Reason phrases twisted.web's own table lacks.
-REASONS: Dict[int, bytes] = {426: b"Upgrade Required", 429: b"Too Many Requests"}
+REASONS: Dict[int, bytes] = {
+    421: b"Misdirected Request",
+    426: b"Upgrade Required",
+    429: b"Too Many Requests",
+}
 
 
 def http_status(error: ChatError) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Any, Optional, cast
-from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import TimerService
@@ -31,7 +30,7 @@ from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import MAX_BODY, ChatError, validate_room_name
 from chatd.service import ChatService, Listener, Retention
 from chatd.store import StoreError, redact
-from chatd.web import ChatWeb, make_environment
+from chatd.web import ChatWeb, canonical_origin, make_environment
 from chatd.ws import ChatWebSocketFactory
 
 __all__ = ["Options", "makeService", "make_bus", "make_store"]
@@ -140,18 +139,24 @@ class Options(usage.Options):
         super().__init__()
         self["rooms"] = []
         self["allow-origins"] = []
+        self["public-urls"] = []
 
     def opt_allow_origin(self, origin: str) -> None:
         """
-        Also accept WebSocket connections from pages of this origin, e.g.
-        https://chat.example.org (repeatable).
+        Also accept WebSockets and POSTs from pages of this origin, e.g.
+        https://tutorial.example.org (repeatable).
         """
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            raise usage.UsageError(
-                f"--allow-origin {origin!r}: give scheme://host[:port], e.g. https://chat.example.org"
-            )
-        self["allow-origins"].append(origin.rstrip("/"))
+        self["allow-origins"].append(_origin("allow-origin", origin))
+
+    def opt_public_url(self, url: str) -> None:
+        """
+        A URL clients reach chatd by, e.g. https://chat.example.org
+        (repeatable). Requests addressed to any other host are refused
+        (421), except /healthz, /readyz and /metrics, and browsers' pages
+        must come from these origins or --allow-origin ones: this stops DNS
+        rebinding.
+        """
+        self["public-urls"].append(_origin("public-url", url))
 
     def opt_room(self, name: str) -> None:
         """
@@ -259,6 +264,20 @@ class Options(usage.Options):
         return url
 
 
+def _origin(option: str, value: str) -> str:
+    """
+    C{value} as given to C{--option}, if it is an http or https origin.
+
+    @raise usage.UsageError: if it is not.
+    """
+    if canonical_origin(value) is None:
+        raise usage.UsageError(
+            f"--{option} {value!r}: give scheme://host[:port] (http or https), "
+            "e.g. https://chat.example.org"
+        )
+    return value.rstrip("/")
+
+
 # Stores by URL scheme, and buses by name, imported only when chosen so that
 # a driver (psycopg) loads only if it is used.
 _STORES = {
@@ -362,6 +381,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         allow_origins=options["allow-origins"],
         serve_metrics=options["metrics-port"] is None,
         ready=False,
+        public_urls=options["public-urls"],
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and every request must come within REQUEST_TIMEOUT.
@@ -383,9 +403,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         json_logs=options["log-format"] == "json",
         limits=limits,
     )
-    Listener(options["port"], serverFromString(reactor, options["port"]), site).setServiceParent(
-        service
-    )
+    listener = Listener(options["port"], serverFromString(reactor, options["port"]), site)
+    listener.setServiceParent(service)
+    listener.listened().addCallback(_listening, web)
     if options["metrics-port"] is not None:
         Listener(
             options["metrics-port"],
@@ -398,6 +418,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         timer.clock = reactor
         timer.setServiceParent(service)
     return service
+
+
+def _listening(listener: Listener, web: ChatWeb) -> None:
+    """
+    Tell the web adapter where its site listens, once it does (it warns
+    if DNS rebinding can reach it).
+    """
+    if listener.port is not None:
+        web.listening(listener.port.getHost())
 
 
 class _MetricsPage(Resource):

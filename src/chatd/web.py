@@ -14,16 +14,24 @@ parameters, the answer and its errors, so they answer alike byte for byte
 
 Every API error is a specific 4xx (or 500) with a JSON body
 C{{"error": CODE, "detail": TEXT}}; no traceback reaches a client.
+
+Before any route, L{_Root} checks where a request was addressed and, for
+WebSocket upgrades and state-changing methods, which page sent it
+(L{ChatWeb.check_request}): with C{--public-url}, a Host that is not one
+of those URLs' is a 421, which is what stops DNS rebinding; a browser's
+Origin that is not this server's own or an C{--allow-origin} one is a
+403, which stops cross-site WebSocket hijacking and cross-site form posts.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -32,10 +40,11 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succ
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from chatd._http import MAX_REQUEST_BODY, ChatSite
 from chatd._wire import REASONS, client_host, error_body, http_status
@@ -45,7 +54,7 @@ from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import Batch, ChatError, Message, Peer, encode_json, parse_cursor
 from chatd.room import Room
 
-__all__ = ["ChatWeb", "MAX_REQUEST_BODY", "make_environment"]
+__all__ = ["ChatWeb", "MAX_REQUEST_BODY", "canonical_origin", "make_environment"]
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -77,6 +86,74 @@ _HTTP_ERROR_CODES = {
 
 #: Statuses whose refusals are logged and counted (abuse, not mistakes).
 _LOGGED_REFUSALS = frozenset({403, 413, 429, 503})
+
+#: Methods that change something: a browser sends them cross-site without
+#: asking first (a form post), so their Origin is checked.
+_STATE_CHANGING = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+
+#: What load balancers and Prometheus ask for by IP address: answered
+#: whatever the Host header says.
+_PROBES = ([b"healthz"], [b"readyz"], [b"metrics"])
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_origin(text: str) -> Optional[str]:
+    """
+    An http or https origin as browsers write it in an Origin header:
+    C{scheme://host[:port]} in lower case, without the scheme's default
+    port (RFC 6454 section 6.1).
+
+    @param text: an origin or a URL with no path beyond C{/}.
+    @return: the origin, or None if C{text} is no such origin (C{null},
+        another scheme, a user name, a path, a bad port, a name that is not
+        ASCII: browsers send internationalised names in punycode).
+    """
+    if not text.isascii():
+        return None
+    try:
+        parts = urlsplit(text.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if (
+        parts.scheme not in _DEFAULT_PORTS
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.netloc.endswith(":")
+    ):
+        return None
+    netloc = parts.netloc
+    if port == _DEFAULT_PORTS[parts.scheme]:
+        netloc = netloc.rsplit(":", 1)[0]
+    return f"{parts.scheme}://{netloc}"
+
+
+def _hosts_of(origin: str) -> Tuple[bytes, ...]:
+    """
+    The Host header values that address C{origin} (a L{canonical_origin}):
+    its host and port, the default port written out or left out.
+    """
+    scheme, netloc = origin.split("://", 1)
+    host = netloc.encode("ascii")
+    if urlsplit(origin).port is None:
+        return (host, b"%s:%d" % (host, _DEFAULT_PORTS[scheme]))
+    return (host,)
+
+
+def _is_loopback(host: str) -> bool:
+    """
+    Whether an interface address is a loopback one (127.0.0.0/8, ::1).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def make_environment(templates: Path) -> Environment:
@@ -415,11 +492,12 @@ Renderable = Union[bytes, Deferred]
 
 class _Root(Resource):
     """
-    The site's root: refuses URLs that are not UTF-8 with a JSON 400
-    (Klein would answer them with a bare text page) and everything but
-    C{/healthz} with a 503 until chatd is ready; sends long-poll GETs
-    straight to their handler (L{ChatWeb.long_poll}); routes the rest
-    through Klein.
+    The site's root: refuses requests addressed to another host or sent
+    by another site's page (L{ChatWeb.check_request}), URLs that are not
+    UTF-8 with a JSON 400 (Klein would answer them with a bare text page),
+    and everything but C{/healthz} with a 503 until chatd is ready; sends
+    long-poll GETs straight to their handler (L{ChatWeb.long_poll});
+    routes the rest through Klein.
     """
 
     isLeaf = True
@@ -432,6 +510,10 @@ class _Root(Resource):
     def render(self, request: IRequest) -> Any:
         postpath = request.postpath
         web = self._web
+        try:
+            web.check_request(request)
+        except ChatError:
+            return web.refuse_now(request, Failure())
         if (
             request.method == b"GET"
             and len(postpath) == 4
@@ -457,11 +539,44 @@ class _Root(Resource):
 
 class _StaticFiles(File):
     """
-    Static files without directory listings.
+    Static files without directory listings, where a path segment that
+    cannot name a file is not found like any missing file.
+
+    Give it a C{childNotFound} (C{File}'s resource for 404s, handed on to
+    every child it makes) to answer those as the rest of chatd does.
     """
 
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        # Each segment must be one file name.  File would take "." as the
+        # folder itself and "x/" (from x%2F) as "x", and a NUL makes
+        # os.stat raise ValueError, which File does not catch (a 500).
+        # Anything else the OS refuses to take as a name (ValueError, e.g.
+        # a name the file system's encoding cannot write) is not a file
+        # here either.
+        if path in (b".", b"..") or b"/" in path or b"\0" in path:
+            return cast(IResource, self.childNotFound)
+        try:
+            return cast(IResource, super().getChild(path, request))
+        except ValueError:
+            return cast(IResource, self.childNotFound)
+
     def directoryListing(self) -> IResource:
-        return NoResource()
+        return cast(IResource, self.childNotFound)
+
+
+class _NotFound(Resource):
+    """
+    chatd's JSON 404, as a resource (for L{_StaticFiles}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, web: "ChatWeb") -> None:
+        super().__init__()
+        self._web = web
+
+    def render(self, request: IRequest) -> bytes:
+        return self._web.error_now(request, 404, "not_found", "No such file.")
 
 
 class ChatWeb:
@@ -473,6 +588,13 @@ class ChatWeb:
     @param env: the Jinja2 environment for pages.
     @param static: the folder of static files.
     @param websocket: the resource that takes over a C{/ws/<room>} request.
+    @param allow_origins: origins (C{scheme://host[:port]}) whose pages may
+        also open WebSockets and send state-changing requests.
+    @param public_urls: the URLs clients reach chatd by
+        (C{scheme://host[:port]}).  If given, requests must be addressed
+        to one of their hosts, and browsers' requests must come from one
+        of their origins (or an allowed one); if not, this server's own
+        origin is the one the Host header names.
     @ivar ready: requests are served (set once the core is loaded; until
         then everything but C{/healthz} is a 503).
     @ivar shutting_down: set when the server starts shutting down:
@@ -480,6 +602,11 @@ class ChatWeb:
     """
 
     app = Klein()
+    # Before any route is added (rules take the map's setting as they are
+    # added): werkzeug would answer a path with an empty segment, such as
+    # /rooms//lobby, with a redirect to the merged path.  chatd does not
+    # redirect; no route matches such a path, so it is a 404.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -492,6 +619,7 @@ class ChatWeb:
         allow_origins: Sequence[str] = (),
         serve_metrics: bool = True,
         ready: bool = True,
+        public_urls: Sequence[str] = (),
     ) -> None:
         self._core = core
         self._metrics = metrics
@@ -500,11 +628,18 @@ class ChatWeb:
         if metrics is not None:
             metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
             metrics.watch_waiters(core.waiting)
-        self._allow_origins = {o.rstrip("/").lower() for o in allow_origins}
+        self._allow_origins = frozenset(_checked_origins(allow_origins))
+        self._public_origins = frozenset(_checked_origins(public_urls))
+        self._public_hosts = frozenset(
+            host for origin in self._public_origins for host in _hosts_of(origin)
+        )
         self._serve_metrics = serve_metrics
         self.ready = ready
         self.shutting_down = False
         self._static = _StaticFiles(str(static))
+        # File documents childNotFound as any Resource; mypy infers the
+        # type of twisted's own default, a private class.
+        self._static.childNotFound = _NotFound(self)  # type: ignore[assignment]
         self._websocket = websocket
         self._bodies = _BatchBodies()
         # Loaded once here, never per request.
@@ -599,6 +734,11 @@ class ChatWeb:
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
         error = cast(HTTPException, failure.value)
+        if isinstance(error, RequestRedirect):
+            # werkzeug redirects a path missing a rule's trailing slash
+            # (/static); its exception carries no Location for Klein to
+            # send.  chatd does not redirect: no route has that path.
+            return self._error_json(request, 404, "not_found", "No such path.")
         status = error.code or 500
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
@@ -618,6 +758,13 @@ class ChatWeb:
         A JSON error answer for a request refused before routing.
         """
         return self._error_json(request, status, code, detail)
+
+    def refuse_now(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        The answer to a request refused before routing with a
+        L{ChatError}, logged and counted as the routes' refusals are.
+        """
+        return self._error_answer(request, failure)
 
     def _in_room(self, name: str, then: Callable[..., Any], *args: Any) -> Any:
         """
@@ -845,7 +992,6 @@ class ChatWeb:
 
     def _websocket_upgrade(self, request: IRequest) -> IResource:
         parse_cursor(_query(request, "after"), "after")
-        self._check_origin(request)
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade.lower() != b"websocket":
             request.setHeader(b"upgrade", b"websocket")
@@ -854,22 +1000,89 @@ class ChatWeb:
             )
         return self._websocket
 
+    def check_request(self, request: IRequest) -> None:
+        """
+        Refuse a request addressed to another host (with --public-url), or
+        a WebSocket upgrade or state-changing request from another site's
+        page.  Every request comes here before routing.
+
+        @raise ChatError: C{misdirected_request}, C{invalid_origin},
+            C{origin_not_allowed}.
+        """
+        if self._public_hosts and request.postpath not in _PROBES:
+            self._check_host(request)
+        upgrade = request.getHeader(b"upgrade")
+        is_upgrade = upgrade is not None and b"websocket" in upgrade.lower()
+        if is_upgrade or request.method in _STATE_CHANGING:
+            self._check_origin(request)
+
+    def _check_host(self, request: IRequest) -> None:
+        """
+        DNS rebinding: a page on another site whose name now resolves to
+        chatd's address reaches chatd with its own name as Host, and with
+        Origin agreeing.  Only requests addressed to a public URL are
+        answered.
+        """
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) == 1 and hosts[0].lower() in self._public_hosts:
+            return
+        given = b", ".join(hosts or [b"none"]).decode("latin-1")
+        raise ChatError(
+            "misdirected_request",
+            f"This server answers for {', '.join(sorted(self._public_origins))}, "
+            f"not for Host {given!r}.",
+        )
+
     def _check_origin(self, request: IRequest) -> None:
         """
-        Refuse cross-site WebSocket hijacking: a browser's Origin must be
-        this server's own, or one given with --allow-origin.  Clients that
-        send no Origin (not browsers) are let through.
+        Refuse cross-site WebSocket hijacking and cross-site posts: a
+        browser's Origin must be this server's own (a --public-url one, or
+        without those the Host header's), or one given with
+        --allow-origin.  Clients that send no Origin (not browsers) are
+        let through; C{null} (sandboxed frames, file: pages) is not.
         """
-        origin = request.getHeader(b"origin")
-        if origin is None:
+        origins = request.requestHeaders.getRawHeaders(b"origin")
+        if origins is None:
             return
-        text = origin.decode("latin-1").rstrip("/").lower()
-        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
-        if text in self._allow_origins or urlsplit(text).netloc == host and host:
+        # Every value, not the last one (getHeader's): a check of one of
+        # several would let the others past it.
+        if len(origins) != 1 or len(origins[0].replace(b",", b" ").split()) != 1:
+            raise ChatError("invalid_origin", "Send one Origin header with one origin.")
+        text = origins[0].decode("latin-1")
+        origin = canonical_origin(text)
+        if origin is not None and self._origin_allowed(origin, request):
             return
         raise ChatError(
-            "origin_not_allowed",
-            f"WebSocket connections from {text!r} are not allowed here.",
+            "origin_not_allowed", f"Requests from pages of {text!r} are not allowed here."
+        )
+
+    def _origin_allowed(self, origin: str, request: IRequest) -> bool:
+        if origin in self._allow_origins:
+            return True
+        if self._public_origins:
+            return origin in self._public_origins
+        host = request.getHeader(b"host")
+        if not host:
+            return False
+        scheme = origin.split("://", 1)[0]
+        return canonical_origin(f"{scheme}://{host.decode('latin-1')}") == origin
+
+    def listening(self, address: object) -> None:
+        """
+        Told where the site listens, once it does: without --public-url,
+        warn if that is beyond loopback, where DNS rebinding can reach it.
+
+        @param address: the listening port's address (C{getHost()}).
+        """
+        host = getattr(address, "host", None)
+        if self._public_hosts or not isinstance(host, str) or _is_loopback(host):
+            return
+        self.log.warn(
+            "chatd listens on {address}, beyond loopback, without --public-url: "
+            "DNS rebinding is possible (a page on any site can reach chatd under "
+            "a name of its own and pass for chatd's own pages). Give --public-url "
+            "with each URL clients use, e.g. --public-url https://chat.example.org.",
+            address=f"{host}:{getattr(address, 'port', '?')}",
         )
 
     def _count_post(self) -> None:
@@ -979,6 +1192,21 @@ class ChatWeb:
             )
 
         return d.addCallback(respond)
+
+
+def _checked_origins(urls: Sequence[str]) -> List[str]:
+    """
+    The L{canonical_origin}s of C{urls}.
+
+    @raise ValueError: if one of them is not an http or https origin.
+    """
+    origins = []
+    for url in urls:
+        origin = canonical_origin(url)
+        if origin is None:
+            raise ValueError(f"{url!r} is not an http or https origin")
+        origins.append(origin)
+    return origins
 
 
 def _finish(body: bytes, request: Any) -> None:
