@@ -8,19 +8,22 @@ file or route can answer are JSON 404s rather than 500s or redirects.
 from __future__ import annotations
 
 import json
-import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 
+from chatd._paths import find_data_dir
 from chatd.tap import Options
-from tests._support import HTTP, ChatdProcess, start_chatd
+from chatd.web import ChatWeb, make_environment
+from tests._support import HTTP, ChatdProcess, make_web, start_chatd
 
 #: The public URL the servers of these tests are given.
 PUBLIC = "http://chat.example"
@@ -332,64 +335,55 @@ class DefaultOriginTests(OriginCase):
         self.assertEqual(await self.last_seq(), 0)
 
 
-class _AnyInterface(ChatdProcess):
-    """
-    A chatd process that may listen on any interface: found listening by
-    the address it logs, whatever it is.
-    """
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        if not self.listening.called:
-            found = re.search(rb"chatd listening on [0-9.]+:(\d+)", self.output)
-            if found:
-                self.port = int(found.group(1))
-                self.listening.callback(self)
-
-    errReceived = outReceived
-
-
 class StartupWarningTests(TestCase):
     """
     Without --public-url, chatd says at start-up when DNS rebinding can
-    reach it.
+    reach it.  (The tests never listen beyond loopback: the warning is
+    asked for with the address a port on 0.0.0.0 or :: would report.)
     """
 
     timeout = 60
 
-    async def output(self, *args: str) -> str:
-        """
-        Everything chatd says from start-up to a clean stop, run with
-        C{args}.
-        """
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        process = _AnyInterface.spawn(self, "--data-dir", folder, *args)
-        await process.listening
-        await process.stop("TERM")
-        return process.output.decode()
+    def warnings(self, address: object, *public_urls: str) -> List[str]:
+        core, web, _ = make_web()
+        if public_urls:
+            web = ChatWeb(
+                core,
+                make_environment(find_data_dir("templates")),
+                find_data_dir("static"),
+                Resource(),
+                public_urls=public_urls,
+            )
+        with capturedLogs() as events:
+            web.listening(address)
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
 
-    async def test_warning_beyond_loopback(self) -> None:
+    def test_warning_beyond_loopback(self) -> None:
         """
-        Listening on 0.0.0.0 without --public-url logs one warning naming
-        DNS rebinding and --public-url; with --public-url, or on
-        127.0.0.1, nothing is said.
+        Listening on 0.0.0.0 (or ::) without --public-url logs one warning
+        naming DNS rebinding and --public-url; with --public-url, or on
+        loopback, nothing is said.
         """
-        exposed, public, loopback = await gatherResults(
-            [
-                Deferred.fromCoroutine(self.output("--port", "tcp:0:interface=0.0.0.0")),
-                Deferred.fromCoroutine(
-                    self.output("--port", "tcp:0:interface=0.0.0.0", "--public-url", PUBLIC)
-                ),
-                Deferred.fromCoroutine(self.output("--port", "tcp:0:interface=127.0.0.1")),
-            ]
-        )
-        self.assertEqual(exposed.count("DNS rebinding"), 1, exposed)
-        self.assertIn("--public-url", exposed.split("DNS rebinding")[1].splitlines()[0])
-        self.assertIn("#warn]", exposed)
-        for quiet in [public, loopback]:
-            self.assertNotIn("DNS rebinding", quiet)
-            self.assertNotIn("#warn]", quiet)
+        for host in ["0.0.0.0", "192.0.2.7"]:
+            [warning] = self.warnings(IPv4Address("TCP", host, 8080))
+            self.assertIn("DNS rebinding", warning)
+            self.assertIn("--public-url", warning.split("DNS rebinding")[1])
+        [warning] = self.warnings(IPv6Address("TCP", "::", 8080))
+        self.assertIn("DNS rebinding", warning)
+        self.assertEqual(self.warnings(IPv4Address("TCP", "0.0.0.0", 8080), PUBLIC), [])
+        for host in ["127.0.0.1", "127.1.2.3"]:
+            self.assertEqual(self.warnings(IPv4Address("TCP", host, 8080)), [])
+        self.assertEqual(self.warnings(IPv6Address("TCP", "::1", 8080)), [])
+
+    async def test_no_warning_on_loopback(self) -> None:
+        """
+        A twistd process on 127.0.0.1 says nothing of DNS rebinding.
+        """
+        process = await ChatdProcess.start(self, "--store", "memory:")
+        await process.stop("TERM")
+        output = process.output.decode()
+        self.assertNotIn("DNS rebinding", output)
+        self.assertNotIn("#warn]", output)
 
 
 class PathTests(OriginCase):
