@@ -113,6 +113,17 @@ async def make_certificate(test: TestCase) -> Tuple[str, str]:
     return key, cert
 
 
+def rss_kib(pid: int) -> int:
+    """
+    The resident memory of process C{pid}, in KiB.
+    """
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 class HTTP:
     """
     treq with a connection pool that is closed when the test ends.

@@ -27,19 +27,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests._support import HTTP, ChatdProcess
+from tests._support import HTTP, ChatdProcess, rss_kib
 
 #: The loopback address the "other client" speaks from (the hostile
 #: client uses 127.0.0.1).
 OTHER_IP = "127.0.0.2"
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def _descriptors(pid: int) -> int:
@@ -116,6 +108,13 @@ def request(target: str, *headers: str, method: str = "GET") -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+def post_head(*headers: str) -> bytes:
+    """
+    The head of a JSON POST of a message to the lobby.
+    """
+    return request("/api/rooms/lobby/messages", "Content-Type: application/json", *headers, method="POST")
+
+
 def ws_handshake(path: str = "/ws/lobby") -> bytes:
     key = base64.b64encode(os.urandom(16)).decode("ascii")
     return request(
@@ -176,7 +175,7 @@ class Watch:
         self._pid = process.transport.pid
         self._base = process.base
         self._test = test
-        self.rss_before = _rss_kib(self._pid)
+        self.rss_before = rss_kib(self._pid)
         self.descriptors_before = _descriptors(self._pid)
         self.rss_peak = self.rss_before
         self.descriptors_peak = self.descriptors_before
@@ -200,7 +199,7 @@ class Watch:
             except Exception as e:
                 self.failures.append(f"/healthz failed: {e!r}")
             self.latencies.append(time.monotonic() - started)
-            self.rss_peak = max(self.rss_peak, _rss_kib(self._pid))
+            self.rss_peak = max(self.rss_peak, rss_kib(self._pid))
             self.descriptors_peak = max(self.descriptors_peak, _descriptors(self._pid))
             await deferLater(reactor, 0.05, lambda: None)
 
@@ -451,13 +450,7 @@ class OversizedBodyTests(HostileCase):
         process = await self.start()
         client = await raw(self, process)
         client.transport.write(
-            request(
-                "/api/rooms/lobby/messages",
-                "Content-Type: application/json",
-                "Content-Length: 314572800",
-                "Expect: 100-continue",
-                method="POST",
-            )
+            post_head("Content-Length: 314572800", "Expect: 100-continue")
         )
         answer = await client.lost
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
@@ -474,12 +467,7 @@ class OversizedBodyTests(HostileCase):
         watch = Watch(self, process)
         client = await raw(self, process)
         client.transport.write(
-            request(
-                "/api/rooms/lobby/messages",
-                "Content-Type: application/json",
-                "Content-Length: 314572800",
-                method="POST",
-            )
+            post_head("Content-Length: 314572800")
         )
         await client.until(b"request_too_large")
         chunk = b"x" * 65536
@@ -500,12 +488,7 @@ class OversizedBodyTests(HostileCase):
         watch = Watch(self, process)
         client = await raw(self, process)
         client.transport.write(
-            request(
-                "/api/rooms/lobby/messages",
-                "Content-Type: application/json",
-                "Transfer-Encoding: chunked",
-                method="POST",
-            )
+            post_head("Transfer-Encoding: chunked")
         )
         chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
         sent = 0

@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from chatd._http import ChatSite
 from chatd.limits import Connections, Limits
 from chatd.store.memory import MemoryStore
-from tests._support import HTTP, ChatdProcess, make_web, start_chatd
+from tests._support import HTTP, ChatdProcess, make_web, rss_kib, start_chatd
 from tests.test_fuzz import FUZZ
 
 Response = Tuple[int, Dict[bytes, bytes], bytes]
@@ -575,14 +575,6 @@ class RealConnectionTests(TestCase):
         await self.service.stopService()
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 class _Flood(Protocol):
     """
     Sends C{count} pipelined requests at once and reads nothing until
@@ -638,7 +630,7 @@ class PipelineFloodTests(TestCase):
         await http.post_json("/api/rooms/lobby/messages", {"body": "hello"})
         for _ in range(200):  # warm up the request path
             await http.request("GET", "/api/rooms/lobby/messages?after=0&timeout=0")
-        before = _rss_kib(pid)
+        before = rss_kib(pid)
         request = get(b"/api/rooms/lobby/messages?after=0&timeout=0")
         flood = _Flood(request, 100_000)
         port = int(process.base.rsplit(":", 1)[1])
@@ -647,7 +639,7 @@ class PipelineFloodTests(TestCase):
         peak = before
         for _ in range(20):
             await deferLater(reactor, 0.1, lambda: None)
-            peak = max(peak, _rss_kib(pid))
+            peak = max(peak, rss_kib(pid))
             started = time.monotonic()
             code, _ = await http.get_json("/healthz")
             self.assertEqual(code, 200)
