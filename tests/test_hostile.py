@@ -408,7 +408,14 @@ class DescriptorTests(HostileCase):
         self.assertTrue(all(c.closed for c in clients if c not in served))
         self.assertTrue(all(b"HTTP/1.1 503 Service Unavailable" in c.received for c in refused))
         self.assertLess(_descriptors(process.transport.pid), 256 - 32)
-        await watch.stop(descriptors=120)
+        # 100 served, up to 16 being refused, and the watch's own.
+        await watch.stop(descriptors=150)
+        self.assertIn(b"Refused a connection from 127.0.0.1: too_many_connections", process.output)
+        for client in served:
+            client.transport.abortConnection()
+            await client.lost
+        code, _, metrics = await self.http.request("GET", "/metrics")
+        self.assertIn(b'chatd_rejected_total{reason="too_many_connections"}', metrics)
 
     async def test_full_server_still_answers_health_checks(self) -> None:
         """

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from io import BytesIO
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -142,6 +142,8 @@ class ChatChannel(HTTPChannel):
     #: Seconds a client may leave its answers unread (the idle timeout).
     drain_timeout = 60.0
     connections: Optional[Connections] = None
+    #: Told C{(ip, reason)} of each connection refused (L{ChatSite}'s).
+    refused: Optional[Callable[[str, str], None]] = None
     health_only = False
     #: Waiting for a request (from the connection's start, or since the
     #: previous request was done), until its body is in.
@@ -194,6 +196,8 @@ class ChatChannel(HTTPChannel):
         transport: Any = self.transport
         connections = self.connections
         assert connections is not None
+        if self.refused is not None:
+            self.refused(client_host(transport.getPeer()), error.code)
         if connections.refusing >= REFUSALS:
             transport.abortConnection()
             return
@@ -380,18 +384,21 @@ class ChatSite(Site):
         access_log: bool = False,
         request_timeout: float = 10.0,
         connections: Optional[Connections] = None,
+        refused: Optional[Callable[[str, str], None]] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
         self.access_log = access_log
         self.request_timeout = request_timeout
         self.connections = connections
+        self.refused = refused
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         if channel is not None:
             channel.request_timeout = self.request_timeout
             channel.connections = self.connections
+            channel.refused = self.refused
             if self.timeOut:
                 channel.drain_timeout = self.timeOut
         return channel

@@ -673,6 +673,7 @@ class ChatWeb:
             access_log=access_log,
             request_timeout=request_timeout,
             connections=connections,
+            refused=self.refused_connection,
             timeout=timeout,
             reactor=reactor,
         )
@@ -719,6 +720,15 @@ class ChatWeb:
         if status in _LOGGED_REFUSALS:
             self._log_rejection(request, error.code)
         return self._error_json(request, status, error.code, error.detail)
+
+    def refused_connection(self, ip: str, reason: str) -> None:
+        """
+        A connection was refused before it sent anything (the site's
+        L{chatd._http.ChatChannel}): log and count it like a refused request.
+        """
+        self.log.info("Refused a connection from {ip}: {reason}", ip=ip, reason=reason)
+        if self._metrics is not None:
+            self._metrics.rejected.labels(reason).inc()
 
     def _log_rejection(self, request: IRequest, reason: str) -> None:
         self.log.info(
