@@ -24,7 +24,6 @@ to its users, each written against the channel's public methods:
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from io import BytesIO
 from typing import Any, Callable, List, Optional, Sequence
@@ -34,7 +33,7 @@ from twisted.logger import Logger
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request, Site
 
-from chatd._wire import client_host, error_body, http_status
+from chatd._wire import client_host, error_body, http_status, retry_after
 from chatd.limits import Connections, server_full
 from chatd.model import ChatError
 
@@ -114,8 +113,9 @@ class ChatRequest(Request):
         self.setResponseCode(http_status(error))
         self.setHeader(b"content-type", b"application/json; charset=utf-8")
         self.setHeader(b"content-length", b"%d" % (len(body),))
-        if error.retry_after is not None:
-            self.setHeader(b"retry-after", b"%d" % (math.ceil(error.retry_after),))
+        wait = retry_after(error)
+        if wait is not None:
+            self.setHeader(b"retry-after", wait)
         self.setHeader(b"connection", b"close")
         self.channel.persistent = False
         self.write(body)
@@ -177,27 +177,28 @@ class ChatChannel(HTTPChannel):
         super().connectionMade()
         transport: Any = self.transport
         if self.connections is not None:
+            ip = client_host(transport.getPeer())
             try:
-                self.health_only = self.connections.open(transport, client_host(transport.getPeer()))
+                self.health_only = self.connections.open(transport, ip)
             except ChatError as e:
-                self._refuse(e)
+                self._refuse(ip, e)
                 return
         # A new connection owes its first request from the start: a client
         # that connects and sends nothing is dropped as well.
         self._start_request_deadline()
 
-    def _refuse(self, error: ChatError) -> None:
+    def _refuse(self, ip: str, error: ChatError) -> None:
         """
-        Tell a connection over the caps so, in one write before reading
-        anything, and close it: at once, or within a second if the client
-        does not close first.  Refusals are cheap, and bounded: past
-        L{REFUSALS} being told at once, connections are just closed.
+        Tell a connection from C{ip} over the caps so, in one write before
+        reading anything, and close it (L{_linger}).  Refusals are cheap,
+        and bounded: past L{REFUSALS} being told at once, connections are
+        just closed.
         """
         transport: Any = self.transport
         connections = self.connections
         assert connections is not None
         if self.refused is not None:
-            self.refused(client_host(transport.getPeer()), error.code)
+            self.refused(ip, error.code)
         if connections.refusing >= REFUSALS:
             transport.abortConnection()
             return
@@ -279,9 +280,8 @@ class ChatChannel(HTTPChannel):
         )
 
     def _stop_request_deadline(self) -> None:
-        call, self._request_call = self._request_call, None
-        if call is not None and call.active():
-            call.cancel()
+        _cancel(self._request_call)
+        self._request_call = None
 
     def _drop(self, why: str, seconds: float) -> None:
         """
@@ -330,17 +330,15 @@ class ChatChannel(HTTPChannel):
             self._next_request(held)
 
     def _cancel_drain_call(self) -> None:
-        call, self._drain_call = self._drain_call, None
-        if call is not None and call.active():
-            call.cancel()
+        _cancel(self._drain_call)
+        self._drain_call = None
 
     def connectionLost(self, reason: Any = None) -> None:
         self._stop_request_deadline()
         self._cancel_drain_call()
         self._held = None
-        lingering, self._lingering = self._lingering, None
-        if lingering is not None and lingering.active():
-            lingering.cancel()
+        _cancel(self._lingering)
+        self._lingering = None
         if self.connections is not None:
             if self._refused:
                 self._refused = False
@@ -348,6 +346,14 @@ class ChatChannel(HTTPChannel):
             else:
                 self.connections.close(self.transport)
         super().connectionLost(reason)
+
+
+def _cancel(call: Optional[IDelayedCall]) -> None:
+    """
+    Cancel C{call} if it is still to come.
+    """
+    if call is not None and call.active():
+        call.cancel()
 
 
 def _refusal(error: ChatError) -> bytes:
@@ -361,9 +367,9 @@ def _refusal(error: ChatError) -> bytes:
         b"HTTP/1.1 %d %s\r\n"
         b"Content-Type: application/json; charset=utf-8\r\n"
         b"Content-Length: %d\r\n"
-        b"Retry-After: %d\r\n"
+        b"Retry-After: %s\r\n"
         b"Connection: close\r\n\r\n"
-    ) % (status, RESPONSES[status], len(body), math.ceil(error.retry_after or 1))
+    ) % (status, RESPONSES[status], len(body), retry_after(error) or b"1")
     return head + body
 
 

@@ -8,11 +8,12 @@ how a client's address is read.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Optional
 
 from chatd.model import ChatError, encode_json
 
-__all__ = ["STATUS", "REASONS", "client_host", "error_body", "http_status"]
+__all__ = ["STATUS", "REASONS", "client_host", "error_body", "http_status", "retry_after"]
 
 #: Every error code chatd uses, with its HTTP status.
 STATUS: Dict[str, int] = {
@@ -66,6 +67,16 @@ def error_body(code: str, detail: str) -> bytes:
     The JSON body of an HTTP error: C{{"error": CODE, "detail": TEXT}}.
     """
     return encode_json({"error": code, "detail": detail})
+
+
+def retry_after(error: ChatError) -> Optional[bytes]:
+    """
+    The C{Retry-After} value for C{error}: its wait in whole seconds, at
+    least 1; None for refusals that do not pass.
+    """
+    if error.retry_after is None:
+        return None
+    return b"%d" % (max(1, math.ceil(error.retry_after)),)
 
 
 def client_host(address: Any) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
 from chatd._http import MAX_REQUEST_BODY, ChatSite
-from chatd._wire import REASONS, client_host, error_body, http_status
+from chatd._wire import REASONS, client_host, error_body, http_status, retry_after
 from chatd.core import ChatCore
 from chatd.limits import Connections
 from chatd.metrics import CONTENT_TYPE, Metrics
@@ -715,8 +714,9 @@ class ChatWeb:
             return self._error_json(request, 500, *_INTERNAL_ERROR)
         error = cast(ChatError, failure.value)
         status = http_status(error)
-        if error.retry_after is not None:
-            request.setHeader(b"retry-after", b"%d" % (max(1, math.ceil(error.retry_after)),))
+        wait = retry_after(error)
+        if wait is not None:
+            request.setHeader(b"retry-after", wait)
         if status in _LOGGED_REFUSALS:
             self._log_rejection(request, error.code)
         return self._error_json(request, status, error.code, error.detail)
