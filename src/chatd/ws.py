@@ -311,23 +311,26 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if len(data) <= READ_SLICE or self._writer is None or self.factory.clock is None:
             super().dataReceived(data)
             return
-        self._unread = data[READ_SLICE:]
         transport: Any = self.transport
         transport.pauseProducing()
-        self.factory.clock.callLater(0, self._read_on)
-        super().dataReceived(data[:READ_SLICE])
+        self._unread = data
+        self._read_on()
 
     def _read_on(self) -> None:
+        """
+        Hand Autobahn the next slice of what was read; reading resumes once
+        the last slice is handed on.
+        """
         unread, self._unread = self._unread, None
         if unread is None or self.state == self.STATE_CLOSED:
             return
-        transport: Any = self.transport
         if len(unread) > READ_SLICE:
             self._unread = unread[READ_SLICE:]
             unread = unread[:READ_SLICE]
             assert self.factory.clock is not None
             self.factory.clock.callLater(0, self._read_on)
         else:
+            transport: Any = self.transport
             transport.resumeProducing()
         super().dataReceived(unread)
 
