@@ -5,6 +5,7 @@ test's own, dropped afterwards).  PostgreSQL must be reachable: these tests
 fail, never skip, without it.
 """
 
+import json
 import os
 import sqlite3
 import uuid
@@ -12,10 +13,12 @@ from typing import Any, Dict
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from chatd.interfaces import IMessageStore
-from chatd.model import Message
+from chatd.model import Message, RoomLimitReached
 from chatd.store._sql import SCHEMA_VERSION, StoreError, _statements, schema_files
 from chatd.store.memory import MemoryStore
 from chatd.store.postgres import PostgresStore, redact
@@ -75,6 +78,35 @@ class StoreContractMixin:
         self.assertTrue(await store.create_room("a", 1))
         self.assertFalse(await store.create_room("a", 2))
         self.assertEqual(sorted(await store.load_rooms()), [("a", 0), ("b", 0)])
+
+    async def test_room_limit(self) -> None:
+        """
+        create_room with max_rooms refuses a room past the limit (counted
+        in the store), but still answers False for one that exists.
+        """
+        store = await self.open_store()
+        self.assertTrue(await store.create_room("a", 1, 2))
+        self.assertTrue(await store.create_room("b", 1, 2))
+        self.assertFalse(await store.create_room("a", 1, 2))
+        with self.assertRaises(RoomLimitReached) as caught:
+            await store.create_room("c", 1, 2)
+        self.assertEqual(caught.exception.limit, 2)
+        self.assertTrue(await store.create_room("c", 1, 3))
+        self.assertEqual([name for name, _ in sorted(await store.load_rooms())], ["a", "b", "c"])
+
+    async def test_presence(self) -> None:
+        """
+        share_presence replaces a node's counts and answers the others'
+        sums; a node with nothing left has no lease.
+        """
+        store = await self.open_store()
+        self.assertEqual(await store.share_presence("n1", {"a": 2, "b": 1}, 60_000), {})
+        self.assertEqual(await store.share_presence("n2", {"a": 3, "c": 0}, 60_000), {"a": 2, "b": 1})
+        self.assertEqual(await store.share_presence("n3", {}, 60_000), {"a": 5, "b": 1})
+        await store.share_presence("n1", {"b": 4}, 60_000)
+        self.assertEqual(await store.share_presence("n3", {}, 60_000), {"a": 3, "b": 4})
+        await store.share_presence("n1", {}, 0)
+        self.assertEqual(await store.share_presence("n3", {}, 60_000), {"a": 3})
 
     async def test_append_assigns_seq(self) -> None:
         """
@@ -324,6 +356,80 @@ class PostgresStoreTests(StoreContractMixin, TestCase):
         original, _ = await first.append("a", "n", "x", 1, "same")
         again, created = await second.append("a", "n", "x", 2, "same")
         self.assertEqual((again, created), (original, False))
+
+    async def test_presence_leases_expire(self) -> None:
+        """
+        A lease not renewed in time (its node died) stops counting, by the
+        database's clock.
+        """
+        first = await self.open_store()
+        second = await self.open_store()
+        await first.share_presence("dead", {"a": 7}, 1)
+        await first.share_presence("alive", {"a": 1}, 60_000)
+        await deferLater(reactor, 0.01)
+        self.assertEqual(await second.share_presence("me", {}, 60_000), {"a": 1})
+
+    async def test_room_limit_across_processes(self) -> None:
+        """
+        Two stores creating rooms at once (two nodes) never pass the limit
+        between them.
+        """
+        first = await self.open_store()
+        second = await self.open_store()
+        ds = [
+            store.create_room(f"r{i}-{n}", 0, 10)
+            for i in range(10)
+            for n, store in enumerate((first, second))
+        ]
+        results = await DeferredList(ds, consumeErrors=True)
+        created = [ok and value for ok, value in results]
+        self.assertEqual(created.count(True), 10)
+        for ok, value in results:
+            if not ok:
+                value.trap(RoomLimitReached)
+        self.assertEqual(len(await first.load_rooms()), 10)
+
+    async def test_commits_announced_in_their_transaction(self) -> None:
+        """
+        With notify_commits, each batch's messages are sent on the channel
+        from inside the transaction that stores them: heard by a listener
+        in seq order, exactly once each.
+        """
+        import psycopg
+
+        store = await self.open_store()
+        store.notify_commits(store.notify_channel, lambda room, last, ms: [
+            json.dumps([room, last, [m.seq for m in ms]]).encode("utf-8")
+        ])
+        await store.create_room("a", 0)
+        conn = psycopg.connect(POSTGRES_URL, autocommit=True)
+        self.addCleanup(conn.close)
+        conn.execute(f'LISTEN "{store.notify_channel}"')
+        await gatherResults([store.append("a", "n", f"m{i}", i, None) for i in range(50)])
+        notifies = await deferToThread(lambda: list(conn.notifies(timeout=5, stop_after=50)))
+        heard = [json.loads(n.payload) for n in notifies]
+        seqs = [seq for _, _, batch in heard for seq in batch]
+        self.assertEqual(seqs, list(range(1, 51)))
+        self.assertEqual([last for _, last, _ in heard], [batch[-1] for _, _, batch in heard])
+
+    async def test_one_pruner_at_a_time(self) -> None:
+        """
+        While one node holds the retention lock, another's prune deletes
+        nothing; once released, it does.
+        """
+        import psycopg
+
+        first = await self.open_store()
+        await first.create_room("a", 0)
+        await first.append("a", "n", "old", 1, None)
+        schema = self.url.rsplit("schema=", 1)[1]
+        holder = psycopg.connect(POSTGRES_URL, autocommit=True)
+        self.addCleanup(holder.close)
+        holder.execute(f'SET search_path TO "{schema}"')
+        holder.execute("SELECT pg_advisory_lock(hashtext('chatd-retention:' || current_schema()))")
+        self.assertEqual(await first.prune(10), 0)
+        holder.execute("SELECT pg_advisory_unlock(hashtext('chatd-retention:' || current_schema()))")
+        self.assertEqual(await first.prune(10), 1)
 
     async def test_unreachable(self) -> None:
         """

@@ -11,7 +11,7 @@ from typing import Any, Dict, Hashable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
-from chatd.model import ChatError, Peer, rate_limited
+from chatd.model import ChatError, Peer, rate_limited, too_many_rooms
 
 __all__ = [
     "Connections",
@@ -239,9 +239,7 @@ class Limits:
         @raise ChatError: C{too_many_rooms} or C{rate_limited}.
         """
         if rooms >= self.max_rooms:
-            raise ChatError(
-                "too_many_rooms", f"This server holds its maximum of {self.max_rooms} rooms."
-            )
+            raise too_many_rooms(self.max_rooms)
         if self.rooms_by_ip is not None:
             wait = self.rooms_by_ip.take(peer.ip)
             if wait:

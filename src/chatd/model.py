@@ -28,11 +28,13 @@ __all__ = [
     "MAX_SEQ",
     "Message",
     "Peer",
+    "RoomLimitReached",
     "encode_json",
     "parse_cursor",
     "rate_limited",
     "room_exists",
     "room_not_found",
+    "too_many_rooms",
     "validate_body",
     "validate_client_id",
     "validate_nick",
@@ -73,6 +75,23 @@ class ChatError(Exception):
         self.code = code
         self.detail = detail
         self.retry_after = retry_after
+
+
+class RoomLimitReached(Exception):
+    """
+    A store refused to create a room: it holds the most rooms allowed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def too_many_rooms(limit: int) -> ChatError:
+    """
+    C{too_many_rooms}: the service holds its maximum of C{limit} rooms.
+    """
+    return ChatError("too_many_rooms", f"This server holds its maximum of {limit} rooms.")
 
 
 def rate_limited(what: str, wait: float) -> ChatError:

@@ -17,20 +17,20 @@ held until commit, seq N+1 can only become visible after seq N.
 from __future__ import annotations
 
 import importlib.resources
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.model import Message
+from chatd.model import Message, RoomLimitReached
 
 __all__ = ["SQLStore", "StoreError", "schema_files"]
 
 #: The schema version this chatd writes; databases at an older version are
 #: upgraded in place with the upgrade-to-vN.sql steps.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The most messages one transaction commits.
 MAX_BATCH = 2000
@@ -62,6 +62,9 @@ def _statements(script: str) -> List[str]:
 
 
 _Append = Tuple[str, str, str, int, Optional[str]]
+#: Turns one room's new messages of a batch into the payloads that tell
+#: other nodes of them.
+Encode = Callable[[str, int, Sequence[Message]], List[bytes]]
 
 
 class SQLStore:
@@ -83,6 +86,10 @@ class SQLStore:
     lock_rooms = ""
     # Executed first in every write transaction (None: the driver begins).
     begin: Optional[str] = None
+    # Keeps two processes from counting the rooms at once (before a create).
+    lock_room_count = ""
+    # The database's clock, in ms since the epoch (for presence leases).
+    now_ms = ""
 
     def __init__(self, write_pool: adbapi.ConnectionPool, read_pool: adbapi.ConnectionPool) -> None:
         self._write = write_pool
@@ -98,6 +105,12 @@ class SQLStore:
         self._flushing = False
         self._idle: List[Deferred] = []
         self._closed = False
+        #: This deployment's random name (from the store, once open): the
+        #: nodes sharing this store share it, and nobody else has it.
+        self.deployment: Optional[str] = None
+        #: C{(channel, encode)} when commits are announced in their own
+        #: transaction (L{notify_commits}).
+        self._notify: Optional[Tuple[str, Encode]] = None
 
     def _sql(self, query: str) -> str:
         return query.replace("?", self.placeholder)
@@ -131,6 +144,11 @@ class SQLStore:
         return d.addErrback(explain)
 
     def _migrate(self, conn: Any) -> int:
+        version = self._create_or_upgrade(conn)
+        (self.deployment,) = conn.execute("SELECT id FROM deployment").fetchone()
+        return version
+
+    def _create_or_upgrade(self, conn: Any) -> int:
         if self.begin:
             conn.execute(self.begin)
         self._lock_schema(conn)
@@ -170,10 +188,21 @@ class SQLStore:
 
         return self._read.runWithConnection(read)
 
-    def create_room(self, name: str, now_ms: int = 0) -> Deferred:
+    def create_room(self, name: str, now_ms: int = 0, max_rooms: Optional[int] = None) -> Deferred:
         def create(conn: Any) -> bool:
             if self.begin:
                 conn.execute(self.begin)
+            if max_rooms is not None:
+                if self.lock_room_count:
+                    conn.execute(self.lock_room_count)
+                found = conn.execute(
+                    self._sql("SELECT 1 FROM rooms WHERE name = ?"), (name,)
+                ).fetchone()
+                if found is not None:
+                    return False
+                (count,) = conn.execute("SELECT COUNT(*) FROM rooms").fetchone()
+                if count >= max_rooms:
+                    raise RoomLimitReached(max_rooms)
             cursor = conn.execute(
                 self._sql(
                     "INSERT INTO rooms (name, last_seq, created_ms) VALUES (?, 0, ?) "
@@ -280,7 +309,39 @@ class SQLStore:
                 self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"),
                 [(last_seq, room_id) for room_id, last_seq in rooms.values()],
             )
+            if self._notify is not None:
+                self._announce(conn, [m for m, created in results if created])
         return results
+
+    # -- announcing commits --------------------------------------------------
+
+    def notify_commits(self, channel: str, encode: Encode) -> None:
+        """
+        Announce every batch's new messages on C{channel} from inside the
+        transaction that stores them (the payloads C{encode} makes), so
+        that an announcement is sent if and only if its commit happens,
+        in commit order.  Only backends with C{notify} support it.
+        """
+        if not self.notify:
+            raise StoreError(f"the {self.backend} store cannot announce its commits")
+        self._notify = (channel, encode)
+
+    #: The statement that sends one payload on a channel (C{None}: the
+    #: backend has no such thing).
+    notify: Optional[str] = None
+
+    def _announce(self, conn: Any, messages: List[Message]) -> None:
+        assert self._notify is not None and self.notify is not None
+        channel, encode = self._notify
+        by_room: Dict[str, List[Message]] = {}
+        for message in messages:
+            by_room.setdefault(message.room, []).append(message)
+        payloads = [
+            (channel, payload.decode("utf-8"))
+            for room, new in by_room.items()
+            for payload in encode(room, new[-1].seq, new)
+        ]
+        conn.cursor().executemany(self._sql(self.notify), payloads)
 
     def _originals(
         self, conn: Any, rooms: Dict[str, List[int]], items: Sequence[_Append]
@@ -344,6 +405,42 @@ class SQLStore:
         if row is None:
             raise StoreError(f"room {room!r} is not in the database")
         return row[0], row[1]
+
+    # -- presence ------------------------------------------------------------
+
+    def share_presence(self, node: str, clients: Dict[str, int], ttl_ms: int) -> Deferred:
+        """
+        Replace C{node}'s presence lease (its client count per room, valid
+        for C{ttl_ms} by the database's clock), forget expired leases, and
+        read everyone else's.
+
+        @return: a Deferred firing with C{{room: clients}} summed over the
+            other nodes' live leases.
+        """
+
+        def share(conn: Any) -> Dict[str, int]:
+            if self.begin:
+                conn.execute(self.begin)
+            conn.execute(self._sql("DELETE FROM presence WHERE node = ?"), (node,))
+            conn.execute(f"DELETE FROM presence WHERE expires_ms < {self.now_ms}")
+            rows = [(node, room, count, ttl_ms) for room, count in sorted(clients.items()) if count]
+            if rows:
+                conn.cursor().executemany(
+                    self._sql(
+                        "INSERT INTO presence (node, room, clients, expires_ms) "
+                        f"VALUES (?, ?, ?, {self.now_ms} + ?)"
+                    ),
+                    rows,
+                )
+            found = conn.execute(
+                self._sql(
+                    "SELECT room, SUM(clients) FROM presence WHERE node <> ? GROUP BY room"
+                ),
+                (node,),
+            ).fetchall()
+            return {room: int(count) for room, count in found}
+
+        return self._write.runWithConnection(share)
 
     # -- retention -----------------------------------------------------------
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatd.interfaces import IMessageStore
-from chatd.model import Message
+from chatd.model import Message, RoomLimitReached
 
 __all__ = ["MemoryStore"]
 
@@ -45,6 +45,9 @@ class MemoryStore:
             raise ValueError("retain must be at least 1")
         self._retain = retain
         self._rooms: Dict[str, _RoomLog] = {}
+        #: Each node's client counts (nodes sharing one memory store live
+        #: in one process, so a lease never outlives its node).
+        self._presence: Dict[str, Dict[str, int]] = {}
 
     def open(self) -> Deferred:
         return succeed(None)
@@ -58,9 +61,11 @@ class MemoryStore:
             return succeed(None)
         return succeed((log.last_seq, log.first_seq()))
 
-    def create_room(self, name: str, now_ms: int = 0) -> Deferred:
+    def create_room(self, name: str, now_ms: int = 0, max_rooms: Optional[int] = None) -> Deferred:
         if name in self._rooms:
             return succeed(False)
+        if max_rooms is not None and len(self._rooms) >= max_rooms:
+            return fail(RoomLimitReached(max_rooms))
         self._rooms[name] = _RoomLog(self._retain)
         return succeed(True)
 
@@ -114,6 +119,15 @@ class MemoryStore:
                     log.by_client_id.pop(old.client_id, None)
                 deleted += 1
         return succeed(deleted)
+
+    def share_presence(self, node: str, clients: Dict[str, int], ttl_ms: int) -> Deferred:
+        self._presence[node] = {room: count for room, count in clients.items() if count}
+        others: Dict[str, int] = {}
+        for other, counts in self._presence.items():
+            if other != node:
+                for room, count in counts.items():
+                    others[room] = others.get(room, 0) + count
+        return succeed(others)
 
     def ping(self) -> Deferred:
         return succeed(None)

@@ -24,6 +24,7 @@ from typing import Any, Optional, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from chatd.interfaces import IMessageStore
@@ -73,10 +74,19 @@ class PostgresStore(SQLStore):
     backend = "postgresql"
     placeholder = "%s"
     lock_rooms = " FOR UPDATE"
+    lock_room_count = "SELECT pg_advisory_xact_lock(hashtext('chatd-rooms:' || current_schema()))"
+    now_ms = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+    notify = "SELECT pg_notify(?, ?)"
 
     def __init__(self, url: str, reactor: Any = None) -> None:
         self.description = redact(url)
         conninfo, self.schema = _split_schema(url)
+        #: libpq's connection string (without chatd's own parameters).
+        self.conninfo = conninfo
+        #: The NOTIFY channel of this store's commits: named after its
+        #: schema, so that deployments sharing a database (one schema each)
+        #: never hear each other.
+        self.notify_channel = f"chatd:{self.schema or 'public'}"
         try:
             # Imported only when PostgreSQL is chosen.
             import psycopg
@@ -113,6 +123,55 @@ class PostgresStore(SQLStore):
 
     def _lock_schema(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('chatd-schema:' || current_schema()))")
+
+    def announce(self, payload: bytes) -> Deferred:
+        """
+        Send C{payload} on this store's notify channel, outside any append.
+
+        @return: a Deferred firing with the fraction of PostgreSQL's
+            notification queue in use.
+        """
+
+        def send(conn: Any) -> float:
+            row = conn.execute(
+                "SELECT pg_notify(%s, %s), pg_notification_queue_usage()",
+                (self.notify_channel, payload.decode("utf-8")),
+            ).fetchone()
+            return float(row[1])
+
+        return self._read.runWithConnection(send)
+
+    def prune(self, before_ms: int, chunk: int = 5000) -> Deferred:
+        """
+        Retention, on one node at a time: a node that finds another one
+        pruning (holding the schema's retention lock) deletes nothing.
+        """
+        return self._read.runWithConnection(self._prune_locked, before_ms, chunk)
+
+    def _prune_locked(self, conn: Any, before_ms: int, chunk: int) -> int:
+        lock = "hashtext('chatd-retention:' || current_schema())"
+        (locked,) = conn.execute(f"SELECT pg_try_advisory_lock({lock})").fetchone()
+        conn.commit()
+        if not locked:
+            self.log.info("Another node is pruning {store}; this one skips its turn", store=self.description)
+            return 0
+        try:
+            deleted = 0
+            rooms = conn.execute("SELECT id, first_seq FROM rooms").fetchall()
+            conn.commit()
+            for room_id, first_seq in rooms:
+                keep = self._keep_from(conn, room_id, before_ms)
+                conn.commit()
+                while first_seq < keep:
+                    upto = min(keep, first_seq + chunk)
+                    deleted += self._delete_range(conn, room_id, upto)
+                    conn.commit()
+                    first_seq = upto
+            return deleted
+        finally:
+            conn.rollback()
+            conn.execute(f"SELECT pg_advisory_unlock({lock})")
+            conn.commit()
 
     def _has_schema(self, conn: Any) -> bool:
         (found,) = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()

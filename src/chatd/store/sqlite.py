@@ -46,6 +46,8 @@ class SQLiteStore(SQLStore):
     backend = "sqlite"
     placeholder = "?"
     begin = "BEGIN IMMEDIATE"
+    # (BEGIN IMMEDIATE makes room creation one at a time by itself.)
+    now_ms = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 
     def __init__(self, path: str, reactor: Any = None) -> None:
         self.path = Path(path)
