@@ -55,8 +55,11 @@ class ManualStore:
     def open(self):
         return self.inner.open()
 
-    def create_room(self, name, now_ms):
-        return self.inner.create_room(name, now_ms)
+    def create_room(self, name, now_ms, max_rooms=None):
+        return self.inner.create_room(name, now_ms, max_rooms)
+
+    def share_presence(self, node, clients, ttl_ms):
+        return self.inner.share_presence(node, clients, ttl_ms)
 
     def room_state(self, name):
         return self.inner.room_state(name)

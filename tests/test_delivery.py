@@ -174,7 +174,7 @@ class _Deaf:
         pass
 
     def subscribe(self, listener: Any) -> Any:
-        listener.connected()
+        listener.catch_up()
         return self
 
     def stop(self) -> None:
@@ -463,7 +463,7 @@ class _Recorder:
     def hint(self, room: str, last_seq: int, messages: List[Message]) -> None:
         self.hints.append((room, last_seq, [m.seq for m in messages]))
 
-    def connected(self) -> None:
+    def catch_up(self) -> None:
         self.connects += 1
 
 
@@ -484,7 +484,7 @@ class BusContractMixin:
     def test_every_listener_hears_every_hint_in_order(self) -> None:
         """
         Each listener hears every hint published after it subscribed, the
-        publisher's own included, in publishing order; connected() is
+        publisher's own included, in publishing order; catch_up() is
         called once the subscription is live.
         """
         bus = self.make_bus()
@@ -522,7 +522,7 @@ class BusContractMixin:
             def hint(self, *args: object) -> None:
                 raise RuntimeError("listener exploded")
 
-            def connected(self) -> None:
+            def catch_up(self) -> None:
                 pass
 
         good = _Recorder()

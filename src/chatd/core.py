@@ -37,8 +37,10 @@ from chatd.model import (
     ChatError,
     Message,
     Peer,
+    RoomLimitReached,
     room_exists,
     room_not_found,
+    too_many_rooms,
     validate_body,
     validate_client_id,
     validate_nick,
@@ -70,6 +72,9 @@ class _NoObserver:
         pass
 
     def filled(self, room: str, messages: int) -> None:
+        pass
+
+    def arrived_late(self, seconds: float) -> None:
         pass
 
 
@@ -142,8 +147,9 @@ class ChatCore:
                         # Another node made it meanwhile.
                         await self.find_room(name)
             if self._bus is not None:
-                # Subscribing asks the store for what this node missed
-                # since it loaded the rooms (IBusListener.connected).
+                # Once the subscription is live, the bus has the core ask the
+                # store for what it missed since it loaded the rooms
+                # (IBusListener.catch_up).
                 self._bus_subscription = self._bus.subscribe(self)
 
         return Deferred.fromCoroutine(_start())
@@ -267,13 +273,20 @@ class ChatCore:
                 raise room_exists(name)
             return self._rooms.setdefault(name, Room(name, 0, self._history))
 
+        def full(failure: Failure) -> None:
+            failure.trap(RoomLimitReached)
+            assert isinstance(failure.value, RoomLimitReached)
+            raise too_many_rooms(failure.value.limit)
+
         def done(result: object) -> object:
             self._creating.discard(name)
             return result
 
         now_ms = int(self._clock.seconds() * 1000)
-        d = self._store.create_room(name, now_ms)
-        return d.addCallback(created).addBoth(done)
+        # The store counts the rooms, so the limit holds across nodes.
+        max_rooms = None if self._limits is None or peer is None else self._limits.max_rooms
+        d = self._store.create_room(name, now_ms, max_rooms)
+        return d.addCallbacks(created, full).addBoth(done)
 
     # -- posting -------------------------------------------------------------
 
@@ -337,10 +350,10 @@ class ChatCore:
         if followed is not None:
             self._arrived(followed, messages, last_seq, None)
 
-    def connected(self) -> None:
+    def catch_up(self) -> None:
         """
-        The bus is (again) connected: catch up every room with the store,
-        since hints may have been lost (L{IBusListener}).
+        Hints may have been lost (the bus is connected again, or is down):
+        catch up every room with the store (L{IBusListener}).
         """
 
         def compare(rooms: List[Tuple[str, int]]) -> None:
@@ -382,8 +395,14 @@ class ChatCore:
 
     def _deliver(self, room: Room, message: Message, started: Optional[float]) -> None:
         subscribers, waiters = room.deliver(message)
-        seconds = None if started is None else self._clock.seconds() - started
-        self._observer.delivered_to(subscribers, waiters, seconds)
+        now = self._clock.seconds()
+        if started is None:
+            # Committed elsewhere (or seen late): how far behind the store
+            # this node delivered it, by the message's own time.
+            self._observer.arrived_late(max(0.0, now - message.ts_ms / 1000.0))
+            self._observer.delivered_to(subscribers, waiters, None)
+        else:
+            self._observer.delivered_to(subscribers, waiters, now - started)
 
     def _note(self, room: Room, last_seq: int) -> None:
         """
@@ -464,6 +483,35 @@ class ChatCore:
                 self._fill(room)
 
         self._clock.callLater(delay, again)
+
+    @property
+    def behind(self) -> int:
+        """
+        How many messages the store holds that this node has not
+        delivered yet, over all rooms.
+        """
+        return sum(room.known_last - room.last_seq for room in self._rooms.values())
+
+    # -- presence across nodes -----------------------------------------------
+
+    def share_presence(self, node: str, ttl: float) -> Deferred:
+        """
+        Renew this node's presence lease (its clients per room, valid for
+        C{ttl} seconds) and take the other nodes' counts into the rooms.
+        """
+        counts = {room.name: room.local_clients for room in self._rooms.values()}
+
+        def take(others: Dict[str, int]) -> None:
+            for room in self._rooms.values():
+                room.remote_clients = others.get(room.name, 0)
+
+        return self._store.share_presence(node, counts, int(ttl * 1000)).addCallback(take)
+
+    def withdraw_presence(self, node: str) -> Deferred:
+        """
+        This node is going away: its lease ends now.
+        """
+        return self._store.share_presence(node, {}, 0).addCallback(lambda _: None)
 
     # -- reading -------------------------------------------------------------
 

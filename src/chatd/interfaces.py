@@ -39,12 +39,15 @@ class IMessageStore(Interface):
             next seq to be issued if none is), or C{None}.
         """
 
-    def create_room(name, now_ms):
+    def create_room(name, now_ms, max_rooms=None):
         """
-        Create a room with no messages, unless it exists.
+        Create a room with no messages, unless it exists, or the store
+        already holds C{max_rooms} rooms (counted in the store, so that
+        the limit holds for every node sharing it).
 
         @return: Deferred firing with C{True} if it was created, C{False}
-            if a room of that name already existed.
+            if a room of that name already existed, or failing with
+            L{chatd.model.RoomLimitReached}.
         """
 
     def append(room, nick, body, ts_ms, client_id):
@@ -83,6 +86,15 @@ class IMessageStore(Interface):
         seq still held for L{read_after}'s C{first_seq}.
 
         @return: Deferred firing with the number of messages deleted.
+        """
+
+    def share_presence(node, clients, ttl_ms):
+        """
+        Replace C{node}'s presence lease: its client count per room
+        (C{{room: count}}), valid for C{ttl_ms} ms unless renewed.
+
+        @return: Deferred firing with C{{room: count}} summed over the
+            other nodes whose leases are live.
         """
 
     def ping():
@@ -125,10 +137,13 @@ class IBusListener(Interface):
             late, twice or never: it is a hint, and the store is the truth.
         """
 
-    def connected():
+    def catch_up():
         """
-        The bus is (again) connected: hints may have been lost while it was
-        not, so the listener checks the store for what it missed.
+        Hints may have been lost: check the store for what was missed.
+
+        Called when the subscription goes live (after every reconnect of
+        a bus between processes), and every little while as long as the
+        bus is not connected.
         """
 
 
@@ -150,7 +165,7 @@ class IBus(Interface):
     def subscribe(listener):
         """
         Start telling C{listener} (an L{IBusListener}) every hint; its
-        C{connected} is called once the subscription is live.
+        C{catch_up} is called once the subscription is live.
 
         @return: an L{IBusSubscription}.
         """

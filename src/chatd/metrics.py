@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
@@ -60,6 +60,41 @@ class Metrics:
             "committed elsewhere or reported out of order).",
             registry=r,
         )
+        self.gap_fills = Counter(
+            "chatd_gap_fills", "Reads from the store that filled a gap in a room's seqs.", registry=r
+        )
+        self.lag = Histogram(
+            "chatd_delivery_lag_seconds",
+            "For messages committed by another node (or seen late): from the message's "
+            "time to its delivery here (so it includes clock differences between nodes).",
+            buckets=_LATENCY_BUCKETS + (5.0, 10.0), registry=r,
+        )
+        self.behind = Gauge(
+            "chatd_messages_behind",
+            "Messages the store holds that this node has not delivered yet, over all rooms.",
+            registry=r,
+        )
+        self.bus_states = Enum(
+            "chatd_bus_state",
+            "The bus to the other nodes: connected, connecting, disconnected (reading the "
+            "store every poll interval meanwhile), or stopped.",
+            states=["stopped", "connecting", "connected", "disconnected"],
+            registry=r,
+        )
+        self.bus_connects = Counter(
+            "chatd_bus_connects", "Times the bus connected (the first time included).", registry=r
+        )
+        self.bus_heard = Counter(
+            "chatd_bus_heartbeats_heard",
+            "This node's own heartbeats heard back through the bus.",
+            registry=r,
+        )
+        self.notify_queue = Gauge(
+            "chatd_bus_notify_queue_usage",
+            "PostgreSQL's NOTIFY queue, as the fraction in use (pg_notification_queue_usage; "
+            "a full queue makes every announcing commit fail).",
+            registry=r,
+        )
         for transport in ("websocket", "longpoll"):
             self.connections.labels(transport)
             self.posted.labels(transport)
@@ -87,7 +122,30 @@ class Metrics:
             self.delivery_latency.observe(seconds)
 
     def filled(self, room: str, messages: int) -> None:
+        self.gap_fills.inc()
         self.gap_filled.inc(messages)
+
+    def arrived_late(self, seconds: float) -> None:
+        self.lag.observe(seconds)
+
+    def watch_behind(self, count: Callable[[], int]) -> None:
+        """
+        Read how far behind the store this node is from C{count}.
+        """
+        self.behind.set_function(count)
+
+    # The bus's observer interface.
+
+    def bus_state(self, state: str) -> None:
+        self.bus_states.state(state)
+        if state == "connected":
+            self.bus_connects.inc()
+
+    def bus_heartbeat(self) -> None:
+        self.bus_heard.inc()
+
+    def bus_queue_usage(self, fraction: float) -> None:
+        self.notify_queue.set(fraction)
 
     def render(self) -> bytes:
         """

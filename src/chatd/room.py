@@ -117,6 +117,8 @@ class Room:
         self.last_seq = last_seq
         self.known_last = last_seq
         self.filling = False
+        #: Clients of this room connected to other nodes (their leases).
+        self.remote_clients = 0
         self._cache: Deque[Message] = deque(maxlen=history)
         self._subscriptions: Set[Subscription] = set()
         #: Waiting long-polls: each is called with the batch that answers it.
@@ -400,11 +402,20 @@ class Room:
         _answer_each(due, Batch(self.name, [], self.last_seq), self.name)
 
     @property
-    def clients(self) -> int:
+    def local_clients(self) -> int:
         """
-        How many clients are connected: subscribers plus waiting polls.
+        How many clients are connected to this node: subscribers plus
+        waiting polls.
         """
         return len(self._subscriptions) + len(self._waiters)
+
+    @property
+    def clients(self) -> int:
+        """
+        How many clients are connected, to this node and (as their
+        presence leases last said) to the others.
+        """
+        return len(self._subscriptions) + len(self._waiters) + self.remote_clients
 
 
 def _answer_each(waiters: List[Answer], batch: Batch, room: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
 from twisted.python.failure import Failure
 
@@ -161,6 +162,42 @@ class Retention:
             self.log.failure("Retention run failed", failure)
 
         return d.addCallbacks(done, failed)
+
+
+class Presence(Service):
+    """
+    Shares this node's client counts with the other nodes: a lease in the
+    store renewed every C{interval} seconds and valid for C{ttl}, so a
+    node that dies without a word drops out of every count within C{ttl}.
+    A node that stops cleanly withdraws its lease at once.
+    """
+
+    log = Logger()
+
+    def __init__(self, core: ChatCore, node: str, interval: float, ttl: float, clock: Any) -> None:
+        self._core = core
+        self._node = node
+        self._ttl = ttl
+        self._loop = LoopingCall(self._share)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._loop.start(self._interval, now=True)
+
+    def _share(self) -> Deferred:
+        def failed(failure: Failure) -> None:
+            self.log.failure("Sharing this node's presence failed", failure)
+
+        return self._core.share_presence(self._node, self._ttl).addErrback(failed)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        if self._loop.running:
+            self._loop.stop()
+        d = self._core.withdraw_presence(self._node)
+        return d.addErrback(lambda f: self.log.failure("Withdrawing this node's presence failed", f))
 
 
 def _freeze_startup_objects() -> None:

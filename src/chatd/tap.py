@@ -6,6 +6,9 @@ implementations and wires store, core, web and WebSocket together.
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional, cast
@@ -28,7 +31,7 @@ from chatd.interfaces import IBus, IMessageStore
 from chatd.limits import DEFAULT_RATE, Connections, Limits, parse_rate
 from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import MAX_BODY, ChatError, validate_room_name
-from chatd.service import ChatService, Listener, Retention
+from chatd.service import ChatService, Listener, Presence, Retention
 from chatd.store import StoreError, redact
 from chatd.web import ChatWeb, canonical_origin, make_environment
 from chatd.ws import ChatWebSocketFactory
@@ -131,6 +134,22 @@ class Options(usage.Options):
             "on: log every HTTP request, a line each (long-polls then take "
             "twisted.web's full path, which costs more); off: no access log.",
         ],
+        [
+            "bus",
+            None,
+            None,
+            "How nodes sharing a store hear of each other's messages: local (one "
+            "node; the default with SQLite or memory), postgresql (NOTIFY/LISTEN; "
+            "the default with a PostgreSQL store) or redis://host:port/db.",
+        ],
+        [
+            "bus-dsn",
+            None,
+            None,
+            "For --bus postgresql: a direct connection (libpq URL or key=value "
+            "string) to LISTEN on, when the store's goes through a pooler in "
+            "transaction mode. Default: the store's.",
+        ],
         ["templates", None, None, "Folder of HTML templates (default: the installed ones)."],
         ["static", None, None, "Folder of static files (default: the installed ones)."],
     ]
@@ -183,6 +202,7 @@ class Options(usage.Options):
         Check the endpoint and find the template and static folders.
         """
         self["store"] = self._check_store(self["store"])
+        self["bus"] = self._check_bus(self["bus"])
         try:
             self["rate-limit"] = parse_rate(self["rate-limit"])
         except ValueError as e:
@@ -241,6 +261,30 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{name} {self[name]!r} is not a folder.")
                 self[name] = path
 
+    def _check_bus(self, bus: Optional[str]) -> str:
+        postgres = self["store"].split(":", 1)[0].lower() in ("postgresql", "postgres")
+        if bus is None:
+            return "postgresql" if postgres else "local"
+        if bus in ("local", "postgresql"):
+            if bus == "postgresql" and not postgres:
+                raise usage.UsageError(
+                    "--bus postgresql needs a PostgreSQL store (--store postgresql://...)."
+                )
+            return bus
+        if bus.startswith("redis:"):
+            from chatd.bus.redis import parse_url
+
+            try:
+                parse_url(bus)
+            except ValueError as e:
+                raise usage.UsageError(f"--bus {bus!r}: {e}.") from None
+            if self["store"] == "memory:":
+                raise usage.UsageError(
+                    "--bus redis://... needs a store the nodes share (sqlite: or postgresql:)."
+                )
+            return bus
+        raise usage.UsageError(f"--bus {bus!r}: use local, postgresql or redis://host:port/db.")
+
     def _check_store(self, url: Optional[str]) -> str:
         if url is None:
             data_dir = Path(self["data-dir"])
@@ -289,7 +333,14 @@ _STORES = {
 
 _BUSES = {
     "local": "chatd.bus.local.LocalBus",
+    "postgresql": "chatd.bus.postgres.PostgresBus",
+    "redis": "chatd.bus.redis.RedisBus",
 }
+
+#: How often a node renews its presence lease, and how long one lasts: a
+#: node that dies unannounced drops out of every count within PRESENCE_TTL.
+PRESENCE_INTERVAL = 5.0
+PRESENCE_TTL = 15.0
 
 
 def make_store(url: str, history: int, reactor: Any) -> IMessageStore:
@@ -315,11 +366,47 @@ IDLE_TIMEOUT = 75
 REQUEST_TIMEOUT = 10.0
 
 
-def make_bus(name: str) -> IBus:
+def make_bus(
+    name: str,
+    store: Any = None,
+    reactor: Any = None,
+    node: str = "",
+    observer: Any = None,
+    dsn: Optional[str] = None,
+) -> IBus:
     """
-    Build the bus C{name} names.
+    Build the bus C{name} names (C{local}, C{postgresql} or a
+    C{redis://} URL) for C{store}; the PostgreSQL bus makes the store
+    announce its commits.
     """
-    return cast(IBus, namedAny(_BUSES[name])())
+    kind = "redis" if name.startswith("redis:") else name
+    factory = namedAny(_BUSES[kind])
+    if kind == "local":
+        if observer is not None:
+            observer.bus_state("connected")
+        return cast(IBus, factory())
+    if kind == "redis":
+        # Named after the deployment (known once the store is open): a
+        # Redis server may serve several deployments, in any databases.
+        return cast(
+            IBus, factory(reactor, node, name, lambda: f"chatd:{store.deployment}", observer=observer)
+        )
+    from chatd.bus._remote import encode
+    from chatd.bus.postgres import MAX_PAYLOAD
+
+    bus = factory(reactor, node, store, dsn or store.conninfo, observer=observer)
+    store.notify_commits(
+        store.notify_channel, lambda room, last_seq, messages: encode(room, last_seq, messages, MAX_PAYLOAD)
+    )
+    return cast(IBus, bus)
+
+
+def node_name() -> str:
+    """
+    A name for this process among the nodes: host, pid and a random part
+    (pids repeat across restarts and containers).
+    """
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -355,15 +442,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         rooms_per_ip_per_hour=options["rooms-per-hour"],
     )
     metrics = Metrics()
+    node = node_name()
+    bus = make_bus(options["bus"], store, reactor, node, metrics, options["bus-dsn"])
     core = ChatCore(
         store,
         reactor,
         history,
         limits=limits,
         max_body=options["max-message"],
-        bus=make_bus("local"),
+        bus=bus,
         observer=metrics,
     )
+    metrics.watch_behind(lambda: core.behind)
     if not direct_writes_available():
         Logger().warn(
             "This Twisted's TCP transports are not laid out as chatd's direct "
@@ -382,6 +472,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         serve_metrics=options["metrics-port"] is None,
         ready=False,
         public_urls=options["public-urls"],
+        bus=bus,
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and every request must come within REQUEST_TIMEOUT.
@@ -403,6 +494,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         json_logs=options["log-format"] == "json",
         limits=limits,
     )
+    if IService.providedBy(bus):
+        # A bus to other nodes: it connects once the core has loaded, and
+        # this node's presence is shared with them.
+        cast(IService, bus).setServiceParent(service)
+        Presence(core, node, PRESENCE_INTERVAL, PRESENCE_TTL, reactor).setServiceParent(service)
     listener = Listener(options["port"], serverFromString(reactor, options["port"]), site)
     listener.setServiceParent(service)
     listener.listened().addCallback(_listening, web)

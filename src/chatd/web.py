@@ -619,8 +619,10 @@ class ChatWeb:
         serve_metrics: bool = True,
         ready: bool = True,
         public_urls: Sequence[str] = (),
+        bus: Any = None,
     ) -> None:
         self._core = core
+        self._bus = bus
         self._metrics = metrics
         #: Long-polls in progress, read by the metrics at each scrape.
         self.long_polls = 0
@@ -1118,7 +1120,13 @@ class ChatWeb:
         d = self._core.ping(2.0)
 
         def ready(_: object) -> bytes:
-            return self._json(request, b'{"status":"ready"}', jsonp=False)
+            describe = getattr(self._bus, "describe", None)
+            if describe is None:
+                return self._json(request, b'{"status":"ready"}', jsonp=False)
+            # Ready either way: without its bus a node reads the store
+            # instead, a little later; the detail says so.
+            body = encode_json({"status": "ready", "bus": describe()})
+            return self._json(request, body, jsonp=False)
 
         def failed(failure: Failure) -> bytes:
             return self._not_ready(request, f"The store does not answer: {failure.getErrorMessage()}")

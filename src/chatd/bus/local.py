@@ -56,7 +56,7 @@ class LocalBus:
     def subscribe(self, listener: IBusListener) -> IBusSubscription:
         subscription = _Subscription(self, listener)
         self._subscriptions.append(subscription)
-        listener.connected()
+        listener.catch_up()
         return subscription
 
     def _remove(self, subscription: _Subscription) -> None:

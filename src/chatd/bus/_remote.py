@@ -1,0 +1,352 @@
+# -*- test-case-name: tests.test_bus -*-
+"""
+What the buses between processes share: the hint encoding, and one
+connection life (connect, hear, lose, back off, reconnect) with the rules
+that make a lost or deaf bus lose nothing.
+
+A bus is a hint and the store is the truth (L{chatd.interfaces.IBus}), so
+a bus between processes only has to keep three promises:
+
+ - On every (re)connect it subscribes first and then tells its listeners
+   to catch up with the store (L{IBusListener.catch_up}): whatever was
+   committed while it was not listening is read from there.
+ - While it is not connected it tells them to catch up every
+   C{poll_interval} seconds, so messages still arrive, a little late, and
+   it reconnects with capped exponential backoff and jitter.
+ - It publishes a heartbeat every C{heartbeat_interval} seconds and
+   expects to hear it back: a connection that is up but deaf (a known
+   failure of pub/sub clients, and of NATed idle connections) is dropped
+   and made again when no heartbeat came back within C{deaf_after}.
+
+Subclasses say how to connect (L{RemoteBus._connect}), publish bytes
+(L{RemoteBus._send}) and disconnect (L{RemoteBus._disconnect}); they hand
+what they hear to L{RemoteBus._heard} and report a lost connection to
+L{RemoteBus._lost}.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Callable, List, Optional, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatd.interfaces import IBus, IBusListener, IBusSubscription
+from chatd.model import Message
+
+__all__ = ["RemoteBus", "decode", "encode"]
+
+#: The bus's states, as /readyz and the metrics name them.
+CONNECTING, CONNECTED, DISCONNECTED, STOPPED = "connecting", "connected", "disconnected", "stopped"
+
+
+def encode(room: str, last_seq: int, messages: Sequence[Message], limit: int) -> List[bytes]:
+    """
+    The payloads that tell other nodes about C{messages} (one room's, in
+    seq order, ending at C{last_seq}): the messages themselves when they
+    fit in C{limit} bytes, else the room and seq alone (the listeners read
+    the messages from the store).
+    """
+    rows = [[m.seq, m.nick, m.body, m.ts_ms, m.client_id] for m in messages]
+    full = _dumps({"r": room, "s": last_seq, "m": rows})
+    if len(full) <= limit:
+        return [full]
+    return [_dumps({"r": room, "s": last_seq})]
+
+
+def decode(payload: bytes) -> Optional[tuple]:
+    """
+    A hint's C{(room, last_seq, messages)} or a heartbeat's
+    C{(None, node, n)}; C{None} for anything else (a payload of
+    some other program on the same channel is ignored, not trusted).
+    """
+    try:
+        data = json.loads(payload)
+        if "hb" in data:
+            return (None, str(data["hb"]), int(data["n"]))
+        room, last_seq = data["r"], data["s"]
+        if not isinstance(room, str) or type(last_seq) is not int:
+            return None
+        messages = [
+            Message(room, int(seq), str(nick), str(body), int(ts_ms), None if cid is None else str(cid))
+            for seq, nick, body, ts_ms, cid in data.get("m", ())
+        ]
+        return (room, last_seq, messages)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@implementer(IBusSubscription)
+class _Subscription:
+    __slots__ = ("_bus", "listener")
+
+    def __init__(self, bus: "RemoteBus", listener: IBusListener) -> None:
+        self._bus = bus
+        self.listener = listener
+
+    def stop(self) -> None:
+        self._bus._remove(self)
+
+
+@implementer(IBus)
+class RemoteBus(Service):
+    """
+    A bus to other processes, with the connection life described above.
+
+    A service: it connects when started and disconnects when stopped.
+
+    @param node: this node's name (its heartbeats carry it).
+    @param limit: the largest payload to publish, in bytes.
+    @param observer: told of state changes, heartbeats and reconnects
+        (L{chatd.metrics.Metrics}); may be None.
+    """
+
+    log = Logger()
+    description = "remote"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        node: str,
+        limit: int,
+        heartbeat_interval: float = 2.0,
+        deaf_after: float = 6.0,
+        poll_interval: float = 0.5,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        observer: Any = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._clock = clock
+        self.node = node
+        self.limit = limit
+        self.heartbeat_interval = heartbeat_interval
+        self.deaf_after = deaf_after
+        self.poll_interval = poll_interval
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._observer = observer
+        self._jitter = jitter
+        self._subscriptions: List[_Subscription] = []
+        self.state = STOPPED
+        #: When the state last changed (clock seconds).
+        self.since = clock.seconds()
+        self._attempts = 0
+        self._beats = iter(range(1, 2**62))
+        self._heard_at = 0.0
+        self._timers: List[IDelayedCall] = []
+        self._connecting: Optional[Deferred] = None
+        #: How many times the bus connected (the first time included).
+        self.connects = 0
+
+    # -- IBus ----------------------------------------------------------------
+
+    def publish(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:
+        if self.state != CONNECTED:
+            # Dropped: the listeners' catch-up covers it.
+            return
+        for payload in encode(room, last_seq, messages, self.limit):
+            self._send_safely(payload)
+
+    def subscribe(self, listener: IBusListener) -> IBusSubscription:
+        subscription = _Subscription(self, listener)
+        self._subscriptions.append(subscription)
+        if self.state == CONNECTED:
+            self._catch_up([subscription])
+        return subscription
+
+    def _remove(self, subscription: _Subscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
+
+    # -- the connection's life -----------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._attempt()
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        self._set(STOPPED)
+        self._cancel_timers()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        return self._disconnect()
+
+    def describe(self) -> str:
+        """
+        The bus's state in a sentence, for /readyz.
+        """
+        if self.state == CONNECTED:
+            return f"{self.description}: connected"
+        seconds = self._clock.seconds() - self.since
+        return (
+            f"{self.description}: {self.state} for {seconds:.0f} s; reading the store "
+            f"every {self.poll_interval:g} s meanwhile"
+        )
+
+    def _attempt(self) -> None:
+        if not self.running:
+            return
+        self._set(CONNECTING)
+        self._connecting = d = self._connect()
+
+        def connected(_: object) -> None:
+            self._connecting = None
+            if not self.running:
+                self._disconnect()
+                return
+            self._attempts = 0
+            self.connects += 1
+            self._set(CONNECTED)
+            self._cancel_timers()
+            self._heard_at = self._clock.seconds()
+            self._beat()
+            # Subscribed first, then the snapshot: nothing committed from
+            # now on can be missed, and what came before is in the store.
+            self._catch_up(list(self._subscriptions))
+
+        def failed(failure: Failure) -> None:
+            self._connecting = None
+            if self.running:
+                self.log.warn(
+                    "The {bus} bus could not connect: {error}",
+                    bus=self.description,
+                    error=failure.getErrorMessage(),
+                )
+                self._down()
+
+        d.addCallbacks(connected, failed)
+
+    def _lost(self, reason: str) -> None:
+        """
+        Subclasses: the connection is gone (or useless).
+        """
+        if self.state != CONNECTED:
+            return
+        self.log.warn("The {bus} bus connection was lost: {reason}", bus=self.description, reason=reason)
+        self._down()
+
+    def _down(self) -> None:
+        """
+        Not connected: read the store meanwhile, and reconnect later.
+        """
+        self._set(DISCONNECTED)
+        self._cancel_timers()
+        d = self._disconnect()
+        d.addErrback(lambda f: None)
+        self._attempts += 1
+        delay = min(self._max_backoff, self._backoff * 2 ** min(self._attempts - 1, 16))
+        # Full jitter on the upper half: nodes that lost the bus together
+        # do not come back together.
+        delay *= 0.5 + 0.5 * self._jitter()
+        self._later(delay, self._attempt)
+        self._poll()
+
+    def _poll(self) -> None:
+        if self.state in (CONNECTED, STOPPED):
+            return
+        self._catch_up(list(self._subscriptions))
+        self._later(self.poll_interval, self._poll)
+
+    def _beat(self) -> None:
+        """
+        Publish a heartbeat, and check the last one came back in time.
+        """
+        if self.state != CONNECTED:
+            return
+        silent = self._clock.seconds() - self._heard_at
+        if silent > self.deaf_after:
+            self.log.warn(
+                "The {bus} bus heard nothing for {seconds:.1f} s, not even its own "
+                "heartbeat; reconnecting",
+                bus=self.description,
+                seconds=silent,
+            )
+            self._down()
+            return
+        self._send_safely(_dumps({"hb": self.node, "n": next(self._beats)}))
+        self._later(self.heartbeat_interval, self._beat)
+
+    def _heard(self, payload: bytes) -> None:
+        """
+        Subclasses: a payload arrived on the channel.
+        """
+        decoded = decode(payload)
+        if decoded is None:
+            self.log.warn("Ignored a payload on the {bus} bus that is not chatd's", bus=self.description)
+            return
+        if decoded[0] is None:
+            if decoded[1] == self.node:
+                self._heard_at = self._clock.seconds()
+                if self._observer is not None:
+                    self._observer.bus_heartbeat()
+            return
+        room, last_seq, messages = decoded
+        for subscription in list(self._subscriptions):
+            try:
+                subscription.listener.hint(room, last_seq, messages)
+            except Exception:
+                self.log.failure("A bus listener failed on a hint for {room}", room=room)
+
+    def _catch_up(self, subscriptions: List[_Subscription]) -> None:
+        for subscription in subscriptions:
+            try:
+                subscription.listener.catch_up()
+            except Exception:
+                self.log.failure("A bus listener failed to catch up")
+
+    def _send_safely(self, payload: bytes) -> None:
+        try:
+            self._send(payload)
+        except Exception:
+            self.log.failure("Publishing on the {bus} bus failed", bus=self.description)
+
+    def _set(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = self._clock.seconds()
+            if self._observer is not None:
+                self._observer.bus_state(state)
+
+    def _later(self, delay: float, f: Callable[[], None]) -> None:
+        self._timers = [t for t in self._timers if t.active()]
+        self._timers.append(self._clock.callLater(delay, f))
+
+    def _cancel_timers(self) -> None:
+        timers, self._timers = self._timers, []
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+
+    # -- what subclasses provide ---------------------------------------------
+
+    def _connect(self) -> Deferred:
+        """
+        Connect and subscribe; fire once what is published from now on
+        will be heard.
+        """
+        raise NotImplementedError
+
+    def _send(self, payload: bytes) -> None:
+        """
+        Publish C{payload}, without waiting; drop it if that cannot be done.
+        """
+        raise NotImplementedError
+
+    def _disconnect(self) -> Deferred:
+        """
+        Drop the connection, if there is one.  Safe to call when there is
+        none.
+        """
+        return succeed(None)

@@ -1,0 +1,159 @@
+# -*- test-case-name: tests.test_bus -*-
+"""
+The PostgreSQL bus: C{NOTIFY} from the store's own append transaction,
+C{LISTEN} on one dedicated connection read on the reactor.
+
+Announcing from inside the transaction that stores the messages means an
+announcement is sent if and only if its commit happens, and PostgreSQL
+delivers notifications in commit order, which is seq order (the room rows
+are locked until commit).  So this bus's L{publish} does nothing: the
+store has published by the time the core hears of its commit
+(L{chatd.store._sql.SQLStore.notify_commits}, wired in L{chatd.tap}).
+
+The listening connection is psycopg 3's, in autocommit mode, made in a
+thread (connecting blocks) and then read on the reactor: the reactor
+watches its socket (L{IReactorFDSet.addReader}) and, whenever it is
+readable, psycopg's own C{notifies(timeout=0)} hands over what arrived
+without waiting.  It must be a direct connection (C{--bus-dsn}): a
+pooler in transaction mode hands LISTEN's session to someone else.
+
+Heartbeats go out through the store's own connections
+(L{chatd.store.postgres.PostgresStore.announce}), so that a listening
+connection that hears nothing while the database works is caught; each
+also reads C{pg_notification_queue_usage()} for the metrics (a full queue
+makes every announcing commit fail).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatd.bus._remote import RemoteBus
+from chatd.model import Message
+
+__all__ = ["PostgresBus", "MAX_PAYLOAD"]
+
+#: PostgreSQL refuses payloads of 8000 bytes or more; hints stay well under.
+MAX_PAYLOAD = 7000
+
+
+@implementer(IReadDescriptor)
+class _Reader:
+    """
+    The listening connection's socket, as the reactor watches it.
+    """
+
+    def __init__(self, bus: "PostgresBus", conn: Any) -> None:
+        self._bus = bus
+        self.conn = conn
+        self._fileno = conn.fileno()
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def logPrefix(self) -> str:
+        return "chatd-bus"
+
+    def doRead(self) -> Optional[Failure]:
+        import psycopg
+
+        try:
+            notifies = list(self.conn.notifies(timeout=0))
+        except psycopg.Error as e:
+            self._bus._lost(str(e).strip() or e.__class__.__name__)
+            return None
+        for notify in notifies:
+            if notify.channel == self._bus.channel:
+                self._bus._heard(notify.payload.encode("utf-8"))
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._bus._lost(reason.getErrorMessage())
+
+
+class PostgresBus(RemoteBus):
+    """
+    Hints as PostgreSQL notifications on C{channel}.
+
+    @param store: the L{chatd.store.postgres.PostgresStore} whose commits
+        this bus hears (announced on its C{notify_channel}).
+    @param conninfo: libpq connection string of a direct connection to
+        the store's database, to listen on.
+    """
+
+    description = "postgresql"
+
+    def __init__(self, reactor: Any, node: str, store: Any, conninfo: str, **kwargs: Any) -> None:
+        super().__init__(reactor, node, MAX_PAYLOAD, **kwargs)
+        self._reactor = reactor
+        self._store = store
+        self._conninfo = conninfo
+        self.channel = store.notify_channel
+        self._reader: Optional[_Reader] = None
+
+    def publish(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:
+        """
+        Nothing to do: the store's transaction announced the commit.
+        """
+
+    def _connect(self) -> Deferred:
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._open)
+        d.addCallback(self._listening)
+        return d
+
+    def _open(self) -> Any:
+        """
+        In a thread: connect and LISTEN.
+        """
+        import psycopg
+        from psycopg import sql
+
+        conn = psycopg.Connection.connect(
+            self._conninfo, autocommit=True, application_name=f"chatd-bus {self.node}"
+        )
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _listening(self, conn: Any) -> None:
+        if not self.running:
+            conn.close()
+            return
+        self._reader = reader = _Reader(self, conn)
+        self._reactor.addReader(reader)
+        # What arrived while LISTEN ran is in psycopg's backlog already, and
+        # no more bytes may come to wake the reactor: read it once the bus
+        # counts as connected.
+        self._reactor.callLater(0, lambda: reader is self._reader and reader.doRead())
+
+    def _send(self, payload: bytes) -> None:
+        d = self._store.announce(payload)
+
+        def usage(fraction: float) -> None:
+            if self._observer is not None:
+                self._observer.bus_queue_usage(fraction)
+
+        def failed(failure: Failure) -> None:
+            # The missing heartbeat will tell.
+            self.log.warn("A heartbeat on the postgresql bus failed: {error}", error=failure.getErrorMessage())
+
+        d.addCallbacks(usage, failed)
+
+    def _disconnect(self) -> Deferred:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            self._reactor.removeReader(reader)
+            try:
+                reader.conn.close()
+            except Exception:
+                pass
+        return succeed(None)
