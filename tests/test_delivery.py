@@ -16,11 +16,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from chatd.bus.local import LocalBus
 from chatd.core import ChatCore
-from chatd.interfaces import IBus, IBusListener, IMessageStore
+from chatd.interfaces import IBus, IMessageStore
 from chatd.model import Batch, ChatError, Message
 from chatd.room import MAX_PENDING
 from chatd.store.memory import MemoryStore
@@ -449,95 +448,3 @@ class GapTests(SynchronousTestCase):
         core.hint("lobby", 1, [message])
         core.hint("lobby", 1, [])
         self.assertEqual(seen, [1])
-
-
-class _Recorder:
-    """
-    A bus listener that records what it hears.
-    """
-
-    def __init__(self) -> None:
-        self.hints: List[Tuple[str, int, List[int]]] = []
-        self.connects = 0
-
-    def hint(self, room: str, last_seq: int, messages: List[Message]) -> None:
-        self.hints.append((room, last_seq, [m.seq for m in messages]))
-
-    def catch_up(self) -> None:
-        self.connects += 1
-
-
-class BusContractMixin:
-    """
-    What every bus does (the multi-node buses run these too).
-    """
-
-    def make_bus(self) -> Any:
-        raise NotImplementedError
-
-    def test_interface(self) -> None:
-        """
-        The bus provides IBus.
-        """
-        self.assertTrue(verifyObject(IBus, self.make_bus()))  # type: ignore[attr-defined]
-
-    def test_every_listener_hears_every_hint_in_order(self) -> None:
-        """
-        Each listener hears every hint published after it subscribed, the
-        publisher's own included, in publishing order; catch_up() is
-        called once the subscription is live.
-        """
-        bus = self.make_bus()
-        one, two = _Recorder(), _Recorder()
-        bus.subscribe(one)
-        message = Message("lobby", 1, "a", "b", 0)
-        bus.publish("lobby", 1, [message])
-        bus.subscribe(two)
-        bus.publish("dev", 7, [])
-        self.assertEqual(one.hints, [("lobby", 1, [1]), ("dev", 7, [])])  # type: ignore[attr-defined]
-        self.assertEqual(two.hints, [("dev", 7, [])])  # type: ignore[attr-defined]
-        self.assertEqual((one.connects, two.connects), (1, 1))  # type: ignore[attr-defined]
-
-    def test_stop(self) -> None:
-        """
-        A stopped subscription hears nothing more; stopping twice is fine.
-        """
-        bus = self.make_bus()
-        listener = _Recorder()
-        subscription = bus.subscribe(listener)
-        subscription.stop()
-        subscription.stop()
-        bus.publish("lobby", 1, [])
-        self.assertEqual(listener.hints, [])  # type: ignore[attr-defined]
-
-    def test_failing_listener_is_its_own(self) -> None:
-        """
-        A listener that raises does not keep the others from hearing, and
-        publish does not raise.
-        """
-        bus = self.make_bus()
-
-        @implementer(IBusListener)
-        class Broken:
-            def hint(self, *args: object) -> None:
-                raise RuntimeError("listener exploded")
-
-            def catch_up(self) -> None:
-                pass
-
-        good = _Recorder()
-        bus.subscribe(Broken())
-        bus.subscribe(good)
-        bus.publish("lobby", 3, [])
-        self.assertEqual(good.hints, [("lobby", 3, [])])  # type: ignore[attr-defined]
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # type: ignore[attr-defined]
-
-
-class LocalBusTests(BusContractMixin, SynchronousTestCase):
-    """
-    The in-process bus.
-    """
-
-    def make_bus(self) -> Any:
-        return LocalBus()
-

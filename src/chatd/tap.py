@@ -373,11 +373,15 @@ def make_bus(
     node: str = "",
     observer: Any = None,
     dsn: Optional[str] = None,
+    **timing: float,
 ) -> IBus:
     """
     Build the bus C{name} names (C{local}, C{postgresql} or a
     C{redis://} URL) for C{store}; the PostgreSQL bus makes the store
     announce its commits.
+
+    @param timing: heartbeat and reconnection timing for a bus between
+        processes (L{chatd.bus._remote.RemoteBus}'s keyword arguments).
     """
     kind = "redis" if name.startswith("redis:") else name
     factory = namedAny(_BUSES[kind])
@@ -389,12 +393,15 @@ def make_bus(
         # Named after the deployment (known once the store is open): a
         # Redis server may serve several deployments, in any databases.
         return cast(
-            IBus, factory(reactor, node, name, lambda: f"chatd:{store.deployment}", observer=observer)
+            IBus,
+            factory(
+                reactor, node, name, lambda: f"chatd:{store.deployment}", observer=observer, **timing
+            ),
         )
     from chatd.bus._remote import encode
     from chatd.bus.postgres import MAX_PAYLOAD
 
-    bus = factory(reactor, node, store, dsn or store.conninfo, observer=observer)
+    bus = factory(reactor, node, store, dsn or store.conninfo, observer=observer, **timing)
     store.notify_commits(
         store.notify_channel, lambda room, last_seq, messages: encode(room, last_seq, messages, MAX_PAYLOAD)
     )

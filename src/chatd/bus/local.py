@@ -56,7 +56,10 @@ class LocalBus:
     def subscribe(self, listener: IBusListener) -> IBusSubscription:
         subscription = _Subscription(self, listener)
         self._subscriptions.append(subscription)
-        listener.catch_up()
+        try:
+            listener.catch_up()
+        except Exception:
+            self.log.failure("A bus listener failed to catch up")
         return subscription
 
     def _remove(self, subscription: _Subscription) -> None:

@@ -26,6 +26,7 @@ makes every announcing commit fail).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -47,12 +48,31 @@ MAX_PAYLOAD = 7000
 class _Reader:
     """
     The listening connection's socket, as the reactor watches it.
+
+    The reactor watches a duplicate of libpq's descriptor: libpq closes
+    its own as soon as it finds the connection broken, inside the read,
+    and a reactor must never be left watching a closed (and perhaps
+    reused) descriptor number.  The duplicate is closed only after the
+    reactor has stopped watching it.
     """
 
     def __init__(self, bus: "PostgresBus", conn: Any) -> None:
         self._bus = bus
         self.conn = conn
-        self._fileno = conn.fileno()
+        self._fileno = os.dup(conn.fileno())
+
+    def close(self) -> None:
+        """
+        After the reactor no longer watches it: close the duplicate and
+        the connection.
+        """
+        fileno, self._fileno = self._fileno, -1
+        if fileno >= 0:
+            os.close(fileno)
+        try:
+            self.conn.close()
+        except Exception:
+            pass
 
     def fileno(self) -> int:
         return self._fileno
@@ -152,8 +172,5 @@ class PostgresBus(RemoteBus):
         reader, self._reader = self._reader, None
         if reader is not None:
             self._reactor.removeReader(reader)
-            try:
-                reader.conn.close()
-            except Exception:
-                pass
+            reader.close()
         return succeed(None)
