@@ -49,6 +49,30 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(parse("-p", "unix:/tmp/x.sock")["port"], "unix:/tmp/x.sock")
 
+    def test_bus(self) -> None:
+        """
+        The bus follows the store unless chosen: local with SQLite or
+        memory, postgresql with a PostgreSQL store; a choice that cannot
+        work is refused with what to do.
+        """
+        pg = "postgresql://127.0.0.1/test"
+        self.assertEqual(parse()["bus"], "local")
+        self.assertEqual(parse("--store", "memory:")["bus"], "local")
+        self.assertEqual(parse("--store", pg)["bus"], "postgresql")
+        self.assertEqual(parse("--store", pg, "--bus", "local")["bus"], "local")
+        self.assertEqual(
+            parse("--store", pg, "--bus", "redis://127.0.0.1:6379/1")["bus"], "redis://127.0.0.1:6379/1"
+        )
+        for args, expected in [
+            (("--bus", "postgresql"), "needs a PostgreSQL store"),
+            (("--store", "memory:", "--bus", "redis://127.0.0.1"), "a store the nodes share"),
+            (("--store", pg, "--bus", "redis://127.0.0.1/x"), "must be numbers"),
+            (("--bus", "nats://x"), "use local, postgresql or redis://"),
+        ]:
+            with self.assertRaises(usage.UsageError) as e:
+                parse(*args)
+            self.assertIn(expected, str(e.exception))
+
     def test_bad_port(self) -> None:
         """
         An endpoint description that cannot be used is a UsageError naming

@@ -6,6 +6,7 @@ implementations and wires store, core, web and WebSocket together.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import socket
@@ -272,6 +273,10 @@ class Options(usage.Options):
                 )
             return bus
         if bus.startswith("redis:"):
+            if importlib.util.find_spec("txredisapi") is None:
+                raise usage.UsageError(
+                    "--bus redis://... needs txredisapi: pip install 'chatd[redis]'."
+                )
             from chatd.bus.redis import parse_url
 
             try:
