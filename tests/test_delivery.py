@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -24,6 +24,7 @@ from chatd.model import Batch, ChatError, Message
 from chatd.room import MAX_PENDING
 from chatd.store.memory import MemoryStore
 from chatd.store.sqlite import SQLiteStore
+from chatd.tap import make_bus
 from tests._support import HTTP, WSClient, start_chatd
 from tests.test_store import postgres_url
 
@@ -448,3 +449,124 @@ class GapTests(SynchronousTestCase):
         core.hint("lobby", 1, [message])
         core.hint("lobby", 1, [])
         self.assertEqual(seen, [1])
+
+
+class _RealBusMixin(SharedStoreMixin):
+    """
+    Two nodes on one store, each with a bus of its own to a real server
+    (as two processes would have), heartbeats and reconnects on.
+    """
+
+    bus_name = ""
+
+    async def nodes(self, bus: Any = None) -> Tuple[ChatCore, ChatCore, IMessageStore]:
+        if bus is not None:
+            # The tests that need a bus that loses hints bring their own.
+            return await super().nodes(bus)
+        cores = []
+        stores = []
+        for name in ("a", "b"):
+            store: Any = self.make_store()
+            await store.open()
+            self.addCleanup(store.close)  # type: ignore[attr-defined]
+            node_bus: Any = make_bus(
+                self.bus_name, store, reactor, f"{name}-{id(self)}", None, None,
+                heartbeat_interval=0.2, deaf_after=1.0, poll_interval=0.1, backoff=0.05,
+            )
+            core = ChatCore(store, reactor, 20, bus=node_bus)
+            await core.start()
+            node_bus.startService()
+            self.addCleanup(node_bus.stopService)  # type: ignore[attr-defined]
+            self.addCleanup(core.stop)  # type: ignore[attr-defined]
+            cores.append(core)
+            stores.append(store)
+        for core_bus in (cores[0]._bus, cores[1]._bus):
+            for _ in range(500):
+                if core_bus.state == "connected":  # type: ignore[union-attr]
+                    break
+                await deferLater(reactor, 0.01)
+        return cores[0], cores[1], stores[0]
+
+    async def cut(self, core: ChatCore) -> None:
+        raise NotImplementedError
+
+    async def test_bus_cut_mid_stream_loses_nothing(self) -> None:
+        """
+        Senders on both nodes while node B's bus connection is cut: every
+        subscriber and long-poll on both nodes still ends with 1..N once,
+        in order (B reads the store while its bus is down).
+        """
+        a, b, _ = await self.nodes()
+        n = 200
+        followers = [self.follow(core, "lobby", n) for core in (a, b, b)]
+        polls = [self.poll_all(core, "lobby", n) for core in (a, b)]
+        posts = []
+        for i in range(n):
+            posts.append((a if i % 3 else b).post("lobby", "s", f"m{i}"))
+            if i == n // 4:
+                await self.cut(b)
+            if i % 20 == 0:
+                await deferLater(reactor, 0.01)
+        await DeferredList(posts, fireOnOneErrback=True, consumeErrors=True)
+        for seen in await DeferredList(
+            [Deferred.fromCoroutine(c) for c in followers + polls], fireOnOneErrback=True, consumeErrors=True
+        ):
+            self.assertEqual(seen[1], list(range(1, n + 1)))  # type: ignore[attr-defined]
+        for _ in range(500):
+            if b._bus.connects >= 2:  # type: ignore[union-attr]
+                break
+            await deferLater(reactor, 0.01)
+        self.assertGreaterEqual(b._bus.connects, 2)  # type: ignore[union-attr]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+
+
+class PostgresBusSharedStoreTests(_RealBusMixin, TestCase):
+    """
+    Two nodes on one PostgreSQL schema, hearing each other by NOTIFY.
+    """
+
+    timeout = 60
+    bus_name = "postgresql"
+
+    def setUp(self) -> None:
+        self._url = postgres_url(self)
+
+    async def cut(self, core: ChatCore) -> None:
+        import psycopg
+
+        from tests.test_store import POSTGRES_URL
+
+        name = f"chatd-bus {core._bus.node}"  # type: ignore[union-attr]
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                (name,),
+            ).fetchall()
+        self.assertEqual(len(killed), 1)
+
+    def make_store(self) -> IMessageStore:
+        from chatd.store.postgres import PostgresStore
+
+        return PostgresStore(self._url, reactor=reactor)
+
+
+class RedisBusSharedStoreTests(_RealBusMixin, TestCase):
+    """
+    Two nodes on one PostgreSQL schema, hearing each other through Redis
+    (127.0.0.1:6379).
+    """
+
+    timeout = 60
+    bus_name = "redis://127.0.0.1:6379/0"
+
+    def setUp(self) -> None:
+        self._url = postgres_url(self)
+
+    async def cut(self, core: ChatCore) -> None:
+        # The subscriber's connection breaks under it.
+        core._bus._subscriber.transport.abortConnection()  # type: ignore[union-attr]
+
+    def make_store(self) -> IMessageStore:
+        from chatd.store.postgres import PostgresStore
+
+        return PostgresStore(self._url, reactor=reactor)
