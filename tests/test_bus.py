@@ -156,6 +156,17 @@ class RemoteBusTests(SynchronousTestCase):
         self.assertGreater(self.listener.catch_ups, 60)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
+    def test_slow_connect_polls(self) -> None:
+        """
+        While a connection attempt hangs (up to its timeout), listeners
+        read the store every poll interval; once connected, they stop.
+        """
+        self.clock.pump([0.5] * 4)
+        self.assertEqual(self.listener.catch_ups, 4)
+        self.bus.attempts[0].callback(None)
+        self.clock.pump([0.5] * 4)
+        self.assertEqual(self.listener.catch_ups, 5)
+
     def test_jitter_spreads_reconnects(self) -> None:
         """
         The delay before a reconnect is between half and all of the

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -144,7 +144,9 @@ class RemoteBus(Service):
         self._attempts = 0
         self._beats = iter(range(1, 2**62))
         self._heard_at = 0.0
-        self._timers: List[IDelayedCall] = []
+        #: The pending calls, by what they do: "retry" (connect again),
+        #: "poll" (catch up while not connected), "beat" (a heartbeat).
+        self._calls: Dict[str, IDelayedCall] = {}
         self._connecting: Optional[Deferred] = None
         #: How many times the bus connected (the first time included).
         self.connects = 0
@@ -178,7 +180,7 @@ class RemoteBus(Service):
     def stopService(self) -> Deferred:
         Service.stopService(self)
         self._set(STOPPED)
-        self._cancel_timers()
+        self._cancel()
         if self._connecting is not None:
             self._connecting.cancel()
         return self._disconnect()
@@ -199,6 +201,10 @@ class RemoteBus(Service):
         if not self.running:
             return
         self._set(CONNECTING)
+        if "poll" not in self._calls:
+            # A connection attempt can take a while (up to its timeout):
+            # other nodes' messages still arrive meanwhile, from the store.
+            self._schedule("poll", self.poll_interval, self._poll)
         self._connecting = d = self._connect()
 
         def connected(_: object) -> None:
@@ -209,7 +215,7 @@ class RemoteBus(Service):
             self._attempts = 0
             self.connects += 1
             self._set(CONNECTED)
-            self._cancel_timers()
+            self._cancel("poll", "retry")
             self._heard_at = self._clock.seconds()
             self._beat()
             # Subscribed first, then the snapshot: nothing committed from
@@ -242,7 +248,7 @@ class RemoteBus(Service):
         Not connected: read the store meanwhile, and reconnect later.
         """
         self._set(DISCONNECTED)
-        self._cancel_timers()
+        self._cancel("beat")
         d = self._disconnect()
         d.addErrback(lambda f: None)
         self._attempts += 1
@@ -250,14 +256,15 @@ class RemoteBus(Service):
         # Full jitter on the upper half: nodes that lost the bus together
         # do not come back together.
         delay *= 0.5 + 0.5 * self._jitter()
-        self._later(delay, self._attempt)
+        self._schedule("retry", delay, self._attempt)
+        # Hints may have been lost just now: catch up at once, then on.
         self._poll()
 
     def _poll(self) -> None:
         if self.state in (CONNECTED, STOPPED):
             return
         self._catch_up(list(self._subscriptions))
-        self._later(self.poll_interval, self._poll)
+        self._schedule("poll", self.poll_interval, self._poll)
 
     def _beat(self) -> None:
         """
@@ -276,7 +283,7 @@ class RemoteBus(Service):
             self._down()
             return
         self._send_safely(_dumps({"hb": self.node, "n": next(self._beats)}))
-        self._later(self.heartbeat_interval, self._beat)
+        self._schedule("beat", self.heartbeat_interval, self._beat)
 
     def _heard(self, payload: bytes) -> None:
         """
@@ -319,15 +326,25 @@ class RemoteBus(Service):
             if self._observer is not None:
                 self._observer.bus_state(state)
 
-    def _later(self, delay: float, f: Callable[[], None]) -> None:
-        self._timers = [t for t in self._timers if t.active()]
-        self._timers.append(self._clock.callLater(delay, f))
+    def _schedule(self, name: str, delay: float, f: Callable[[], None]) -> None:
+        """
+        Call C{f} in C{delay} seconds, instead of the pending call C{name}.
+        """
+        self._cancel(name)
+        self._calls[name] = self._clock.callLater(delay, self._fire, name, f)
 
-    def _cancel_timers(self) -> None:
-        timers, self._timers = self._timers, []
-        for timer in timers:
-            if timer.active():
-                timer.cancel()
+    def _fire(self, name: str, f: Callable[[], None]) -> None:
+        self._calls.pop(name, None)
+        f()
+
+    def _cancel(self, *names: str) -> None:
+        """
+        Cancel the pending calls C{names} (all of them if none is named).
+        """
+        for name in names or list(self._calls):
+            call = self._calls.pop(name, None)
+            if call is not None and call.active():
+                call.cancel()
 
     # -- what subclasses provide ---------------------------------------------
 
