@@ -283,6 +283,27 @@ class SharedStoreMixin:
         ):
             self.assertEqual(seen[1], list(range(1, n + 1)))  # type: ignore[attr-defined]
 
+    async def test_presence_is_summed_over_nodes(self) -> None:
+        """
+        A room's client count on every node is its own clients plus the
+        other nodes' leases; a node that withdraws drops out.
+        """
+        a, b, _ = await self.nodes()
+        for core, count in ((a, 2), (b, 1)):
+            for _ in range(count):
+                core.subscribe("lobby", None, lambda m: None, lambda s: None)
+        polling = b.wait("lobby", 0, 10, 30)
+        polling.addErrback(lambda f: None)
+        await a.share_presence("a", 15)
+        await b.share_presence("b", 15)
+        await a.share_presence("a", 15)
+        self.assertEqual((a.room("lobby").clients, b.room("lobby").clients), (4, 4))
+        self.assertEqual(a.room("lobby").local_clients, 2)
+        await a.withdraw_presence("a")
+        await b.share_presence("b", 15)
+        self.assertEqual(b.room("lobby").clients, 2)
+        polling.cancel()
+
     async def test_hints_without_messages(self) -> None:
         """
         A bus that carries only seqs: node B reads each gap from the store
