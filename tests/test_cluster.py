@@ -1,0 +1,330 @@
+"""
+Several chatd nodes acting as one: real C{twistd} processes on one
+PostgreSQL schema, hearing each other through a real bus (PostgreSQL's
+NOTIFY, or a Redis server of the test's own), with clients spread over
+the nodes and over WebSocket and long-poll.
+
+Every client must end with exactly seq 1..N, in the same order, whatever
+node it is on and whatever happens to the bus or to a node meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests._proxy import FreezableProxy
+from tests._support import HTTP, ChatdProcess, WSClient
+from tests.test_bus import _RedisServer, wait_until
+from tests.test_store import POSTGRES_URL, postgres_url
+
+
+class LongPoller:
+    """
+    A long-poll client: asks for what follows its last seq, again and
+    again, recording every message once.
+    """
+
+    def __init__(self, test: TestCase, base: str, room: str = "lobby") -> None:
+        self.http = HTTP(test, base)
+        self.room = room
+        self.seqs: List[int] = []
+        self.bodies: List[str] = []
+        self.resets = 0
+        self.running = True
+        self.done: Deferred = Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        while self.running:
+            after = self.seqs[-1] if self.seqs else 0
+            try:
+                code, answer = await self.http.get_json(
+                    f"/api/rooms/{self.room}/messages?after={after}&timeout=5"
+                )
+            except Exception:
+                # Its node went away: the test points it elsewhere.
+                await deferLater(reactor, 0.05)
+                continue
+            if code != 200:
+                await deferLater(reactor, 0.05)
+                continue
+            if answer["reset"]:
+                self.resets += 1
+            for message in answer["messages"]:
+                self.seqs.append(message["seq"])
+                self.bodies.append(message["body"])
+
+    def stop(self) -> Deferred:
+        self.running = False
+        return self.done
+
+
+class ClusterMixin:
+    """
+    Three nodes on one schema with the bus the subclass picks.
+    """
+
+    timeout = 120
+
+    def bus_args(self) -> List[str]:
+        raise NotImplementedError
+
+    async def nodes(self, count: int = 3, extra: Sequence[str] = ()) -> List[ChatdProcess]:
+        self.url = postgres_url(self)  # type: ignore[arg-type]
+        args = ["--store", self.url, *self.bus_args(), *extra]
+        # The first node makes the schema; the others start together.
+        first = await ChatdProcess.start(self, *args)  # type: ignore[arg-type]
+        rest = await gatherResults(
+            [Deferred.fromCoroutine(ChatdProcess.start(self, *args)) for _ in range(count - 1)]  # type: ignore[arg-type]
+        )
+        nodes = [first, *rest]
+        for node in nodes:
+            await wait_until(lambda node=node: _bus_state(node) == "connected")
+        return nodes
+
+    async def post_everywhere(self, nodes: List[ChatdProcess], count: int, room: str = "lobby") -> None:
+        """
+        C{count} messages posted over every node at once, in bursts.
+        """
+        clients = [HTTP(self, node.base) for node in nodes]  # type: ignore[arg-type]
+        for start in range(0, count, 30):
+            posts = [
+                clients[i % len(clients)].post_json(f"/api/rooms/{room}/messages", {"body": f"m{i}"})
+                for i in range(start, min(count, start + 30))
+            ]
+            for code, _ in await gatherResults([Deferred.fromCoroutine(p) for p in posts]):
+                self.assertEqual(code, 201)  # type: ignore[attr-defined]
+
+    async def test_every_client_sees_one_order(self) -> None:
+        """
+        Senders on every node, WebSocket and long-poll clients on every
+        node: every client ends with seq 1..N exactly once, and all of
+        them with the same bodies in the same order.
+        """
+        nodes = await self.nodes()
+        sockets = []
+        polls = []
+        for node in nodes:
+            for _ in range(2):
+                sockets.append(await WSClient.connect(self, node.base, "/ws/lobby"))  # type: ignore[arg-type]
+            polls.append(LongPoller(self, node.base))  # type: ignore[arg-type]
+        n = 150
+        await self.post_everywhere(nodes, n)
+        for client in sockets:
+            await client.wait_for_seq(n)
+        await wait_until(lambda: all(len(p.seqs) >= n for p in polls))
+        for p in polls:
+            await p.stop()
+        orders = [[m["body"] for m in c.messages] for c in sockets] + [p.bodies for p in polls]
+        for client in sockets:
+            self.assertEqual(client.seqs, list(range(1, n + 1)))  # type: ignore[attr-defined]
+        for p in polls:
+            self.assertEqual(p.seqs, list(range(1, n + 1)))  # type: ignore[attr-defined]
+            self.assertEqual(p.resets, 0)  # type: ignore[attr-defined]
+        for order in orders:
+            self.assertEqual(order, orders[0])  # type: ignore[attr-defined]
+        self.assertEqual(sorted(orders[0]), sorted(f"m{i}" for i in range(n)))  # type: ignore[attr-defined]
+
+    async def test_room_made_on_one_node_is_used_on_another(self) -> None:
+        """
+        A room created on node A is fetched, posted to and subscribed on
+        node B at once.
+        """
+        a, b = await self.nodes(2)
+        code, _ = await HTTP(self, a.base).post_json("/api/rooms", {"name": "made-on-a"})  # type: ignore[arg-type]
+        self.assertEqual(code, 201)  # type: ignore[attr-defined]
+        on_b = HTTP(self, b.base)  # type: ignore[arg-type]
+        code, room = await on_b.get_json("/api/rooms/made-on-a")
+        self.assertEqual((code, room["last_seq"]), (200, 0))  # type: ignore[attr-defined]
+        client = await WSClient.connect(self, b.base, "/ws/made-on-a")  # type: ignore[arg-type]
+        code, message = await on_b.post_json("/api/rooms/made-on-a/messages", {"body": "hi"})
+        self.assertEqual((code, message["seq"]), (201, 1))  # type: ignore[attr-defined]
+        await client.wait_for_seq(1)
+        code, _ = await HTTP(self, a.base).post_json("/api/rooms/made-on-a/messages", {"body": "back"})  # type: ignore[arg-type]
+        await client.wait_for_seq(2)
+        self.assertEqual([m["body"] for m in client.messages], ["hi", "back"])  # type: ignore[attr-defined]
+
+    async def test_room_cap_is_shared(self) -> None:
+        """
+        --max-rooms holds for the service, not per node.
+        """
+        nodes = await self.nodes(2, ["--max-rooms", "4", "--rooms-per-hour", "0"])
+        codes = []
+        for i in range(5):
+            code, answer = await HTTP(self, nodes[i % 2].base).post_json("/api/rooms", {"name": f"r{i}"})  # type: ignore[arg-type]
+            codes.append((code, answer.get("error")))
+        # lobby is one of the four.
+        self.assertEqual(codes[:3], [(201, None)] * 3)  # type: ignore[attr-defined]
+        self.assertEqual([c[1] for c in codes[3:]], ["too_many_rooms"] * 2)  # type: ignore[attr-defined]
+
+    async def test_presence_is_summed_and_a_killed_node_drops_out(self) -> None:
+        """
+        The member counts of GET /api/rooms are summed over live nodes;
+        a node killed with SIGKILL drops out within its lease (15 s).
+        """
+        a, b, c = await self.nodes()
+        for node, count in ((a, 2), (b, 3)):
+            for _ in range(count):
+                await WSClient.connect(self, node.base, "/ws/lobby")  # type: ignore[arg-type]
+        on_c = HTTP(self, c.base)  # type: ignore[arg-type]
+
+        async def clients() -> int:
+            _, answer = await on_c.get_json("/api/rooms/lobby")
+            return int(answer["clients"])
+
+        counted = [0]
+
+        async def check(expected: int, within: float) -> float:
+            started = time.monotonic()
+            while time.monotonic() - started < within:
+                counted[0] = await clients()
+                if counted[0] == expected:
+                    return time.monotonic() - started
+                await deferLater(reactor, 0.1)
+            raise AssertionError(f"{counted[0]} clients counted, not {expected}, after {within} s")
+
+        await check(5, 8)
+        await b.kill()
+        took = await check(2, 20)
+        self.assertLess(took, 16)  # type: ignore[attr-defined]
+
+    async def test_bus_cut_mid_stream(self) -> None:
+        """
+        The bus connections cut while messages flow: meanwhile messages
+        still reach the other nodes (from the store, within a second or
+        two), and once the bus is back every client has everything once.
+        """
+        a, b, c = await self.nodes()
+        sockets = [await WSClient.connect(self, node.base, "/ws/lobby") for node in (a, b, c)]  # type: ignore[arg-type]
+        polls = [LongPoller(self, node.base) for node in (b, c)]  # type: ignore[arg-type]
+        await self.post_everywhere([a, b, c], 30)
+        await self.cut_bus([a, b, c])
+        await wait_until(lambda: _bus_state(b) != "connected" or _connects(b) >= 2, timeout=10)
+        # While the bus is down (or just back), a post on A reaches B.
+        started = time.monotonic()
+        await HTTP(self, a.base).post_json("/api/rooms/lobby/messages", {"body": "during"})  # type: ignore[arg-type]
+        await sockets[1].wait_for_seq(31)
+        self.assertLess(time.monotonic() - started, 3.0)  # type: ignore[attr-defined]
+        await self.post_everywhere([a, b, c], 30)
+        for node in (a, b, c):
+            await wait_until(lambda node=node: _bus_state(node) == "connected" and _connects(node) >= 2, 30)
+        await self.post_everywhere([a, b, c], 30)
+        n = 91
+        for client in sockets:
+            await client.wait_for_seq(n)
+            self.assertEqual(client.seqs, list(range(1, n + 1)))  # type: ignore[attr-defined]
+        await wait_until(lambda: all(len(p.seqs) >= n for p in polls))
+        for p in polls:
+            await p.stop()
+            self.assertEqual(p.seqs, list(range(1, n + 1)))  # type: ignore[attr-defined]
+
+    async def cut_bus(self, nodes: List[ChatdProcess]) -> None:
+        raise NotImplementedError
+
+
+def _metrics(node: ChatdProcess) -> Dict[str, float]:
+    """
+    The node's metrics, read in a thread (a plain blocking GET).
+    """
+    import urllib.request
+
+    with urllib.request.urlopen(node.base + "/metrics", timeout=5) as response:
+        text = response.read().decode("utf-8")
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def _bus_state(node: ChatdProcess) -> Optional[str]:
+    try:
+        metrics = _metrics(node)
+    except OSError:
+        return None
+    for state in ("connected", "connecting", "disconnected", "stopped"):
+        if metrics.get(f'chatd_bus_state{{chatd_bus_state="{state}"}}') == 1.0:
+            return state
+    return None
+
+
+def _connects(node: ChatdProcess) -> int:
+    return int(_metrics(node).get("chatd_bus_connects_total", 0))
+
+
+class PostgresClusterTests(ClusterMixin, TestCase):
+    """
+    Three nodes on the PostgreSQL bus (LISTEN/NOTIFY).
+    """
+
+    def bus_args(self) -> List[str]:
+        return ["--bus", "postgresql"]
+
+    async def cut_bus(self, nodes: List[ChatdProcess]) -> None:
+        import psycopg
+
+        def terminate() -> int:
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'chatd-bus %%' AND query LIKE 'LISTEN%%'"
+                    " AND pid <> pg_backend_pid()"
+                ).fetchall()
+                return len(rows)
+
+        self.assertGreaterEqual(await deferToThread(terminate), len(nodes))
+
+    async def test_frozen_listener_reconnects(self) -> None:
+        """
+        A node whose listening connection stays up but hears nothing (it
+        goes through a proxy that stops forwarding) finds out by its
+        heartbeat and connects again; messages keep arriving meanwhile.
+        """
+        proxy = await FreezableProxy.start(self, 5432)
+        dsn = f"host=127.0.0.1 port={proxy.port} dbname=test user=postgres"
+        a = (await self.nodes(1))[0]
+        b = await ChatdProcess.start(self, "--store", self.url, "--bus", "postgresql", "--bus-dsn", dsn)
+        await wait_until(lambda: _bus_state(b) == "connected")
+        client = await WSClient.connect(self, b.base, "/ws/lobby")
+        self.assertEqual(proxy.freeze(), 1)
+        post = HTTP(self, a.base)
+        for i in range(3):
+            await post.post_json("/api/rooms/lobby/messages", {"body": f"frozen {i}"})
+            await deferLater(reactor, 1.0)
+        await wait_until(lambda: _connects(b) >= 2 and _bus_state(b) == "connected", timeout=20)
+        self.assertIn(b"heard nothing for", b.output)
+        await post.post_json("/api/rooms/lobby/messages", {"body": "after"})
+        await client.wait_for_seq(4)
+        self.assertEqual(client.seqs, [1, 2, 3, 4])
+
+
+class RedisClusterTests(ClusterMixin, TestCase):
+    """
+    Three nodes on the Redis bus, a Redis server of the test's own (so it
+    can be restarted).
+    """
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.redis = await _RedisServer.start(self)
+
+    def bus_args(self) -> List[str]:
+        return ["--bus", f"redis://127.0.0.1:{self.redis.port}/0"]
+
+    async def cut_bus(self, nodes: List[ChatdProcess]) -> None:
+        """
+        Restart Redis (on the same port); it keeps nothing.
+        """
+        await self.redis.stop()
+        await deferLater(reactor, 1.0)
+        self.redis = await _RedisServer.start(self, self.redis.port)
+
+
+_ = (json, Any, DeferredList)
