@@ -391,6 +391,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         connections=connections,
         access_log=options["access-log"] == "on",
         reactor=reactor,
+        proxied=options["port"].startswith("haproxy:"),
     )
     service = ChatService(
         core,
