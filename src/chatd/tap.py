@@ -36,6 +36,8 @@ from chatd.ws import ChatWebSocketFactory
 __all__ = ["Options", "makeService", "make_bus", "make_store"]
 
 MAX_HISTORY = 100_000
+#: The longest --drain, in seconds.
+MAX_DRAIN = 600.0
 
 
 def _port(value: str) -> str:
@@ -131,6 +133,15 @@ class Options(usage.Options):
             "on: log every HTTP request, a line each (long-polls then take "
             "twisted.web's full path, which costs more); off: no access log.",
         ],
+        [
+            "drain",
+            None,
+            0.0,
+            "On SIGTERM, first answer /readyz with 503 and keep serving this "
+            "many seconds, so a load balancer's health checks move new clients "
+            "away; then stop (0: stop at once).",
+            float,
+        ],
         ["templates", None, None, "Folder of HTML templates (default: the installed ones)."],
         ["static", None, None, "Folder of static files (default: the installed ones)."],
     ]
@@ -208,6 +219,10 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--metrics-port {self['metrics-port']!r} is not a valid endpoint ({e})."
                 ) from None
+        if not 0 <= self["drain"] <= MAX_DRAIN:
+            raise usage.UsageError(
+                f"--drain {self['drain']}: give 0 (stop at once) to {MAX_DRAIN:g} seconds."
+            )
         if self["retain-days"] < 0:
             raise usage.UsageError(
                 f"--retain-days {self['retain-days']}: give 0 (keep everything) or more days."
@@ -403,6 +418,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         exit_on_failure=under_twistd,
         json_logs=options["log-format"] == "json",
         limits=limits,
+        drain=options["drain"],
     )
     listener = Listener(options["port"], serverFromString(reactor, options["port"]), site)
     listener.setServiceParent(service)
