@@ -19,7 +19,12 @@ to its users, each written against the channel's public methods:
     connection holds at most one answer beyond the transport's buffer;
     a client that never drains it is dropped after the idle timeout;
   - HTTP/1.1 only over TLS (ALPN): these bounds, and the WebSocket
-    upgrade, are HTTP/1.1's.
+    upgrade, are HTTP/1.1's;
+  - behind the PROXY protocol (Twisted's C{haproxy:} endpoint), a
+    connection takes its place among the server's connections, under the
+    client's address, once the PROXY header has been read: the endpoint's
+    wrapper makes the connection (C{connectionMade}) before it has read
+    the header, so until then C{getPeer()} is the balancer's address.
 """
 
 from __future__ import annotations
@@ -135,6 +140,12 @@ class ChatChannel(HTTPChannel):
     @ivar connections: where the connection takes its place (L{ChatSite}'s).
     @ivar health_only: the connection is a spare (the server is full): it
         may ask for health checks only.
+    @ivar proxied: the transport is the C{haproxy:} endpoint's, whose
+        C{getPeer()} is the client's address only once the PROXY header is
+        read, that is from the first bytes it passes on (L{dataReceived}):
+        the connection takes its place then, not in L{connectionMade}.
+        Until then it is bounded by the request deadline alone (HAProxy
+        sends the header as soon as it connects).
     """
 
     log = Logger()
@@ -145,6 +156,10 @@ class ChatChannel(HTTPChannel):
     #: Told C{(ip, reason)} of each connection refused (L{ChatSite}'s).
     refused: Optional[Callable[[str, str], None]] = None
     health_only = False
+    proxied = False
+    #: The connection has asked for its place among the server's
+    #: connections (whatever the answer).
+    _placed = False
     #: Waiting for a request (from the connection's start, or since the
     #: previous request was done), until its body is in.
     _awaiting_request = True
@@ -175,17 +190,30 @@ class ChatChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        transport: Any = self.transport
-        if self.connections is not None:
-            ip = client_host(transport.getPeer())
-            try:
-                self.health_only = self.connections.open(transport, ip)
-            except ChatError as e:
-                self._refuse(ip, e)
-                return
+        if not self.proxied and not self._take_place():
+            return
         # A new connection owes its first request from the start: a client
         # that connects and sends nothing is dropped as well.
         self._start_request_deadline()
+
+    def _take_place(self) -> bool:
+        """
+        Take the connection's place among the server's connections, under
+        its peer's address (refusing it if over the caps).
+
+        @return: whether the connection may go on.
+        """
+        self._placed = True
+        if self.connections is None:
+            return True
+        transport: Any = self.transport
+        ip = client_host(transport.getPeer())
+        try:
+            self.health_only = self.connections.open(transport, ip)
+        except ChatError as e:
+            self._refuse(ip, e)
+            return False
+        return True
 
     def _refuse(self, ip: str, error: ChatError) -> None:
         """
@@ -227,6 +255,13 @@ class ChatChannel(HTTPChannel):
         self._linger()
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._placed:
+            # Behind PROXY: the header has been read, and getPeer() is the
+            # client's now.  (The request deadline runs on from the
+            # connection's start.)
+            if not self._take_place():
+                self._stop_request_deadline()
+                return
         if self._lingering is not None:
             self._lingered += len(data)
             if self._lingered > LINGER_BYTES:
@@ -377,7 +412,8 @@ class ChatSite(Site):
     """
     chatd's Site: connections are L{ChatChannel}s, requests
     L{ChatRequest}s, each connection takes its place in C{connections}
-    (none: no limits), and twisted.web's access log (a line per request)
+    (none: no limits; C{proxied}: once its PROXY header is read, see
+    L{ChatChannel.proxied}), and twisted.web's access log (a line per request)
     is written only when asked for.
     """
 
@@ -391,9 +427,11 @@ class ChatSite(Site):
         request_timeout: float = 10.0,
         connections: Optional[Connections] = None,
         refused: Optional[Callable[[str, str], None]] = None,
+        proxied: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
+        self.proxied = proxied
         self.access_log = access_log
         self.request_timeout = request_timeout
         self.connections = connections
@@ -405,6 +443,7 @@ class ChatSite(Site):
             channel.request_timeout = self.request_timeout
             channel.connections = self.connections
             channel.refused = self.refused
+            channel.proxied = self.proxied
             if self.timeOut:
                 channel.drain_timeout = self.timeOut
         return channel

@@ -18,7 +18,7 @@ import platform
 import resource
 import signal
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -221,6 +221,8 @@ class ChatService(MultiService):
     @ivar ready: a Deferred that fires once chatd serves requests (or
         fails, if it cannot start).
     @ivar ports: the listening ports, once listening.
+    @param drain: seconds to go on serving, not ready, before stopping
+        (L{stopService}).
     """
 
     log = Logger()
@@ -236,8 +238,13 @@ class ChatService(MultiService):
         exit_on_failure: bool = False,
         json_logs: bool = False,
         limits: Optional[Limits] = None,
+        drain: float = 0.0,
     ) -> None:
         super().__init__()
+        self._drain = drain
+        #: Ends the drain period early, while one runs.
+        self._end_drain: Optional[Callable[[], None]] = None
+        self._sigterms = 0
         self.core = core
         self._limits = limits
         self.store = store
@@ -387,20 +394,71 @@ class ChatService(MultiService):
         (exit status 143); a clean shutdown should say 0.  This handler,
         installed once the reactor runs (after the reactor's own), stops
         the reactor the same way without recording the signal.
+
+        A second SIGTERM during the drain period (L{stopService}) ends it
+        at once.
         """
         reactor = self._reactor
 
         def on_sigterm(signum: int, frame: Any) -> None:
+            self._sigterms += 1
+            if self._sigterms > 1:
+                self.log.info("Received SIGTERM again: ending the drain now.")
+                reactor.callFromThread(self._end_drain_now)
+                return
             self.log.info("Received SIGTERM, shutting down.")
             reactor.callFromThread(reactor.stop)
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
+    def _end_drain_now(self) -> None:
+        if self._end_drain is not None:
+            self._end_drain()
+
+    def _drain_period(self) -> Deferred:
+        """
+        Go on serving for the drain period, not ready: a Deferred that
+        fires when it is over (or ended early, L{_install_sigterm}).
+        """
+        polls = self.core.release_waiters()
+        self.log.info(
+            "Draining for {seconds:g} s: /readyz answers 503, {polls} waiting "
+            "long-polls answered; still serving",
+            seconds=self._drain,
+            polls=polls,
+        )
+        over: Deferred = Deferred()
+        call = self._reactor.callLater(self._drain, over.callback, None)
+
+        def end() -> None:
+            if call.active():
+                call.cancel()
+                over.callback(None)
+
+        self._end_drain = end
+        return over
+
     def stopService(self) -> Deferred:
         """
-        Shut down in order: stop accepting, answer waiting long-polls,
-        close WebSockets with 1001, let the store commit what it was
-        given, all within SHUTDOWN_TIMEOUT seconds.
+        Shut down in order: drain (if a drain period was given), stop
+        accepting, answer waiting long-polls, close WebSockets with 1001,
+        let the store commit what it was given, all within
+        SHUTDOWN_TIMEOUT seconds of the drain's end.
+
+        The drain period is for a load balancer with active health checks
+        on C{/readyz}: it answers 503 from the start of the drain, and the
+        balancer takes the node out after its checks fail (HAProxy:
+        C{inter} times C{fall}).  Meanwhile the node serves as before,
+        except that long-polls are answered at once, those waiting and
+        those still coming (with what is new, or nothing), so that their
+        clients' next request goes through the balancer, to another node
+        once this one is out.  New WebSockets are still accepted: the
+        balancer may send clients here until its checks fail, and a
+        refused handshake is a failure to its client: the chat page backs
+        off before retrying, or, if WebSocket never worked for it yet,
+        falls back to long-poll for good.  An accepted one works at once
+        and, closed with 1001 at the drain's end, reconnects through the
+        balancer with C{after=} and misses nothing.
         """
         if self._stopped:
             return succeed(None)
@@ -413,6 +471,9 @@ class ChatService(MultiService):
         self.web.shutting_down = True
 
         async def stop() -> None:
+            if self._drain > 0 and self.web.ready:
+                await self._drain_period()
+                self._end_drain = None
             Service.stopService(self)
             # Children that never started (the store failed to open) have
             # nothing to stop.

@@ -40,6 +40,8 @@ from chatd.ws import ChatWebSocketFactory
 __all__ = ["Options", "makeService", "make_bus", "make_store"]
 
 MAX_HISTORY = 100_000
+#: The longest --drain, in seconds.
+MAX_DRAIN = 600.0
 
 
 def _port(value: str) -> str:
@@ -151,6 +153,15 @@ class Options(usage.Options):
             "string) to LISTEN on, when the store's goes through a pooler in "
             "transaction mode. Default: the store's.",
         ],
+        [
+            "drain",
+            None,
+            0.0,
+            "On SIGTERM, first answer /readyz with 503 and keep serving this "
+            "many seconds, so a load balancer's health checks move new clients "
+            "away; then stop (0: stop at once).",
+            float,
+        ],
         ["templates", None, None, "Folder of HTML templates (default: the installed ones)."],
         ["static", None, None, "Folder of static files (default: the installed ones)."],
     ]
@@ -229,6 +240,10 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--metrics-port {self['metrics-port']!r} is not a valid endpoint ({e})."
                 ) from None
+        if not 0 <= self["drain"] <= MAX_DRAIN:
+            raise usage.UsageError(
+                f"--drain {self['drain']}: give 0 (stop at once) to {MAX_DRAIN:g} seconds."
+            )
         if self["retain-days"] < 0:
             raise usage.UsageError(
                 f"--retain-days {self['retain-days']}: give 0 (keep everything) or more days."
@@ -494,6 +509,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         connections=connections,
         access_log=options["access-log"] == "on",
         reactor=reactor,
+        proxied=options["port"].startswith("haproxy:"),
     )
     service = ChatService(
         core,
@@ -505,6 +521,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         exit_on_failure=under_twistd,
         json_logs=options["log-format"] == "json",
         limits=limits,
+        drain=options["drain"],
     )
     if IService.providedBy(bus):
         # A bus to other nodes: it connects once the core has loaded, and

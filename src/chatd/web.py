@@ -661,13 +661,15 @@ class ChatWeb:
         connections: Optional[Connections] = None,
         access_log: bool = False,
         reactor: Any = None,
+        proxied: bool = False,
     ) -> ChatSite:
         """
         The Site to serve L{resource}: connections idle for C{timeout}
         seconds are closed, a request (head and body) must arrive within
         C{request_timeout} seconds of its first byte, and every connection
-        takes its place in C{connections}.  With C{access_log}, every
-        request is logged, a line each.
+        takes its place in C{connections} (C{proxied}: once its PROXY
+        header is read, L{chatd._http.ChatChannel.proxied}).  With
+        C{access_log}, every request is logged, a line each.
         """
         return ChatSite(
             self.resource(),
@@ -675,6 +677,7 @@ class ChatWeb:
             request_timeout=request_timeout,
             connections=connections,
             refused=self.refused_connection,
+            proxied=proxied,
             timeout=timeout,
             reactor=reactor,
         )
