@@ -154,6 +154,15 @@ class Options(usage.Options):
             "transaction mode. Default: the store's.",
         ],
         [
+            "presence-lease",
+            None,
+            15.0,
+            "With several nodes: how long a node's count of its clients stays "
+            "valid unless renewed (it renews every third of that), so a node that "
+            "dies unannounced drops out of every member count within it.",
+            float,
+        ],
+        [
             "drain",
             None,
             0.0,
@@ -243,6 +252,11 @@ class Options(usage.Options):
         if not 0 <= self["drain"] <= MAX_DRAIN:
             raise usage.UsageError(
                 f"--drain {self['drain']}: give 0 (stop at once) to {MAX_DRAIN:g} seconds."
+            )
+        if self["presence-lease"] < MIN_PRESENCE_LEASE:
+            raise usage.UsageError(
+                f"--presence-lease {self['presence-lease']:g}: give at least "
+                f"{MIN_PRESENCE_LEASE:g} seconds."
             )
         if self["retain-days"] < 0:
             raise usage.UsageError(
@@ -357,10 +371,8 @@ _BUSES = {
     "redis": "chatd.bus.redis.RedisBus",
 }
 
-#: How often a node renews its presence lease, and how long one lasts: a
-#: node that dies unannounced drops out of every count within PRESENCE_TTL.
-PRESENCE_INTERVAL = 5.0
-PRESENCE_TTL = 15.0
+#: The shortest --presence-lease (renewing it costs a write each third).
+MIN_PRESENCE_LEASE = 1.5
 
 
 def make_store(url: str, history: int, reactor: Any) -> IMessageStore:
@@ -527,7 +539,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # A bus to other nodes: it connects once the core has loaded, and
         # this node's presence is shared with them.
         cast(IService, bus).setServiceParent(service)
-        Presence(core, node, PRESENCE_INTERVAL, PRESENCE_TTL, reactor).setServiceParent(service)
+        lease = options["presence-lease"]
+        Presence(core, node, lease / 3, lease, reactor).setServiceParent(service)
     listener = Listener(options["port"], serverFromString(reactor, options["port"]), site)
     listener.setServiceParent(service)
     listener.listened().addCallback(_listening, web)
