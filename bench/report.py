@@ -105,6 +105,16 @@ def paired(
     return summary([op(r[key], by_run[r["run"]]) for r in a if r.get(key) is not None and r["run"] in by_run])
 
 
+def signed(c: Optional[Tuple[float, float, float, int]], digits: int = 1) -> str:
+    """
+    A cell of differences, which may be negative: C{+0.8 (-0.2 to +1.9)}.
+    """
+    if c is None:
+        return "n/a"
+    med, lo, hi, _ = c
+    return f"{med:+,.{digits}f} ({lo:+,.{digits}f} to {hi:+,.{digits}f})"
+
+
 def nonnegative(c: Optional[Tuple]) -> Optional[Tuple]:
     # The C client reports -1 for "no such receivers" (one node has no
     # remote ones).
@@ -215,8 +225,8 @@ def multinode_section(rows: List[Dict[str, Any]]) -> List[str]:
         ]
         for bus in buses(rows):
             out.append(
-                f"| {BUS_NAMES.get(bus, bus)} | {fmt(added_latency(rows, bus, 'p50_ms'), 1)} | "
-                f"{fmt(added_latency(rows, bus, 'p99_ms'), 1)} |"
+                f"| {BUS_NAMES.get(bus, bus)} | {signed(added_latency(rows, bus, 'p50_ms'))} | "
+                f"{signed(added_latency(rows, bus, 'p99_ms'))} |"
             )
     if nt:
         g = nt[0]
@@ -253,7 +263,7 @@ def multinode_targets(rows: List[Dict[str, Any]]) -> List[str]:
         out.append(
             f"| {BUS_NAMES.get(bus, bus)} bus: three nodes add < 5 ms to p50 at "
             f"{', '.join(map(str, receivers))} receivers, nothing undelivered | "
-            f"p50 +{fmt(added_latency(rows, bus, 'p50_ms'), 1)} ms (p99 +{fmt(added_latency(rows, bus, 'p99_ms'), 1)} ms), "
+            f"p50 {signed(added_latency(rows, bus, 'p50_ms'))} ms (p99 {signed(added_latency(rows, bus, 'p99_ms'))} ms), "
             f"not delivered, doubled or out of order {undelivered_total(rows, bus):,} (every run) |"
         )
     if any(r["bench"] == "notify" for r in rows):

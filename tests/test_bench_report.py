@@ -152,7 +152,15 @@ class MultinodeReportTests(SynchronousTestCase):
         self.assertEqual(report.added_latency(rows, "postgresql", "p50_ms"), (2.0, 1.0, 3.0, 2))
         self.assertEqual(report.added_latency(rows, "redis", "p99_ms"), (20.0, 10.0, 30.0, 2))
         text = "\n".join(report.multinode_section(rows))
-        self.assertIn("| PostgreSQL (LISTEN/NOTIFY) | 2.0 (1.0-3.0) | 20.0 (10.0-30.0) |", text)
+        self.assertIn("| PostgreSQL (LISTEN/NOTIFY) | +2.0 (+1.0 to +3.0) | +20.0 (+10.0 to +30.0) |", text)
+
+    def test_added_latency_may_be_negative(self) -> None:
+        """
+        Three nodes may measure faster than one on a noisy machine: the
+        difference keeps its sign rather than reading as a range.
+        """
+        self.assertEqual(report.signed((-1.25, -13.1, 236.3, 3)), "-1.2 (-13.1 to +236.3)")
+        self.assertEqual(report.signed(None), "n/a")
 
     def test_notify_share(self) -> None:
         """
@@ -176,10 +184,10 @@ class MultinodeReportTests(SynchronousTestCase):
             targets,
             [
                 "| PostgreSQL (LISTEN/NOTIFY) bus: three nodes add < 5 ms to p50 at 100 receivers, "
-                "nothing undelivered | p50 +2.0 (1.0-3.0) ms (p99 +20.0 (10.0-30.0) ms), "
+                "nothing undelivered | p50 +2.0 (+1.0 to +3.0) ms (p99 +20.0 (+10.0 to +30.0) ms), "
                 "not delivered, doubled or out of order 0 (every run) |",
                 "| Redis (pub/sub) bus: three nodes add < 5 ms to p50 at 100 receivers, "
-                "nothing undelivered | p50 +2.0 (1.0-3.0) ms (p99 +20.0 (10.0-30.0) ms), "
+                "nothing undelivered | p50 +2.0 (+1.0 to +3.0) ms (p99 +20.0 (+10.0 to +30.0) ms), "
                 "not delivered, doubled or out of order 1 (every run) |",
                 "| PostgreSQL with NOTIFY commits >= 80% of its rate without | 75 (70-80)% |",
             ],
