@@ -5,6 +5,17 @@ generator (Node.js, bench/loadgen), in one run.
     python -m bench [--runs 3] [--only fanout,latency,idle,longpoll,getcost,store]
                     [--servers chatd-sqlite,chatd,autobahn,websockets,tornado,socketio]
                     [--out bench/results.jsonl]
+    python -m bench --only multinode,notify
+
+multinode runs one and three chatd nodes on one PostgreSQL schema (a fresh
+one each time, dropped afterwards), hearing each other through each bus
+(postgresql, redis), with receivers spread over the nodes and one sender
+on the first; notify is the commit rate of PostgreSQL with and without
+chatd's NOTIFY (python -m bench.notify).  Both need PostgreSQL
+($CHATD_BENCH_POSTGRES, default postgresql://postgres@127.0.0.1:5432/test),
+and multinode Redis too ($CHATD_BENCH_REDIS, default
+redis://127.0.0.1:6379/0).  They are not in the default --only: the
+comparison cells above run on one node.
 
 chatd-sqlite is chatd as the README runs it (the default SQLite store),
 chatd the same with --store memory:.  Every server runs pinned to CPU 0
@@ -32,13 +43,17 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen"
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TICKS = os.sysconf("SC_CLK_TCK")
+POSTGRES = os.environ.get("CHATD_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("CHATD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+#: The buses of the multinode cells, by the name the results use.
+BUSES = {"postgresql": "postgresql", "redis": REDIS}
 CPUS = os.cpu_count() or 1
 
 
@@ -124,17 +139,22 @@ def node(config: Dict[str, Any]) -> List[str]:
     return ["node", str(LOADGEN / "loadgen.js"), json.dumps(config)]
 
 
-def measured(server: Server, argv: List[str], timeout: float = 300) -> Dict[str, Any]:
+def measured(server: Union[Server, Sequence[Server]], argv: List[str], timeout: float = 300) -> Dict[str, Any]:
     """
-    Run a load generator (pinned to CPU 1) against C{server}: its JSON
-    result, with the server's CPU time over the run.
+    Run a load generator (pinned to CPU 1) against C{server} (or several
+    nodes): its JSON result, with the server's CPU time over the run (the
+    sum over the nodes, and each node's in C{node_cpu_s}).
     """
-    before = cpu_seconds(server.process.pid)
+    servers = [server] if isinstance(server, Server) else list(server)
+    before = [cpu_seconds(s.process.pid) for s in servers]
     out = subprocess.run(pin(1) + argv, capture_output=True, timeout=timeout, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{Path(argv[0]).name} failed: {out.stderr.decode(errors='replace')[-2000:]}")
     result = json.loads(out.stdout.decode().strip().splitlines()[-1])
-    result["server_cpu_s"] = round(cpu_seconds(server.process.pid) - before, 3)
+    spent = [round(cpu_seconds(s.process.pid) - b, 3) for s, b in zip(servers, before, strict=True)]
+    result["server_cpu_s"] = round(sum(spent), 3)
+    if len(servers) > 1:
+        result["node_cpu_s"] = spent
     return result
 
 
@@ -234,6 +254,106 @@ def longpoll(name: str, clients: int) -> Dict[str, Any]:
     return {"bench": "longpoll", "server": name, "clients": clients, **r}
 
 
+class Cluster:
+    """
+    C{nodes} chatd nodes on one fresh PostgreSQL schema, hearing each
+    other through C{bus}, each pinned to CPU 0; the schema is dropped when
+    they stop.
+    """
+
+    def __init__(self, nodes: int, bus: str) -> None:
+        self.schema = f"chatd_bench_{uuid.uuid4().hex[:8]}"
+        store = f"{POSTGRES}?schema={self.schema}"
+        self.servers: List[Server] = []
+        try:
+            # One at a time: the first creates the schema and the room.
+            for _ in range(nodes):
+                server = Server("chatd-pg", ["--store", store, "--bus", BUSES[bus]])
+                self.servers.append(server)
+                wait_for_bus(server)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        import psycopg
+
+        with psycopg.connect(POSTGRES, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+
+
+def wait_for_bus(server: Server, seconds: float = 30) -> None:
+    """
+    Wait until C{server}'s /readyz says its bus is connected (it listens
+    only after the store has loaded, so "listening" is not enough).
+    """
+    from urllib.request import urlopen
+
+    deadline = time.monotonic() + seconds
+    detail = ""
+    while time.monotonic() < deadline:
+        with urlopen(f"{server.base}/readyz", timeout=5) as answer:
+            detail = json.loads(answer.read()).get("bus", "")
+        if detail.endswith(": connected"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{server.base}: the bus did not connect ({detail!r})")
+
+
+def multinode_fanout(bus: str, nodes: int, receivers: int) -> Dict[str, Any]:
+    """
+    Fan-out over C{nodes} nodes: receivers round-robin over them, the
+    sender (100 in flight) on the first.
+    """
+    cluster = Cluster(nodes, bus)
+    try:
+        r = measured(cluster.servers, node({"mode": "fanout", "urls": [s.url for s in cluster.servers],
+                                            "receivers": receivers, "window": 100, "duration": 5,
+                                            "protocol": "ws"}))
+    finally:
+        cluster.stop()
+    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
+    return {"bench": "multinode", "test": "fanout", "bus": bus, "nodes": nodes, "receivers": receivers, **r}
+
+
+def multinode_latency(bus: str, nodes: int, receivers: int) -> Dict[str, Any]:
+    """
+    Latency over C{nodes} nodes: receivers round-robin over them, one
+    sender at 20 messages/s for 10 s on the first.
+    """
+    cluster = Cluster(nodes, bus)
+    client = raw_clients()
+    try:
+        if client is not None:
+            r = measured(cluster.servers, [client, "latency", "127.0.0.1",
+                                           ",".join(str(s.port) for s in cluster.servers),
+                                           cluster.servers[0].path, str(receivers), "20", "10"])
+        else:
+            r = measured(cluster.servers, node({"mode": "latency", "urls": [s.url for s in cluster.servers],
+                                                "receivers": receivers, "rate": 20, "duration": 10,
+                                                "protocol": "ws", "raw": True}))
+            r["loadgen"] = "node"
+    finally:
+        cluster.stop()
+    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["received"], 1), 2)
+    return {"bench": "multinode", "test": "latency", "bus": bus, "nodes": nodes, "receivers": receivers, **r}
+
+
+def notify() -> List[Dict[str, Any]]:
+    """
+    python -m bench.notify, pinned to CPU 0 (its writers play the nodes),
+    its listener to CPU 1.
+    """
+    out = subprocess.run(
+        pin(0) + [PYTHON, "-m", "bench.notify", "--postgres", POSTGRES, "--modes", "off,on",
+                  *(["--listener-cpu", "1"] if pin(1) else [])],
+        capture_output=True, check=True, cwd=HERE.parent,
+    )
+    return [json.loads(line) for line in out.stdout.decode().splitlines() if line.strip()]
+
+
 def getcost(messages: int) -> Dict[str, Any]:
     """
     GET ?after= (the newest 10) in a room holding `messages` messages, on
@@ -270,6 +390,8 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--servers", default="chatd-sqlite,chatd,autobahn,websockets,tornado,socketio")
     parser.add_argument("--out", default=str(HERE / "results.jsonl"))
     parser.add_argument("--idle-connections", type=int, default=5000)
+    parser.add_argument("--buses", default=",".join(BUSES), help="for multinode")
+    parser.add_argument("--multinode-receivers", type=int, default=100)
     args = parser.parse_args(argv)
     # Thousands of sockets on each side: raise the open-file limit as far
     # as this process may (children inherit it).
@@ -312,6 +434,16 @@ def main(argv: List[str]) -> None:
                     emit(getcost(messages), run)
             if "store" in only:
                 for row in store():
+                    emit(row, run)
+            if "multinode" in only:
+                # One node and three side by side, for each bus, so that
+                # the difference is the bus's and not the machine's mood.
+                for bus in args.buses.split(","):
+                    for test in (multinode_fanout, multinode_latency):
+                        for nodes in (1, 3):
+                            emit(test(bus, nodes, args.multinode_receivers), run)
+            if "notify" in only:
+                for row in notify():
                     emit(row, run)
 
 

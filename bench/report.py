@@ -1,7 +1,7 @@
 """
 Turn python -m bench's JSON lines into docs/benchmarks.md and its chart.
 
-    python -m bench.report [--results bench/results.jsonl] [--session ID]
+    python -m bench.report [--results bench/results.jsonl] [--session ID] [--multinode]
 
 Uses the newest session in the file unless --session is given.  Each cell
 shows the median of its runs with the min-max range.
@@ -80,6 +80,195 @@ def share(c: Optional[Tuple], per_second: int) -> str:
 
 def us_per(c: Optional[Tuple], count: int) -> str:
     return "n/a" if not c else f"{c[0] * 1e6 / count:.0f}"
+
+
+BUS_NAMES = {"postgresql": "PostgreSQL (LISTEN/NOTIFY)", "redis": "Redis (pub/sub)"}
+
+
+def buses(rows: List[Dict[str, Any]]) -> List[str]:
+    """
+    The buses of a session's multinode rows, known ones first.
+    """
+    found = {r["bus"] for r in rows if r["bench"] == "multinode"}
+    return [b for b in BUS_NAMES if b in found] + sorted(found - set(BUS_NAMES))
+
+
+def paired(
+    a: List[Dict[str, Any]], b: List[Dict[str, Any]], key: str, op: Any
+) -> Optional[Tuple[float, float, float, int]]:
+    """
+    C{op(a_run[key], b_run[key])} for each run both groups have (the two
+    ran one after the other, so a run's pair shares the machine's mood),
+    summarised as a cell.
+    """
+    by_run = {r["run"]: r[key] for r in b if r.get(key) is not None}
+    return summary([op(r[key], by_run[r["run"]]) for r in a if r.get(key) is not None and r["run"] in by_run])
+
+
+def signed(c: Optional[Tuple[float, float, float, int]], digits: int = 1) -> str:
+    """
+    A cell of differences, which may be negative: C{+0.8 (-0.2 to +1.9)}.
+    """
+    if c is None:
+        return "n/a"
+    med, lo, hi, _ = c
+    return f"{med:+,.{digits}f} ({lo:+,.{digits}f} to {hi:+,.{digits}f})"
+
+
+def nonnegative(c: Optional[Tuple]) -> Optional[Tuple]:
+    # The C client reports -1 for "no such receivers" (one node has no
+    # remote ones).
+    return None if c is None or c[0] < 0 else c
+
+
+def added_latency(rows: List[Dict[str, Any]], bus: str, key: str) -> Optional[Tuple]:
+    """
+    Three nodes' latency minus one node's, run by run.
+    """
+    one = group(rows, "multinode", test="latency", bus=bus, nodes=1)
+    three = group(rows, "multinode", test="latency", bus=bus, nodes=3)
+    return paired(three, one, key, lambda x, y: x - y)
+
+
+def undelivered_total(rows: List[Dict[str, Any]], bus: str) -> int:
+    """
+    Every multinode run's messages not delivered, doubled or out of order
+    (each counted per receiver), on C{bus}.
+    """
+    return sum(
+        r.get("undelivered", 0) + r.get("duplicates", 0) + r.get("out_of_order", 0)
+        for r in group(rows, "multinode", bus=bus)
+    )
+
+
+def notify_share(rows: List[Dict[str, Any]]) -> Optional[Tuple]:
+    on = [r for r in rows if r["bench"] == "notify" and r["notify"] == "on"]
+    off = [r for r in rows if r["bench"] == "notify" and r["notify"] == "off"]
+    return paired(on, off, "commits_per_s", lambda x, y: 100.0 * x / y)
+
+
+def multinode_section(rows: List[Dict[str, Any]]) -> List[str]:
+    """
+    The section on several chatd nodes sharing one PostgreSQL store
+    (the multinode and notify cells), or nothing when the session has
+    neither.
+    """
+    mn = [r for r in rows if r["bench"] == "multinode"]
+    nt = [r for r in rows if r["bench"] == "notify"]
+    if not mn and not nt:
+        return []
+    out = [
+        "",
+        "## Several nodes on one PostgreSQL",
+        "",
+        "One and three `twistd chatd` nodes on one PostgreSQL store (a fresh schema each time), "
+        "hearing each other's commits through the bus (`--bus postgresql`: NOTIFY from the append "
+        "transaction; `--bus redis://`: pub/sub after the commit); receivers are spread over the "
+        "nodes round-robin and the one sender talks to the first node. Every node is pinned to "
+        "CPU 0, the load generator to CPU 1, and PostgreSQL and Redis run where the kernel puts "
+        "them, so on this 2-core machine three nodes cannot be faster than one: what the cells "
+        "show is the server CPU per delivery summed over the nodes, and the latency the bus adds "
+        "(three nodes minus one, paired run by run). Not delivered, duplicates and out of order "
+        "count (receiver, message) pairs: every receiver must see every message once, in order.",
+    ]
+    fan = [r for r in mn if r["test"] == "fanout"]
+    if fan:
+        out += [
+            "",
+            "Fan-out: the sender keeps 100 messages in flight on the first node.",
+            "",
+            "| bus | nodes | R | deliveries/s | server µs/delivery | server CPU s (all nodes) | "
+            "not delivered | load-gen CPU s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for bus in buses(rows):
+            for nodes in (1, 3):
+                for receivers in sorted({r["receivers"] for r in fan}):
+                    g = group(rows, "multinode", test="fanout", bus=bus, nodes=nodes, receivers=receivers)
+                    if g:
+                        out.append(
+                            f"| {BUS_NAMES.get(bus, bus)} | {nodes} | {receivers} | {fmt(cell(g, 'deliveries_per_s'))} | "
+                            f"{fmt(cell(g, 'server_us_per_delivery'), 2)} | {fmt(cell(g, 'server_cpu_s'), 2)} | "
+                            f"{fmt(cell(g, 'undelivered'))} | {fmt(cell(g, 'loadgen_cpu_s'), 2)} |"
+                        )
+    lat = [r for r in mn if r["test"] == "latency"]
+    if lat:
+        out += [
+            "",
+            "Latency: one sender at 20 messages/s for 10 s; send to receive on the load "
+            "generator's clock (bare-socket receivers, in C). Other nodes' p50 and p99 are those "
+            "of the receivers not on the sender's node, whose every message crossed the bus.",
+            "",
+            "| bus | nodes | R | p50 ms | p99 ms | max ms | other nodes' p50 ms | other nodes' p99 ms | "
+            "not delivered | duplicates | out of order | server µs/delivery |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for bus in buses(rows):
+            for nodes in (1, 3):
+                for receivers in sorted({r["receivers"] for r in lat}):
+                    g = group(rows, "multinode", test="latency", bus=bus, nodes=nodes, receivers=receivers)
+                    if g:
+                        out.append(
+                            f"| {BUS_NAMES.get(bus, bus)} | {nodes} | {receivers} | {fmt(cell(g, 'p50_ms'), 1)} | "
+                            f"{fmt(cell(g, 'p99_ms'), 1)} | {fmt(cell(g, 'max_ms'), 1)} | "
+                            f"{fmt(nonnegative(cell(g, 'remote_p50_ms')), 1)} | "
+                            f"{fmt(nonnegative(cell(g, 'remote_p99_ms')), 1)} | {fmt(cell(g, 'undelivered'))} | "
+                            f"{fmt(cell(g, 'duplicates'))} | {fmt(cell(g, 'out_of_order'))} | "
+                            f"{fmt(cell(g, 'server_us_per_delivery'), 1)} |"
+                        )
+        out += [
+            "",
+            "What the bus adds (three nodes minus one node, run by run):",
+            "",
+            "| bus | p50 ms | p99 ms |",
+            "| --- | --- | --- |",
+        ]
+        for bus in buses(rows):
+            out.append(
+                f"| {BUS_NAMES.get(bus, bus)} | {signed(added_latency(rows, bus, 'p50_ms'))} | "
+                f"{signed(added_latency(rows, bus, 'p99_ms'))} |"
+            )
+    if nt:
+        g = nt[0]
+        out += [
+            "",
+            f"Commits with and without NOTIFY (`python -m bench.notify`): {g['writers']} writers, each "
+            "a `PostgresStore` of its own as a node's, each appending to a room of its own with "
+            f"{g['window']} append(s) in flight (so one message per commit), for "
+            f"{g['seconds']:.0f} s; with NOTIFY, each store announces its commits from the append "
+            "transaction as `--bus postgresql` does, and one LISTEN connection hears them (not "
+            "announced: committed messages it did not hear of).",
+            "",
+            "| NOTIFY | writers | commits/s | writer CPU s | not announced |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for mode in ("off", "on"):
+            m = [r for r in nt if r["notify"] == mode]
+            if m:
+                out.append(
+                    f"| {mode} | {m[0]['writers']} | {fmt(cell(m, 'commits_per_s'))} | "
+                    f"{fmt(cell(m, 'writer_cpu_s'), 2)} | {fmt(cell(m, 'unannounced')) if mode == 'on' else '-'} |"
+                )
+        out += ["", f"With NOTIFY the store commits {fmt(notify_share(rows))}% of its rate without it (run by run)."]
+    return out
+
+
+def multinode_targets(rows: List[Dict[str, Any]]) -> List[str]:
+    """
+    The targets of the multinode and notify cells, as rows of the Targets table.
+    """
+    out = []
+    for bus in buses(rows):
+        receivers = sorted({r["receivers"] for r in group(rows, "multinode", test="latency", bus=bus)})
+        out.append(
+            f"| {BUS_NAMES.get(bus, bus)} bus: three nodes add < 5 ms to p50 at "
+            f"{', '.join(map(str, receivers))} receivers, nothing undelivered | "
+            f"p50 {signed(added_latency(rows, bus, 'p50_ms'))} ms (p99 {signed(added_latency(rows, bus, 'p99_ms'))} ms), "
+            f"not delivered, doubled or out of order {undelivered_total(rows, bus):,} (every run) |"
+        )
+    if any(r["bench"] == "notify" for r in rows):
+        out.append(f"| PostgreSQL with NOTIFY commits >= 80% of its rate without | {fmt(notify_share(rows))}% |")
+    return out
 
 
 def chart(rows: List[Dict[str, Any]], path: Path) -> None:
@@ -238,6 +427,7 @@ def report(rows: List[Dict[str, Any]]) -> str:
     def med(bench: str, key: str, **match: Any) -> Optional[Tuple]:
         return cell(group(rows, bench, **match), key)
 
+    out += multinode_section(rows)
     out += [
         "",
         "## Targets",
@@ -283,6 +473,7 @@ def report(rows: List[Dict[str, Any]]) -> str:
     out.append(f"| GET in a 100,000-message room within 10% of a 10-message room | {ratio(big, small)} |")
     c = cell([r for r in rows if r["bench"] == "store" and r["store"] == "sqlite"], "messages_per_s")
     out.append(f"| SQLite >= 20k messages/s committed | {fmt(c)} |")
+    out += multinode_targets(rows)
     lp = group(rows, "longpoll", clients=1000, server="chatd")
     out += [
         "",
@@ -335,8 +526,16 @@ def main() -> None:
     parser.add_argument("--results", default=str(HERE / "results.jsonl"))
     parser.add_argument("--keep", action="store_true", help="also copy the results to docs/benchmarks/")
     parser.add_argument("--session")
+    parser.add_argument(
+        "--multinode", action="store_true",
+        help="print only the multi-node section and its targets (e.g. of a partial run) and write nothing",
+    )
     args = parser.parse_args()
     rows = load(Path(args.results), args.session)
+    if args.multinode:
+        targets = ["", "| target | measured |", "| --- | --- |", *multinode_targets(rows)]
+        print("\n".join(multinode_section(rows) + targets).strip())
+        return
     DOCS.mkdir(exist_ok=True)
     chart(rows, DOCS / "benchmarks.png")
     (DOCS / "benchmarks.md").write_text(report(rows))

@@ -93,3 +93,115 @@ class ReportTests(SynchronousTestCase):
         from pathlib import Path
 
         self.assertEqual([r["session"] for r in report.load(Path(path), None)], ["new"])
+
+
+def multinode_rows() -> list:
+    """
+    Two runs of the multinode and notify cells on both buses, made up.
+    """
+    rows = []
+    for run, extra in ((1, 1.0), (2, 3.0)):
+        for bus in ("postgresql", "redis"):
+            for nodes in (1, 3):
+                slower = extra if nodes == 3 else 0.0
+                rows.append(
+                    row(run=run, bench="multinode", test="fanout", bus=bus, nodes=nodes, receivers=100,
+                        deliveries_per_s=300_000 / nodes, server_us_per_delivery=2.0 * nodes,
+                        server_cpu_s=4.0, undelivered=0, duplicates=0, loadgen_cpu_s=1.5)
+                )
+                rows.append(
+                    row(run=run, bench="multinode", test="latency", bus=bus, nodes=nodes, receivers=100,
+                        p50_ms=3.0 + slower, p99_ms=10.0 + 10 * slower, max_ms=20.0,
+                        remote_p50_ms=-1.0 if nodes == 1 else 4.0, remote_p99_ms=-1.0 if nodes == 1 else 40.0,
+                        undelivered=0, duplicates=0, out_of_order=1 if (bus, nodes, run) == ("redis", 3, 2) else 0,
+                        server_us_per_delivery=36.0, loadgen="c")
+                )
+        rows.append(row(run=run, bench="notify", notify="off", writers=8, window=1, seconds=5.0,
+                        commits_per_s=1000, writer_cpu_s=2.0))
+        rows.append(row(run=run, bench="notify", notify="on", writers=8, window=1, seconds=5.0,
+                        commits_per_s=900 - 100 * run, writer_cpu_s=2.0, unannounced=0))
+    return rows
+
+
+class MultinodeReportTests(SynchronousTestCase):
+    """
+    The multi-node section: one and three nodes per bus, the latency the
+    bus adds, and NOTIFY's share of the commit rate.
+    """
+
+    def test_tables(self) -> None:
+        """
+        Each bus and node count has its fan-out and latency rows; one node
+        has no other nodes' receivers, shown as n/a rather than -1.
+        """
+        text = "\n".join(report.multinode_section(multinode_rows()))
+        self.assertIn("## Several nodes on one PostgreSQL", text)
+        self.assertIn(
+            "| PostgreSQL (LISTEN/NOTIFY) | 3 | 100 | 100,000 (100,000-100,000) | 6.00 (6.00-6.00) |", text
+        )
+        self.assertIn("| Redis (pub/sub) | 1 | 100 | 3.0 (3.0-3.0) | 10.0 (10.0-10.0) | 20.0 (20.0-20.0) | n/a | n/a |",
+                      text)
+        self.assertIn("| 4.0 (4.0-4.0) | 40.0 (40.0-40.0) | 0 (0-0) | 0 (0-0) | 0 (0-1) |", text)
+
+    def test_added_latency_paired_by_run(self) -> None:
+        """
+        The bus's added latency is three nodes minus one node within each
+        run, summarised over the runs.
+        """
+        rows = multinode_rows()
+        self.assertEqual(report.added_latency(rows, "postgresql", "p50_ms"), (2.0, 1.0, 3.0, 2))
+        self.assertEqual(report.added_latency(rows, "redis", "p99_ms"), (20.0, 10.0, 30.0, 2))
+        text = "\n".join(report.multinode_section(rows))
+        self.assertIn("| PostgreSQL (LISTEN/NOTIFY) | +2.0 (+1.0 to +3.0) | +20.0 (+10.0 to +30.0) |", text)
+
+    def test_added_latency_may_be_negative(self) -> None:
+        """
+        Three nodes may measure faster than one on a noisy machine: the
+        difference keeps its sign rather than reading as a range.
+        """
+        self.assertEqual(report.signed((-1.25, -13.1, 236.3, 3)), "-1.2 (-13.1 to +236.3)")
+        self.assertEqual(report.signed(None), "n/a")
+
+    def test_notify_share(self) -> None:
+        """
+        NOTIFY's commit rate as a share of the rate without, run by run,
+        with its unannounced count.
+        """
+        rows = multinode_rows()
+        self.assertEqual(report.notify_share(rows), (75.0, 70.0, 80.0, 2))
+        text = "\n".join(report.multinode_section(rows))
+        self.assertIn("| off | 8 | 1,000 (1,000-1,000) | 2.00 (2.00-2.00) | - |", text)
+        self.assertIn("| on | 8 | 750 (700-800) | 2.00 (2.00-2.00) | 0 (0-0) |", text)
+
+    def test_targets(self) -> None:
+        """
+        The targets count every run's undelivered, doubled and reordered
+        messages, per bus, and join the full report's Targets table.
+        """
+        rows = multinode_rows()
+        targets = report.multinode_targets(rows)
+        self.assertEqual(
+            targets,
+            [
+                "| PostgreSQL (LISTEN/NOTIFY) bus: three nodes add < 5 ms to p50 at 100 receivers, "
+                "nothing undelivered | p50 +2.0 (+1.0 to +3.0) ms (p99 +20.0 (+10.0 to +30.0) ms), "
+                "not delivered, doubled or out of order 0 (every run) |",
+                "| Redis (pub/sub) bus: three nodes add < 5 ms to p50 at 100 receivers, "
+                "nothing undelivered | p50 +2.0 (+1.0 to +3.0) ms (p99 +20.0 (+10.0 to +30.0) ms), "
+                "not delivered, doubled or out of order 1 (every run) |",
+                "| PostgreSQL with NOTIFY commits >= 80% of its rate without | 75 (70-80)% |",
+            ],
+        )
+        full = report.report(rows)
+        self.assertIn(targets[0], full)
+        self.assertLess(full.index("## Several nodes"), full.index("## Targets"))
+
+    def test_absent(self) -> None:
+        """
+        A session without the multi-node cells renders no such section
+        (docs/benchmarks.md of a run without them stays as it was).
+        """
+        rows = [row(bench="store", store="sqlite", messages_per_s=70000)]
+        self.assertEqual(report.multinode_section(rows), [])
+        self.assertEqual(report.multinode_targets(rows), [])
+        self.assertNotIn("Several nodes", report.report(rows))

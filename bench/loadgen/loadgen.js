@@ -76,12 +76,16 @@ function connectRaw(url) {
   });
 }
 
+// The servers to spread clients over, round-robin: cfg.urls (several chatd
+// nodes sharing one store) or cfg.url.  Senders talk to the first.
+const urls = cfg.urls || [cfg.url];
+
 async function connectMany(count) {
   const clients = [];
   const open = cfg.raw ? connectRaw : connect;
   for (let start = 0; start < count; start += 100) {
     const batch = [];
-    for (let i = start; i < Math.min(count, start + 100); i++) batch.push(open(cfg.url));
+    for (let i = start; i < Math.min(count, start + 100); i++) batch.push(open(urls[i % urls.length]));
     clients.push(...(await Promise.all(batch)));
   }
   return clients;
@@ -125,11 +129,13 @@ function finish(result) {
 
 async function fanout() {
   // One sender with a bounded window of messages in flight (sent, not yet
-  // echoed back to it), R receivers that only count.
+  // echoed back to it), R receivers that only count, each on its own, so
+  // that one receiver's loss is not hidden by another's duplicate.
   const receivers = await connectMany(cfg.receivers);
-  const sender = await connect(cfg.url);
+  const sender = await connect(urls[0]);
   let delivered = 0;
-  for (const r of receivers) r.onmessage = () => { delivered += 1; };
+  const counts = receivers.map(() => 0);
+  receivers.forEach((r, i) => { r.onmessage = () => { delivered += 1; counts[i] += 1; }; });
   let sent = 0, echoed = 0, stop = false;
   const started = now();
   const send = () => { sender.send(message(`f${sent}`)); sent += 1; };
@@ -143,15 +149,17 @@ async function fanout() {
   const expected = () => sent * receivers.length;
   await until(() => delivered >= expected(), 10000);
   const seconds = (now() - started) / 1000;
+  const short = counts.reduce((sum, n) => sum + Math.max(0, sent - n), 0);
+  const extra = counts.reduce((sum, n) => sum + Math.max(0, n - sent), 0);
   finish({delivered, sent, seconds, deliveries_per_s: delivered / seconds,
-          undelivered: expected() - delivered});
+          undelivered: short, duplicates: extra, nodes: urls.length});
 }
 
 async function latency() {
   // R receivers; one sender at a fixed rate; each receiver notes when
   // each message arrives.
   const receivers = await connectMany(cfg.receivers);
-  const sender = await connect(cfg.url);
+  const sender = await connect(urls[0]);
   sender.onmessage = () => {};
   const sentAt = [];
   const latencies = [];

@@ -9,11 +9,17 @@
  *       being read.  (node spent ~40 us per answer-and-ask-again: with a
  *       thousand pollers it saturated its core.)
  *
- *   rawclients latency HOST PORT PATH RECEIVERS RATE DURATION
+ *   rawclients latency HOST PORT[,PORT...] PATH RECEIVERS RATE DURATION
  *       R WebSocket receivers and one sender of "L<i>" messages at RATE a
  *       second (chatd's message frames; the peers broadcast them as they
  *       are); latency is from a frame being written to its copy being read
- *       by each receiver.  (node spent ~20 us per frame received.)
+ *       by each receiver.  (node spent ~20 us per frame received.)  With
+ *       several ports (chatd nodes sharing a store), receivers are spread
+ *       over them round-robin and the sender talks to the first; each
+ *       receiver must see every message once, in order: "undelivered",
+ *       "duplicates" and "out_of_order" count (receiver, message) pairs,
+ *       and "remote_p50_ms"/"remote_p99_ms" are the receivers' on other
+ *       ports than the sender's.
  *
  * Prints one JSON line with the fields of loadgen.js: sent, received,
  * [deliveries_per_s,] undelivered, p50_ms, p99_ms, max_ms, loadgen_cpu_s.
@@ -364,23 +370,69 @@ static int ws_open(const char *path) {
     return fd;
 }
 
+/* Per receiver: which messages it has seen, and the last one, so that a
+ * message missed, doubled or overtaken is counted, not netted out. */
+static unsigned char *seen;
+static long *last_seen;
+static long duplicates, out_of_order;
+static double *remote;
+static size_t n_remote;
+
+static void record_receiver(double t, const char *p, size_t len, int receiver, int is_remote) {
+    const char *end = p + len;
+    while ((p = memmem(p, (size_t)(end - p), "\"L", 2))) {
+        p += 2;
+        char *stop;
+        long i = strtol(p, &stop, 10);
+        if (stop > p && stop < end && *stop == '"' && i >= 0 && i < n_sent) {
+            unsigned char *mark = &seen[(size_t)receiver * (size_t)n_sent + (size_t)i];
+            if (*mark) {
+                duplicates++;
+            } else {
+                *mark = 1;
+                if (i < last_seen[receiver]) out_of_order++;
+                last_seen[receiver] = i;
+                if (is_remote) remote[n_remote++] = t - sent_at[i];
+                record(t, i);
+            }
+        }
+        p = stop > p ? stop : p;
+    }
+}
+
+static double pct_of(double *values, size_t n, double p) {
+    if (!n) return -1;
+    size_t i = (size_t)(p / 100.0 * (double)n);
+    return values[i >= n ? n - 1 : i];
+}
+
 static int latency_main(char **argv) {
     host = argv[1];
-    port = atoi(argv[2]);
+    int ports[64], n_ports = 0;
+    for (char *spec = argv[2], *next; spec && *spec && n_ports < 64; spec = next) {
+        ports[n_ports++] = (int)strtol(spec, &next, 10);
+        if (*next == ',') next++;
+    }
     const char *path = argv[3];
     int receivers = atoi(argv[4]);
     double rate = atof(argv[5]), duration = atof(argv[6]);
     long total = (long)(rate * duration + 0.5);
     n_sent = total;
     sent_at = calloc((size_t)total + 1, sizeof *sent_at);
+    seen = calloc((size_t)receivers * (size_t)total + 1, 1);
+    last_seen = calloc((size_t)receivers, sizeof *last_seen);
+    remote = calloc((size_t)receivers * (size_t)total + 1, sizeof *remote);
 
     int ep = epoll_create1(0);
     int *fds = calloc((size_t)receivers, sizeof *fds);
     for (int i = 0; i < receivers; i++) {
+        port = ports[i % n_ports];
         fds[i] = ws_open(path);
+        last_seen[i] = -1;
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev) < 0) die("epoll_ctl");
     }
+    port = ports[0];
     int sender = ws_open(path);
     struct epoll_event sev = {.events = EPOLLIN, .data.u32 = (uint32_t)receivers};
     epoll_ctl(ep, EPOLL_CTL_ADD, sender, &sev);
@@ -401,14 +453,19 @@ static int latency_main(char **argv) {
                 return 1;
             }
             /* The sender's own copies are not counted, as in loadgen.js. */
-            if (i != (uint32_t)receivers) record_marks(now_ms(), chunk, (size_t)r, "\"L");
+            if (i != (uint32_t)receivers)
+                record_receiver(now_ms(), chunk, (size_t)r, (int)i, (int)i % n_ports != 0);
         }
     }
     qsort(latencies, n_latencies, sizeof *latencies, cmp);
-    printf("{\"sent\": %ld, \"received\": %ld, \"undelivered\": %ld, \"p50_ms\": %.3f, "
-           "\"p99_ms\": %.3f, \"max_ms\": %.3f, \"loadgen_cpu_s\": %.3f, \"loadgen\": \"c\"}\n",
-           total, received, total * receivers - received, pct(50), pct(99),
-           n_latencies ? latencies[n_latencies - 1] : -1.0, cpu_seconds());
+    qsort(remote, n_remote, sizeof *remote, cmp);
+    printf("{\"sent\": %ld, \"received\": %ld, \"undelivered\": %ld, \"duplicates\": %ld, "
+           "\"out_of_order\": %ld, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_ms\": %.3f, "
+           "\"remote_p50_ms\": %.3f, \"remote_p99_ms\": %.3f, \"nodes\": %d, "
+           "\"loadgen_cpu_s\": %.3f, \"loadgen\": \"c\"}\n",
+           total, received, total * receivers - received, duplicates, out_of_order, pct(50), pct(99),
+           n_latencies ? latencies[n_latencies - 1] : -1.0, pct_of(remote, n_remote, 50),
+           pct_of(remote, n_remote, 99), n_ports, cpu_seconds());
     return 0;
 }
 
@@ -417,6 +474,6 @@ int main(int argc, char **argv) {
     if (argc == 8 && strcmp(argv[1], "latency") == 0) return latency_main(argv + 1);
     fprintf(stderr,
             "usage: rawclients longpoll HOST PORT ROOM CLIENTS RATE DURATION\n"
-            "       rawclients latency HOST PORT PATH RECEIVERS RATE DURATION\n");
+            "       rawclients latency HOST PORT[,PORT...] PATH RECEIVERS RATE DURATION\n");
     return 2;
 }
