@@ -147,6 +147,8 @@ class RemoteBus(Service):
         #: The pending calls, by what they do: "retry" (connect again),
         #: "poll" (catch up while not connected), "beat" (a heartbeat).
         self._calls: Dict[str, IDelayedCall] = {}
+        #: Hints of this reactor turn, by room: C{(last_seq, messages)}.
+        self._outgoing: Dict[str, tuple] = {}
         self._connecting: Optional[Deferred] = None
         #: How many times the bus connected (the first time included).
         self.connects = 0
@@ -154,11 +156,30 @@ class RemoteBus(Service):
     # -- IBus ----------------------------------------------------------------
 
     def publish(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:
+        """
+        Queue the hint; every hint of this reactor turn goes out at its
+        end, one payload per room, so that a burst of commits costs the
+        listeners one delivery pass, not one per message.
+        """
         if self.state != CONNECTED:
             # Dropped: the listeners' catch-up covers it.
             return
-        for payload in encode(room, last_seq, messages, self.limit):
-            self._send_safely(payload)
+        pending = self._outgoing.get(room)
+        if pending is None:
+            self._outgoing[room] = pending = (last_seq, list(messages))
+        else:
+            pending[1].extend(messages)
+            self._outgoing[room] = (max(pending[0], last_seq), pending[1])
+        if "flush" not in self._calls:
+            self._schedule("flush", 0, self._flush)
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, {}
+        if self.state != CONNECTED:
+            return
+        for room, (last_seq, messages) in outgoing.items():
+            for payload in encode(room, last_seq, messages, self.limit):
+                self._send_safely(payload)
 
     def subscribe(self, listener: IBusListener) -> IBusSubscription:
         subscription = _Subscription(self, listener)
@@ -248,7 +269,8 @@ class RemoteBus(Service):
         Not connected: read the store meanwhile, and reconnect later.
         """
         self._set(DISCONNECTED)
-        self._cancel("beat")
+        self._cancel("beat", "flush")
+        self._outgoing = {}
         d = self._disconnect()
         d.addErrback(lambda f: None)
         self._attempts += 1
