@@ -88,15 +88,17 @@ class LongPoller:
         self.bodies: List[str] = []
         self.resets = 0
         self.running = True
+        self._request: Optional[Deferred] = None
         self.done: Deferred = Deferred.fromCoroutine(self._run())
 
     async def _run(self) -> None:
         while self.running:
             after = self.seqs[-1] if self.seqs else 0
+            self._request = Deferred.fromCoroutine(
+                self.http.get_json(f"/api/rooms/{self.room}/messages?after={after}&timeout=5")
+            )
             try:
-                code, answer = await self.http.get_json(
-                    f"/api/rooms/{self.room}/messages?after={after}&timeout=5"
-                )
+                code, answer = await self._request
             except Exception:
                 # Its node went away: the test points it elsewhere.
                 await deferLater(reactor, 0.05)
@@ -112,6 +114,8 @@ class LongPoller:
 
     def stop(self) -> Deferred:
         self.running = False
+        if self._request is not None:
+            self._request.cancel()
         return self.done
 
 
