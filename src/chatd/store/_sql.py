@@ -17,7 +17,8 @@ held until commit, seq N+1 can only become visible after seq N.
 from __future__ import annotations
 
 import importlib.resources
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
@@ -298,20 +299,29 @@ class SQLStore:
             rows.append((state[0], state[1], nick, body, ts_ms, client_id))
             results.append((message, True))
         if rows:
-            conn.cursor().executemany(
-                self._sql(
-                    "INSERT INTO messages (room_id, seq, nick, body, ts_ms, client_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?)"
-                ),
-                rows,
-            )
-            conn.cursor().executemany(
-                self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"),
-                [(last_seq, room_id) for room_id, last_seq in rooms.values()],
-            )
-            if self._notify is not None:
-                self._announce(conn, [m for m, created in results if created])
+            # The writes need no answer but success: sent together.
+            with self._pipeline(conn):
+                conn.cursor().executemany(
+                    self._sql(
+                        "INSERT INTO messages (room_id, seq, nick, body, ts_ms, client_id) "
+                        "VALUES (?, ?, ?, ?, ?, ?)"
+                    ),
+                    rows,
+                )
+                conn.cursor().executemany(
+                    self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"),
+                    [(last_seq, room_id) for room_id, last_seq in rooms.values()],
+                )
+                if self._notify is not None:
+                    self._announce(conn, [m for m, created in results if created])
         return results
+
+    def _pipeline(self, conn: Any) -> ContextManager[Any]:
+        """
+        A block whose statements may go to the database together, without
+        waiting for each one's answer (where the driver can).
+        """
+        return nullcontext()
 
     # -- announcing commits --------------------------------------------------
 
@@ -341,7 +351,10 @@ class SQLStore:
             for room, new in by_room.items()
             for payload in encode(room, new[-1].seq, new)
         ]
-        conn.cursor().executemany(self._sql(self.notify), payloads)
+        statement = self._sql(self.notify)
+        cursor = conn.cursor()
+        for payload in payloads:
+            cursor.execute(statement, payload)
 
     def _originals(
         self, conn: Any, rooms: Dict[str, List[int]], items: Sequence[_Append]
