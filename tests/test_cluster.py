@@ -11,10 +11,10 @@ node it is on and whatever happens to the bus or to a node meanwhile.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -209,6 +209,19 @@ class ClusterMixin:
         balancer: its clients reconnect through HAProxy with ?after= and
         see no gap, and the other nodes' clients never stall.
         """
+        await self.lose_a_node_mid_stream(lambda node: node.kill())
+
+    async def test_drained_node(self) -> None:
+        """
+        SIGTERM to one of three nodes (started with the docs' --drain):
+        HAProxy takes it out, its WebSockets close with 1001 and resume on
+        the others with ?after=, and nobody sees a gap.
+        """
+        await self.lose_a_node_mid_stream(lambda node: node.signal("TERM"))
+        self.assertEqual(await self.cluster.nodes[0].process.ended, 0)
+        self.assertRegex(self.cluster.nodes[0].output, rb"closed [1-9][0-9]* WebSockets")
+
+    async def lose_a_node_mid_stream(self, lose: Callable[[Node], object]) -> None:
         nodes = await self.nodes()
         clients = [Resuming(self, self.cluster.haproxy_base) for _ in range(9)]
         await wait_until(lambda: all(c.client is not None for c in clients))
@@ -216,7 +229,7 @@ class ClusterMixin:
         n = 120
         for i in range(n):
             if i == n // 3:
-                await nodes[0].kill()
+                await maybeDeferred(lose, nodes[0])
             while True:
                 # A post in flight on the dying node may fail: retried with
                 # the same client_id, it is stored once.

@@ -144,7 +144,10 @@ class RedisBus(RemoteBus):
         for protocol in (self._subscriber, self._publisher):
             if protocol is not None and protocol.transport is not None:
                 closing.append(protocol.whenDisconnected())
-                protocol.transport.loseConnection()
+                # Aborted, not closed: a connection that is being dropped
+                # may be stalled, and nothing queued on it matters (the
+                # store has every message).
+                protocol.transport.abortConnection()
         self._subscriber = self._publisher = None
         if not closing:
             return succeed(None)
