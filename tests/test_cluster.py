@@ -218,7 +218,8 @@ class ClusterMixin:
         the others with ?after=, and nobody sees a gap.
         """
         await self.lose_a_node_mid_stream(lambda node: node.signal("TERM"))
-        self.assertEqual(await self.cluster.nodes[0].process.ended, 0)
+        process = self.cluster.nodes[0].process
+        self.assertEqual((process.exit_code, process.signal), (0, None), process.output[-3000:])
         self.assertRegex(self.cluster.nodes[0].output, rb"closed [1-9][0-9]* WebSockets")
 
     async def lose_a_node_mid_stream(self, lose: Callable[[Node], object]) -> None:
@@ -226,10 +227,8 @@ class ClusterMixin:
         clients = [Resuming(self, self.cluster.haproxy_base) for _ in range(9)]
         await wait_until(lambda: all(c.client is not None for c in clients))
         sender = HTTP(self, self.cluster.haproxy_base)
-        n = 120
-        for i in range(n):
-            if i == n // 3:
-                await maybeDeferred(lose, nodes[0])
+
+        async def post(i: int) -> None:
             while True:
                 # A post in flight on the dying node may fail: retried with
                 # the same client_id, it is stored once.
@@ -240,9 +239,20 @@ class ClusterMixin:
                 except Exception:
                     code = 0
                 if code == 201:
-                    break
+                    return
                 await deferLater(reactor, 0.05)
+
+        n = 150
+        for i in range(100):
+            if i == 40:
+                await maybeDeferred(lose, nodes[0])
+            await post(i)
             await deferLater(reactor, 0.02)
+        # The node is gone (at once, or once its drain is over): the rest
+        # reach its clients on the other nodes.
+        await nodes[0].process.ended
+        for i in range(100, n):
+            await post(i)
         await wait_until(lambda: all(len(c.seqs) >= n for c in clients), timeout=30)
         for client in clients:
             await client.stop()

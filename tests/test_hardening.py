@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from chatd._http import ChatSite
 from chatd.limits import RateLimiter, parse_rate
+from chatd.store._sql import SCHEMA_VERSION
 from tests._support import HTTP, ChatdProcess, WSClient, make_certificate, start_chatd
 
 
@@ -664,7 +665,7 @@ class StartupLogTests(TestCase):
         output = process.output.decode()
         self.assertEqual(output.count(f"chatd {__version__} starting"), 1, output)
         store = os.path.join(folder, "chatd.sqlite3")
-        self.assertEqual(output.count(f"Store: sqlite:{store} (schema v2)"), 1, output)
+        self.assertEqual(output.count(f"Store: sqlite:{store} (schema v{SCHEMA_VERSION})"), 1, output)
         self.assertEqual(output.count("chatd listening on 127.0.0.1:"), 2, output)
 
 
