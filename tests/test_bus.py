@@ -57,6 +57,19 @@ class Listener:
         return [m.seq for _, _, messages in self.hints for m in messages]
 
 
+@implementer(IBusListener)
+class _Broken:
+    """
+    A listener that raises at everything it is told.
+    """
+
+    def hint(self, *args: object) -> None:
+        raise RuntimeError("listener exploded")
+
+    def catch_up(self) -> None:
+        raise RuntimeError("listener exploded")
+
+
 class _Loopback(RemoteBus):
     """
     A bus whose server is the test: each connection attempt waits for the
@@ -260,15 +273,7 @@ class RemoteBusTests(SynchronousTestCase):
         self.assertEqual(self.listener.hints, [])
 
     def test_failing_listener_is_its_own(self) -> None:
-        @implementer(IBusListener)
-        class Broken:
-            def hint(self, *args: object) -> None:
-                raise RuntimeError("listener exploded")
-
-            def catch_up(self) -> None:
-                raise RuntimeError("listener exploded")
-
-        self.bus.subscribe(Broken())
+        self.bus.subscribe(_Broken())
         good = Listener()
         self.bus.subscribe(good)
         self.bus.attempts[0].callback(None)
@@ -396,16 +401,8 @@ class BusContractMixin:
         """
         a, commit_a = await self.make_node("a")
 
-        @implementer(IBusListener)
-        class Broken:
-            def hint(self, *args: object) -> None:
-                raise RuntimeError("listener exploded")
-
-            def catch_up(self) -> None:
-                raise RuntimeError("listener exploded")
-
         good = Listener()
-        a.subscribe(Broken())
+        a.subscribe(_Broken())
         a.subscribe(good)
         await self.live(a)
         await commit_a("lobby", ["one"])

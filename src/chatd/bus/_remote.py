@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from chatd.bus.local import Subscription
 from chatd.interfaces import IBus, IBusListener, IBusSubscription
 from chatd.model import Message
 
@@ -86,18 +87,6 @@ def _dumps(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-@implementer(IBusSubscription)
-class _Subscription:
-    __slots__ = ("_bus", "listener")
-
-    def __init__(self, bus: "RemoteBus", listener: IBusListener) -> None:
-        self._bus = bus
-        self.listener = listener
-
-    def stop(self) -> None:
-        self._bus._remove(self)
-
-
 @implementer(IBus)
 class RemoteBus(Service):
     """
@@ -137,7 +126,7 @@ class RemoteBus(Service):
         self._max_backoff = max_backoff
         self._observer = observer
         self._jitter = jitter
-        self._subscriptions: List[_Subscription] = []
+        self._subscriptions: List[Subscription] = []
         self.state = STOPPED
         #: When the state last changed (clock seconds).
         self.since = clock.seconds()
@@ -182,13 +171,13 @@ class RemoteBus(Service):
                 self._send_safely(payload)
 
     def subscribe(self, listener: IBusListener) -> IBusSubscription:
-        subscription = _Subscription(self, listener)
+        subscription = Subscription(self, listener)
         self._subscriptions.append(subscription)
         if self.state == CONNECTED:
             self._catch_up([subscription])
         return subscription
 
-    def _remove(self, subscription: _Subscription) -> None:
+    def _remove(self, subscription: Subscription) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
 
@@ -328,7 +317,7 @@ class RemoteBus(Service):
             except Exception:
                 self.log.failure("A bus listener failed on a hint for {room}", room=room)
 
-    def _catch_up(self, subscriptions: List[_Subscription]) -> None:
+    def _catch_up(self, subscriptions: List[Subscription]) -> None:
         for subscription in subscriptions:
             try:
                 subscription.listener.catch_up()

@@ -10,7 +10,7 @@ may share one to act as nodes of one service.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -18,14 +18,18 @@ from zope.interface import implementer
 from chatd.interfaces import IBus, IBusListener, IBusSubscription
 from chatd.model import Message
 
-__all__ = ["LocalBus"]
+__all__ = ["LocalBus", "Subscription"]
 
 
 @implementer(IBusSubscription)
-class _Subscription:
+class Subscription:
+    """
+    A listener's place on a bus (any bus with a C{_remove}).
+    """
+
     __slots__ = ("_bus", "listener")
 
-    def __init__(self, bus: "LocalBus", listener: IBusListener) -> None:
+    def __init__(self, bus: Any, listener: IBusListener) -> None:
         self._bus = bus
         self.listener = listener
 
@@ -43,7 +47,7 @@ class LocalBus:
     description = "local"
 
     def __init__(self) -> None:
-        self._subscriptions: List[_Subscription] = []
+        self._subscriptions: List[Subscription] = []
 
     def publish(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:
         for subscription in list(self._subscriptions):
@@ -54,7 +58,7 @@ class LocalBus:
                 self.log.failure("A bus listener failed on a hint for {room}", room=room)
 
     def subscribe(self, listener: IBusListener) -> IBusSubscription:
-        subscription = _Subscription(self, listener)
+        subscription = Subscription(self, listener)
         self._subscriptions.append(subscription)
         try:
             listener.catch_up()
@@ -62,6 +66,6 @@ class LocalBus:
             self.log.failure("A bus listener failed to catch up")
         return subscription
 
-    def _remove(self, subscription: _Subscription) -> None:
+    def _remove(self, subscription: Subscription) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
