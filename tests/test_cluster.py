@@ -437,6 +437,31 @@ class RedisClusterTests(ClusterMixin, TestCase):
     def bus_args(self) -> List[str]:
         return ["--bus", f"redis://127.0.0.1:{self.redis.port}/0"]
 
+    async def test_a_node_on_another_bus(self) -> None:
+        """
+        A node started by mistake with another bus (PostgreSQL's, beside
+        Redis nodes): its messages still reach the others, from the store,
+        within the audit interval (5 s), and they say what is wrong.
+        """
+        nodes = await self.nodes(2)
+        stray = await ChatdProcess.start(self, "--store", self.url, "--bus", "postgresql")
+        client = await WSClient.connect(self, nodes[0].base, "/ws/lobby")
+        started = time.monotonic()
+        code, _ = await HTTP(self, stray.base).post_json("/api/rooms/lobby/messages", {"body": "astray"})
+        self.assertEqual(code, 201)
+        await client.wait_for_seq(1)
+        self.assertLess(time.monotonic() - started, 5 + 2)
+        # A message that waited for the audit more than 3 s is reported
+        # (posted once a second, some do).
+        warned = False
+        for i in range(12):
+            await HTTP(self, stray.base).post_json("/api/rooms/lobby/messages", {"body": f"astray {i}"})
+            await deferLater(reactor, 1.0)
+            warned = any(b"the same --bus" in node.output for node in nodes)
+            if warned:
+                break
+        self.assertTrue(warned)
+
     async def cut_bus(self, nodes: Sequence[AnyNode]) -> None:
         """
         Restart Redis (on the same port); it keeps nothing.

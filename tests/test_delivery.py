@@ -9,11 +9,12 @@ them; and the bus contract every bus passes.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -440,6 +441,35 @@ class GapTests(SynchronousTestCase):
         self.assertEqual(seen, list(range(1, total + 1)))
         self.assertEqual((room.last_seq, room.pending), (total, 0))
         self.assertGreater(fills, 1)
+
+    def test_messages_only_the_store_had_are_reported(self) -> None:
+        """
+        Messages a node finds only in the store, seconds after they were
+        sent (its bus did not carry them: another node on another bus),
+        are delivered, and said in the log at most once a minute.
+        """
+        events: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        store = MemoryStore()
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        a, _ = make_core(store, clock=clock)
+        b, _ = make_core(store, bus=_Deaf(), clock=clock)
+        seen: List[int] = []
+        b.subscribe("lobby", None, lambda m: seen.append(m.seq), lambda s: None)
+        a.post("lobby", "n", "one")
+        clock.advance(4)
+        b.catch_up()
+        self.assertEqual(seen, [1])
+        late = [e for e in events if "reached this node only from the store" in e.get("log_format", "")]
+        self.assertEqual(len(late), 1)
+        self.assertIn("the same --bus", formatEvent(late[0]))
+        a.post("lobby", "n", "two")
+        clock.advance(4)
+        b.catch_up()
+        self.assertEqual(seen, [1, 2])
+        self.assertEqual(len([e for e in events if "only from the store" in e.get("log_format", "")]), 1)
 
     def test_empty_fill_retries_later(self) -> None:
         """

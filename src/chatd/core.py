@@ -56,6 +56,10 @@ FILL_RETRY = 0.5
 #: How long a long-poll whose cursor is ahead of this node waits for the
 #: node to catch up with the store before it is answered empty.
 CATCH_UP_TIMEOUT = 5.0
+#: Messages read from the store this many seconds after they were sent
+#: mean the bus did not carry them: said in the log (at most once a
+#: minute), since it may be a misconfiguration (nodes on different buses).
+LATE_WARNING = 3.0
 
 Failed = Callable[[Failure], object]
 
@@ -122,6 +126,7 @@ class ChatCore:
         self._bus_subscription: Optional[IBusSubscription] = None
         #: Delay before the next fill of a room that found nothing new.
         self._fill_delay: Dict[str, float] = {}
+        self._warned_late_at: Optional[float] = None
 
     # -- start and stop ------------------------------------------------------
 
@@ -457,6 +462,7 @@ class ChatCore:
         room.filling = False
         if messages:
             self._observer.filled(room.name, len(messages))
+            self._warn_if_late(room, messages)
         if not room.behind:
             self._fill_delay.pop(room.name, None)
         elif room.last_seq > before:
@@ -465,6 +471,24 @@ class ChatCore:
             # Nothing new in the store yet (the hint came before the commit
             # showed to this node's readers): try again a little later.
             self._retry_fill(room)
+
+    def _warn_if_late(self, room: Room, messages: List[Message]) -> None:
+        now = self._clock.seconds()
+        late = now - messages[0].ts_ms / 1000.0
+        if late < LATE_WARNING or self._bus is None:
+            return
+        if self._warned_late_at is not None and now - self._warned_late_at < 60:
+            return
+        self._warned_late_at = now
+        self.log.warn(
+            "{count} messages of {room} reached this node only from the store, the "
+            "first {late:.1f} s after it was sent: the bus did not carry them. If the "
+            "bus is up, check that every node sharing the store runs with the same "
+            "--bus (or that the nodes' clocks agree).",
+            count=len(messages),
+            room=room.name,
+            late=late,
+        )
 
     def _fill_failed(self, failure: Failure, room: Room) -> None:
         room.filling = False

@@ -177,6 +177,9 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        # The opt_ methods' docstrings are --help's text: one line each,
+        # or textwrap keeps their indentation as runs of spaces.
+        self.docs = {name: " ".join(doc.split()) if doc else doc for name, doc in self.docs.items()}
         self["rooms"] = []
         self["allow-origins"] = []
         self["public-urls"] = []
@@ -190,11 +193,11 @@ class Options(usage.Options):
 
     def opt_public_url(self, url: str) -> None:
         """
-        A URL clients reach chatd by, e.g. https://chat.example.org
-        (repeatable). Requests addressed to any other host are refused
-        (421), except /healthz, /readyz and /metrics, and browsers' pages
-        must come from these origins or --allow-origin ones: this stops DNS
-        rebinding.
+        A URL clients reach chatd by (repeatable), e.g.
+        https://chat.example.org: requests for any other host are refused
+        with 421, except /healthz, /readyz and /metrics, and browsers'
+        pages must come from these origins or --allow-origin ones (this
+        stops DNS rebinding).
         """
         self["public-urls"].append(_origin("public-url", url))
 

@@ -17,6 +17,9 @@ a bus between processes only has to keep three promises:
    expects to hear it back: a connection that is up but deaf (a known
    failure of pub/sub clients, and of NATed idle connections) is dropped
    and made again when no heartbeat came back within C{deaf_after}.
+ - Even while connected, it has its listeners catch up every
+   C{audit_interval} seconds: what a bus loses without noticing (another
+   node on another bus, say) arrives late, but arrives.
 
 Subclasses say how to connect (L{RemoteBus._connect}), publish bytes
 (L{RemoteBus._send}) and disconnect (L{RemoteBus._disconnect}); they hand
@@ -111,6 +114,7 @@ class RemoteBus(Service):
         heartbeat_interval: float = 2.0,
         deaf_after: float = 6.0,
         poll_interval: float = 0.5,
+        audit_interval: float = 5.0,
         backoff: float = 0.25,
         max_backoff: float = 10.0,
         observer: Any = None,
@@ -122,6 +126,7 @@ class RemoteBus(Service):
         self.heartbeat_interval = heartbeat_interval
         self.deaf_after = deaf_after
         self.poll_interval = poll_interval
+        self.audit_interval = audit_interval
         self._backoff = backoff
         self._max_backoff = max_backoff
         self._observer = observer
@@ -228,6 +233,7 @@ class RemoteBus(Service):
             self._cancel("poll", "retry")
             self._heard_at = self._clock.seconds()
             self._beat()
+            self._schedule("audit", self.audit_interval, self._audit)
             # Subscribed first, then the snapshot: nothing committed from
             # now on can be missed, and what came before is in the store.
             self._catch_up(list(self._subscriptions))
@@ -258,7 +264,7 @@ class RemoteBus(Service):
         Not connected: read the store meanwhile, and reconnect later.
         """
         self._set(DISCONNECTED)
-        self._cancel("beat", "flush")
+        self._cancel("beat", "flush", "audit")
         self._outgoing = {}
         d = self._disconnect()
         d.addErrback(lambda f: None)
@@ -276,6 +282,17 @@ class RemoteBus(Service):
             return
         self._catch_up(list(self._subscriptions))
         self._schedule("poll", self.poll_interval, self._poll)
+
+    def _audit(self) -> None:
+        """
+        While connected, catch up now and then all the same: whatever the
+        bus failed to carry without noticing (a node on another bus, a
+        server that dropped a message) arrives within C{audit_interval}.
+        """
+        if self.state != CONNECTED:
+            return
+        self._catch_up(list(self._subscriptions))
+        self._schedule("audit", self.audit_interval, self._audit)
 
     def _beat(self) -> None:
         """
