@@ -180,6 +180,24 @@ class RemoteBusTests(SynchronousTestCase):
         self.clock.pump([0.5] * 20)
         self.assertEqual(self.listener.catch_ups, 3)
 
+    def test_describe(self) -> None:
+        """
+        /readyz's sentence says since when the bus has not been connected,
+        across failed attempts.
+        """
+        self.clock.advance(1)
+        self.bus.attempts[0].errback(ConnectionError("refused"))
+        self.clock.pump([0.25] * 12)
+        self.bus.attempts[-1].errback(ConnectionError("refused"))
+        self.assertEqual(
+            self.bus.describe(),
+            "loopback: disconnected, not connected for 4 s; reading the store every 0.5 s meanwhile",
+        )
+        self.clock.advance(1)
+        self.bus.attempts[-1].callback(None)
+        self.assertEqual(self.bus.describe(), "loopback: connected")
+        self.flushLoggedErrors()
+
     def test_slow_connect_polls(self) -> None:
         """
         While a connection attempt hangs (up to its timeout), listeners

@@ -105,6 +105,10 @@ class RemoteBus(Service):
 
     log = Logger()
     description = "remote"
+    #: Where the bus connects to, for the log (set by subclasses).
+    target = ""
+    #: The channel it publishes and listens on (set by subclasses).
+    channel = ""
 
     def __init__(
         self,
@@ -135,6 +139,8 @@ class RemoteBus(Service):
         self.state = STOPPED
         #: When the state last changed (clock seconds).
         self.since = clock.seconds()
+        #: Since when the bus has not been connected.
+        self._down_since = self.since
         self._attempts = 0
         self._beats = iter(range(1, 2**62))
         self._heard_at = 0.0
@@ -206,10 +212,10 @@ class RemoteBus(Service):
         """
         if self.state == CONNECTED:
             return f"{self.description}: connected"
-        seconds = self._clock.seconds() - self.since
+        seconds = self._clock.seconds() - self._down_since
         return (
-            f"{self.description}: {self.state} for {seconds:.0f} s; reading the store "
-            f"every {self.poll_interval:g} s meanwhile"
+            f"{self.description}: {self.state}, not connected for {seconds:.0f} s; "
+            f"reading the store every {self.poll_interval:g} s meanwhile"
         )
 
     def _attempt(self) -> None:
@@ -229,6 +235,13 @@ class RemoteBus(Service):
                 return
             self._attempts = 0
             self.connects += 1
+            self.log.info(
+                "The {bus} bus is {again}connected to {target}, channel {channel}",
+                bus=self.description,
+                again="again " if self.connects > 1 else "",
+                target=self.target,
+                channel=self.channel,
+            )
             self._set(CONNECTED)
             self._cancel("poll", "retry")
             self._heard_at = self._clock.seconds()
@@ -242,8 +255,9 @@ class RemoteBus(Service):
             self._connecting = None
             if self.running:
                 self.log.warn(
-                    "The {bus} bus could not connect: {error}",
+                    "The {bus} bus could not connect to {target}: {error}",
                     bus=self.description,
+                    target=self.target,
                     error=failure.getErrorMessage(),
                 )
                 self._down()
@@ -256,7 +270,12 @@ class RemoteBus(Service):
         """
         if self.state != CONNECTED:
             return
-        self.log.warn("The {bus} bus connection was lost: {reason}", bus=self.description, reason=reason)
+        self.log.warn(
+            "The {bus} bus connection to {target} was lost: {reason}",
+            bus=self.description,
+            target=self.target,
+            reason=reason,
+        )
         self._down()
 
     def _down(self) -> None:
@@ -349,6 +368,8 @@ class RemoteBus(Service):
 
     def _set(self, state: str) -> None:
         if state != self.state:
+            if self.state == CONNECTED or self.state == STOPPED:
+                self._down_since = self._clock.seconds()
             self.state = state
             self.since = self._clock.seconds()
             if self._observer is not None:

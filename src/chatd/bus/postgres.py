@@ -97,6 +97,21 @@ class _Reader:
         self._bus._lost(reason.getErrorMessage())
 
 
+def _describe(conninfo: str) -> str:
+    """
+    Host, port and database of a libpq connection string (no password).
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(conninfo)
+    except Exception:
+        return "the database"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or 5432
+    return f"postgresql://{host}:{port}/{params.get('dbname', '')}"
+
+
 class PostgresBus(RemoteBus):
     """
     Hints as PostgreSQL notifications on C{channel}.
@@ -115,6 +130,7 @@ class PostgresBus(RemoteBus):
         self._store = store
         self._conninfo = conninfo
         self.channel = store.notify_channel
+        self.target = _describe(conninfo)
         self._reader: Optional[_Reader] = None
 
     def publish(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:

@@ -78,8 +78,8 @@ class RedisBus(RemoteBus):
         super().__init__(reactor, node, MAX_PAYLOAD, **kwargs)
         self._reactor = reactor
         self._host, self._port, self.db, self.password = parse_url(url)
+        self.target = f"redis://{self._host}:{self._port}/{self.db}"
         self._channel = channel
-        self.channel = ""
         self._subscriber: Optional[Any] = None
         self._publisher: Optional[Any] = None
         self._unanswered = 0
