@@ -39,6 +39,8 @@ class _Client(Protocol):
         def connected(upstream: _Upstream) -> None:
             self.upstream = upstream
             self.transport.resumeProducing()
+            if self.proxy.freeze_new:
+                self.freeze()
 
         d.addCallbacks(connected, lambda f: self.transport.loseConnection())
 
@@ -57,6 +59,10 @@ class _Client(Protocol):
         if self.upstream is not None:
             self.upstream.transport.pauseProducing()
 
+    def thaw(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.resumeProducing()
+
 
 class FreezableProxy:
     """
@@ -67,6 +73,8 @@ class FreezableProxy:
         self.target_port = target_port
         self.connections: List[_Client] = []
         self.port = 0
+        #: Freeze every connection as soon as it is made.
+        self.freeze_new = False
         self._listening: Optional[IListeningPort] = None
 
     @classmethod
@@ -87,6 +95,13 @@ class FreezableProxy:
         for connection in self.connections:
             connection.freeze()
         return len(self.connections)
+
+    def thaw(self) -> None:
+        """
+        Carry on forwarding on every connection open now.
+        """
+        for connection in self.connections:
+            connection.thaw()
 
     def cut(self) -> None:
         """

@@ -569,6 +569,21 @@ class PostgresBusTests(RemoteContractMixin, TestCase):
         bus, _ = await self.make_node(name, dsn=f"host=127.0.0.1 port={proxy.port} dbname=test user=postgres")
         return bus, proxy
 
+    async def test_long_schema_name(self) -> None:
+        """
+        A schema name as long as PostgreSQL allows still makes a channel
+        (a digest of it), and commits are heard.
+        """
+        url = f"{POSTGRES_URL}?schema={'s' * 60}"
+        self.addCleanup(_drop_schema, "s" * 60)
+        a, commit_a = await self.make_node("a", url=url)
+        self.assertLessEqual(len(a.channel), 63)
+        heard = Listener()
+        a.subscribe(heard)
+        await self.live(a)
+        await commit_a("lobby", ["long"])
+        await wait_until(lambda: heard.last_seqs == [1])
+
     async def test_schemas_do_not_hear_each_other(self) -> None:
         """
         Two deployments in one database (a schema each) never hear each
@@ -609,6 +624,13 @@ class PostgresBusTests(RemoteContractMixin, TestCase):
         self.addCleanup(bus.stopService)
         await wait_until(lambda: len(seen) >= 2)
         self.assertTrue(all(0.0 <= f < 0.5 for f in seen))
+
+
+def _drop_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 class _RedisServer(ProcessProtocol):
@@ -736,3 +758,27 @@ class RedisBusTests(RemoteContractMixin, TestCase):
             await deferLater(reactor, 0)
         self.assertLessEqual(a._unanswered, 50)
         self.assertGreaterEqual(a.dropped, 150)
+        # Once Redis answers again, the dropped hints are made up for: one
+        # seq-only hint for the room's newest seq.
+        b, _ = await self.make_node("b")
+        heard = Listener()
+        b.subscribe(heard)
+        await self.live(b)
+        proxy.thaw()
+        await wait_until(lambda: heard.last_seqs[-1:] == [200])
+
+    async def test_connect_that_hangs_is_given_up(self) -> None:
+        """
+        A server that takes the connection and never answers: the attempt
+        is given up after its deadline, and the bus tries again.
+        """
+        from chatd.bus import redis as redis_bus
+
+        self.patch(redis_bus, "CONNECT_TIMEOUT", 0.2)
+        proxy = await FreezableProxy.start(self, self.redis.port)
+        proxy.freeze_new = True
+        a, _ = await self.make_node("a", port=proxy.port)
+        await wait_until(lambda: a.state == DISCONNECTED)
+        proxy.freeze_new = False
+        await wait_until(lambda: a.state == CONNECTED)
+        self.flushLoggedErrors()

@@ -178,8 +178,14 @@ class RemoteBus(Service):
         if self.state != CONNECTED:
             return
         for room, (last_seq, messages) in outgoing.items():
-            for payload in encode(room, last_seq, messages, self.limit):
-                self._send_safely(payload)
+            self._send_hint(room, last_seq, messages)
+
+    def _send_hint(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:
+        """
+        Publish one room's hint (subclasses may hold it back).
+        """
+        for payload in encode(room, last_seq, messages, self.limit):
+            self._send_safely(payload)
 
     def subscribe(self, listener: IBusListener) -> IBusSubscription:
         subscription = Subscription(self, listener)

@@ -81,20 +81,49 @@ class _Reader:
         return "chatd-bus"
 
     def doRead(self) -> Optional[Failure]:
+        """
+        The socket is readable: take what arrived into libpq's buffer
+        (without waiting: the reactor said there is something) and hand
+        over the notifications in it.  libpq's own calls, through
+        psycopg's documented C{pgconn}: C{Connection.notifies()}'s
+        meaning of a zero timeout differs between psycopg versions.
+        """
         import psycopg
 
+        pgconn = self.conn.pgconn
         try:
-            notifies = list(self.conn.notifies(timeout=0))
+            pgconn.consume_input()
         except psycopg.Error as e:
             self._bus._lost(str(e).strip() or e.__class__.__name__)
             return None
-        for notify in notifies:
-            if notify.channel == self._bus.channel:
-                self._bus._heard(notify.payload.encode("utf-8"))
+        channel = self._bus.channel.encode("utf-8")
+        while (notify := pgconn.notifies()) is not None:
+            if notify.relname == channel:
+                self._bus._heard(notify.extra)
         return None
 
     def connectionLost(self, reason: Failure) -> None:
         self._bus._lost(reason.getErrorMessage())
+
+
+#: Seconds a connection attempt to listen on may take (unless the DSN
+#: says otherwise): the thread making it must come back.
+CONNECT_TIMEOUT = 5
+
+
+def _with_timeout(conninfo: str) -> str:
+    """
+    C{conninfo} with libpq's C{connect_timeout}, if it has none.
+    """
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        if "connect_timeout" in conninfo_to_dict(conninfo):
+            return conninfo
+    except Exception:
+        # Not parseable: let connecting say what is wrong with it.
+        return conninfo
+    return make_conninfo(conninfo, connect_timeout=CONNECT_TIMEOUT)
 
 
 def _describe(conninfo: str) -> str:
@@ -128,7 +157,7 @@ class PostgresBus(RemoteBus):
         super().__init__(reactor, node, MAX_PAYLOAD, **kwargs)
         self._reactor = reactor
         self._store = store
-        self._conninfo = conninfo
+        self._conninfo = _with_timeout(conninfo)
         self.channel = store.notify_channel
         self.target = _describe(conninfo)
         self._reader: Optional[_Reader] = None
@@ -166,10 +195,8 @@ class PostgresBus(RemoteBus):
             return
         self._reader = reader = _Reader(self, conn)
         self._reactor.addReader(reader)
-        # What arrived while LISTEN ran is in psycopg's backlog already, and
-        # no more bytes may come to wake the reactor: read it once the bus
-        # counts as connected.
-        self._reactor.callLater(0, lambda: reader is self._reader and reader.doRead())
+        # (What arrived while LISTEN ran, psycopg has taken already; the
+        # catch-up that follows the connect reads it from the store.)
 
     def _send(self, payload: bytes) -> None:
         d = self._store.announce(payload)

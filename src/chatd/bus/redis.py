@@ -21,7 +21,7 @@ schema or file), never after the Redis database.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -85,6 +85,8 @@ class RedisBus(RemoteBus):
         self._unanswered = 0
         #: Hints dropped because Redis did not keep up.
         self.dropped = 0
+        #: The newest seq of each room whose hints were dropped meanwhile.
+        self._owed: Dict[str, int] = {}
 
     def _endpoint(self) -> HostnameEndpoint:
         return HostnameEndpoint(self._reactor, self._host, self._port, timeout=CONNECT_TIMEOUT)
@@ -104,15 +106,31 @@ class RedisBus(RemoteBus):
             self._publisher = publisher
             await publisher.whenConnected()
             await publisher.execute_command("CLIENT", "SETNAME", f"chatd-bus-pub:{self.node}")
+            if not (subscriber.connected and publisher.connected):
+                raise ConnectionError("a connection was lost while the bus connected")
             self._unanswered = 0
+            self._owed = {}
 
-        d = Deferred.fromCoroutine(connect())
+        # The whole attempt has a deadline: a server that takes the TCP
+        # connection but never answers (or a connection lost half-way
+        # through its AUTH or SELECT, which txredisapi leaves waiting)
+        # must not leave the bus connecting for ever.
+        d = Deferred.fromCoroutine(connect()).addTimeout(2 * CONNECT_TIMEOUT, self._reactor)
 
         def failed(failure: Failure) -> Failure:
             self._disconnect()
             return failure
 
         return d.addErrback(failed)
+
+    def _send_hint(self, room: str, last_seq: int, messages: Any) -> None:
+        if self._unanswered >= MAX_UNANSWERED:
+            # Owed instead: one seq-only hint per room once Redis catches
+            # up, so that a room's last messages are not left to the audit.
+            self.dropped += 1
+            self._owed[room] = max(last_seq, self._owed.get(room, 0))
+            return
+        super()._send_hint(room, last_seq, messages)
 
     def _send(self, payload: bytes) -> None:
         publisher = self._publisher
@@ -128,6 +146,10 @@ class RedisBus(RemoteBus):
             self._unanswered -= 1
             if isinstance(result, Failure):
                 self.log.warn("Publishing on the redis bus failed: {error}", error=result.getErrorMessage())
+            elif self._owed and self._unanswered < MAX_UNANSWERED // 2:
+                owed, self._owed = self._owed, {}
+                for room, seq in owed.items():
+                    super(RedisBus, self)._send_hint(room, seq, [])
 
         d.addBoth(answered)
 
@@ -137,6 +159,9 @@ class RedisBus(RemoteBus):
 
     def _connection_lost(self, protocol: Any, reason: str) -> None:
         if protocol is self._subscriber or protocol is self._publisher:
+            if self._connecting is not None:
+                # Lost half-way through connecting: fail the attempt now.
+                self._connecting.cancel()
             self._lost(reason)
 
     def _disconnect(self) -> Deferred:
@@ -183,4 +208,7 @@ def _factory(bus: RedisBus, subscriber: bool) -> Any:
     factory.reconnect = False
     factory.password = bus.password
     factory.bus = bus
+    # Its pool's readiness, which the bus does not use (a failed AUTH or
+    # SELECT fails it, and the bus's own deadline reports that).
+    factory.deferred.addErrback(lambda failure: None)
     return factory

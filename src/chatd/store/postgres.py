@@ -19,6 +19,7 @@ which is created if missing; other parameters go to libpq.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Optional, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -65,6 +66,18 @@ def _split_schema(url: str) -> Tuple[str, Optional[str]]:
     return urlunsplit(parts._replace(query=urlencode(rest))), schema
 
 
+def _channel(schema: str) -> str:
+    """
+    The NOTIFY channel of a schema's commits: C{chatd:SCHEMA}, or for a
+    name too long for a channel (PostgreSQL's identifiers end at 63
+    bytes) C{chatd:} and a digest of it.
+    """
+    channel = f"chatd:{schema}"
+    if len(channel.encode("utf-8")) <= 63:
+        return channel
+    return "chatd:" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:32]
+
+
 @implementer(IMessageStore)
 class PostgresStore(SQLStore):
     """
@@ -86,7 +99,7 @@ class PostgresStore(SQLStore):
         #: The NOTIFY channel of this store's commits: named after its
         #: schema, so that deployments sharing a database (one schema each)
         #: never hear each other.
-        self.notify_channel = f"chatd:{self.schema or 'public'}"
+        self.notify_channel = _channel(self.schema or "public")
         try:
             # Imported only when PostgreSQL is chosen.
             import psycopg
