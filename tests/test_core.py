@@ -121,6 +121,30 @@ class ValidationTests(SynchronousTestCase):
                 validate_nick(bad)
             self.assertEqual(e.exception.code, "invalid_nick")
 
+    def test_nick_lookalikes(self) -> None:
+        """
+        Nicks are NFC-normalised (the same name typed two ways is one
+        name); zero-width, bidi-control and other invisible characters
+        are refused, saying which.
+        """
+        self.assertEqual(validate_nick("Jose\u0301"), "Jos\u00e9")
+        self.assertEqual(validate_nick("Jos\u00e9"), "Jos\u00e9")
+        self.assertEqual(validate_nick("a\u00a0b"), "a\u00a0b")
+        self.assertEqual(validate_nick("\u0430lice"), "\u0430lice")  # Cyrillic a: a letter
+        for bad, code_point in [
+            ("alice\u200b", "U+200B"),
+            ("al\u200dice", "U+200D"),
+            ("\u202ealice", "U+202E"),
+            ("\u2066bob\u2069", "U+2066"),
+            ("\ufeffbob", "U+FEFF"),
+            ("a\u2028b", "U+2028"),
+            ("a\ue000b", "U+E000"),
+        ]:
+            with self.assertRaises(ChatError) as e:
+                validate_nick(bad)
+            self.assertEqual(e.exception.code, "invalid_nick")
+            self.assertIn(code_point, e.exception.detail)
+
     def test_body_rules(self) -> None:
         """
         A body is stripped and must be 1-4096 characters; too long is 413,

@@ -180,7 +180,8 @@ class WebSocketTests(ChatdTestCase):
         client.send_json({"type": "bogus"})
         client.send_json({"type": "message", "body": "hi", "client_id": ["x"]})
         client.send_raw(b'{"type": "message", "body": "\\u0000"}')
-        await client.wait_for_frames(6)
+        client.send_json({"type": "message", "body": "hi", "nick": "alice\u200b"})
+        await client.wait_for_frames(7)
         errors = [(f["type"], f["code"], f["status"]) for f in client.frames]
         self.assertEqual(
             errors,
@@ -191,6 +192,7 @@ class WebSocketTests(ChatdTestCase):
                 ("error", "unknown_type", 400),
                 ("error", "invalid_client_id", 400),
                 ("error", "invalid_body", 400),
+                ("error", "invalid_nick", 400),
             ],
         )
         self.assertEqual(client.frames[0]["client_id"], "e1")

@@ -215,6 +215,8 @@ class PostMessageTests(WebTestCase):
         self.assertError(self.post_json(path, {"body": ["x"]}), 400, "invalid_body")
         self.assertError(self.post_json(path, {"body": "x" * 4097}), 413, "body_too_long")
         self.assertError(self.post_json(path, {"body": "x", "nick": "n" * 33}), 400, "invalid_nick")
+        self.assertError(self.post_json(path, {"body": "x", "nick": "alice\u200b"}), 400, "invalid_nick")
+        self.assertError(self.post_json(path, {"body": "x", "nick": "\u202eecila"}), 400, "invalid_nick")
         self.assertError(
             self.post_json(path, {"body": "x", "client_id": 3}), 400, "invalid_client_id"
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from typing import List, Optional
 
 __all__ = [
@@ -152,12 +153,22 @@ def parse_cursor(value: Optional[str], name: str = "after") -> Optional[int]:
     return int(value)
 
 
+#: Unicode categories a name may not hold: controls, format characters
+#: (zero-width spaces and joiners, bidi overrides and isolates, the BOM),
+#: line and paragraph separators, surrogates and private use.  Each can
+#: make one name look like another, or reorder the text around it.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+
+
 def validate_nick(nick: object) -> str:
     """
-    Normalise a nick: missing or blank means L{DEFAULT_NICK}.
+    Normalise a nick: missing or blank means L{DEFAULT_NICK}; otherwise
+    stripped and in Unicode's NFC form (so that the same name typed two
+    ways is one name).
 
     @raise ChatError: C{invalid_nick} if it is not a string, is longer
-        than L{MAX_NICK} characters or holds control characters.
+        than L{MAX_NICK} characters, or holds a control, zero-width,
+        bidi-control or other invisible character (L{_INVISIBLE}).
     """
     if nick is None:
         return DEFAULT_NICK
@@ -166,11 +177,18 @@ def validate_nick(nick: object) -> str:
     nick = nick.strip()
     if not nick:
         return DEFAULT_NICK
-    if len(nick) > MAX_NICK or _BAD_LINE_CHARS.search(nick):
+    if _BAD_LINE_CHARS.search(nick):
+        raise ChatError("invalid_nick", f"A nick is 1 to {MAX_NICK} printable characters.")
+    nick = unicodedata.normalize("NFC", nick)
+    hidden = next((c for c in nick if unicodedata.category(c) in _INVISIBLE), None)
+    if hidden is not None:
         raise ChatError(
             "invalid_nick",
-            f"A nick is 1 to {MAX_NICK} printable characters.",
+            f"A nick may not hold invisible or direction-changing characters "
+            f"(U+{ord(hidden):04X}).",
         )
+    if len(nick) > MAX_NICK:
+        raise ChatError("invalid_nick", f"A nick is 1 to {MAX_NICK} printable characters.")
     return nick
 
 
