@@ -33,7 +33,7 @@ class OptionsTests(SynchronousTestCase):
         Port tcp:8080, history 500, no extra rooms, data folders found.
         """
         options = parse()
-        self.assertEqual(options["port"], "tcp:8080")
+        self.assertEqual(options["port"], "tcp:8080:backlog=1024")
         self.assertEqual(options["history"], 500)
         self.assertEqual(options["rooms"], [])
         self.assertTrue((options["templates"] / "room.html").is_file())
@@ -43,11 +43,27 @@ class OptionsTests(SynchronousTestCase):
         """
         A bare number means tcp:N; full descriptions pass through.
         """
-        self.assertEqual(parse("--port", "9000")["port"], "tcp:9000")
+        self.assertEqual(parse("--port", "9000")["port"], "tcp:9000:backlog=1024")
         self.assertEqual(
-            parse("--port", "tcp:0:interface=127.0.0.1")["port"], "tcp:0:interface=127.0.0.1"
+            parse("--port", "tcp:0:interface=127.0.0.1")["port"],
+            "tcp:0:interface=127.0.0.1:backlog=1024",
         )
-        self.assertEqual(parse("-p", "unix:/tmp/x.sock")["port"], "unix:/tmp/x.sock")
+        self.assertEqual(parse("-p", "unix:/tmp/x.sock")["port"], "unix:/tmp/x.sock:backlog=1024")
+
+    def test_listen_backlog(self) -> None:
+        """
+        A listening endpoint gets a listen queue fit for a reconnecting
+        crowd (1024) unless it names its own; endpoint types without one
+        are left alone.
+        """
+        for given, expected in [
+            ("tcp:80:backlog=64", "tcp:80:backlog=64"),
+            ("haproxy:tcp:8081:interface=10.0.0.11", "haproxy:tcp:8081:interface=10.0.0.11:backlog=1024"),
+            ("haproxy:tcp:8081:backlog=10", "haproxy:tcp:8081:backlog=10"),
+            ("ssl:8443:privateKey=k.pem", "ssl:8443:privateKey=k.pem:backlog=1024"),
+            ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+        ]:
+            self.assertEqual(tap.with_backlog(given), expected)
 
     def test_bus(self) -> None:
         """
@@ -156,6 +172,22 @@ class ServiceTests(TestCase):
 
         await connectProtocol(UNIXClientEndpoint(reactor, path), Get())
         return await received
+
+    async def test_listen_queue(self) -> None:
+        """
+        The listening socket's queue is the one asked for: 1024 by
+        default (the kernel shows it as a listening socket's Send-Q).
+        """
+        from twisted.internet.utils import getProcessOutput
+
+        from tests._support import start_chatd
+
+        for args, expected in [((), "1024"), (("--port", "tcp:0:interface=127.0.0.1:backlog=77"), "77")]:
+            service, base = await start_chatd(self, "--store", "memory:", *args)
+            port = base.rsplit(":", 1)[1]
+            out = await getProcessOutput("/usr/bin/ss", ["-ltnH", f"sport = :{port}"])
+            self.assertEqual(out.split()[2].decode(), expected, out)
+            await service.stopService()
 
     async def test_listens_on_unix_socket(self) -> None:
         """

@@ -44,12 +44,39 @@ MAX_HISTORY = 100_000
 MAX_DRAIN = 600.0
 
 
+#: The listen queue chatd asks for unless the endpoint names one (Twisted's
+#: default is 50): a crowd reconnecting at once (after a restart, or a
+#: node's death) overflows a short queue, and each connection the kernel
+#: drops costs its client a second or more before it tries again.  The
+#: kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+#: Endpoint types (also inside C{haproxy:}) that take a C{backlog}.
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
+
+
 def _port(value: str) -> str:
     """
     A bare number means C{tcp:N}; anything else is an endpoint description.
+    A listening endpoint that takes a C{backlog} and names none gets
+    L{LISTEN_BACKLOG}.
     """
     value = value.strip()
-    return f"tcp:{value}" if value.isdigit() else value
+    if value.isdigit():
+        value = f"tcp:{value}"
+    return with_backlog(value)
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """
+    C{description} with C{:backlog=BACKLOG} added, if its type takes one
+    and it gives none.
+    """
+    parts = [part.lower() for part in description.split(":")]
+    kind = parts[1] if parts[0] == "haproxy" and len(parts) > 1 else parts[0]
+    if kind not in _BACKLOG_TYPES or any(part.startswith("backlog=") for part in parts):
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 class Options(usage.Options):
@@ -70,7 +97,8 @@ class Options(usage.Options):
             "tcp:8080",
             "Where to listen: a Twisted endpoint description such as "
             "tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem or "
-            "unix:/run/chatd.sock. A bare number N means tcp:N.",
+            "unix:/run/chatd.sock. A bare number N means tcp:N. Unless it says "
+            f"backlog=N, the listen queue is {LISTEN_BACKLOG} (Twisted's default: 50).",
             _port,
         ],
         [
@@ -269,6 +297,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--history {self['history']}: give a number from 1 to {MAX_HISTORY}."
             )
+        # The default too (Options does not pass defaults to coercers).
+        self["port"] = with_backlog(self["port"])
         try:
             # The endpoint is only built here, not listened on, so no
             # reactor is needed to check its description.
