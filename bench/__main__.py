@@ -6,6 +6,16 @@ generator (Node.js, bench/loadgen), in one run.
                     [--servers chatd-sqlite,chatd,autobahn,websockets,tornado,socketio]
                     [--out bench/results.jsonl]
     python -m bench --only multinode,notify
+    python -m bench --only storm [--storm-clients N] [--storm-inflight K]
+                    [--servers chatd-sqlite,chatd-sqlite-backlog50,chatd,autobahn,websockets]
+
+storm is a reconnect storm (bench/loadgen/rawclients.c's storm mode): N
+WebSocket clients (10,000 when the descriptor limit allows, else 5,000)
+open at once, K handshakes in flight, each resuming with ?after= three
+messages behind (chatd; the peers keep no history, so theirs is the same
+storm of handshakes without resume), until every client has exactly its
+missed messages.  chatd-sqlite-backlog50 is chatd-sqlite listening with
+backlog=50 (Twisted's default, chatd's before it asked for 1024).
 
 multinode runs one and three chatd nodes on one PostgreSQL schema (a fresh
 one each time, dropped afterwards), hearing each other through each bus
@@ -92,8 +102,10 @@ class Server:
         self.folder = tempfile.mkdtemp(prefix="chatd-bench-")
         if name.startswith("chatd"):
             store = ["--store", "memory:"] if name == "chatd" else ["--data-dir", self.folder]
+            # chatd-sqlite-backlog50: Twisted's own default listen queue.
+            queue = ":backlog=50" if name.endswith("-backlog50") else ""
             argv = [TWISTD, "-n", "--pidfile=", "chatd", "--port",
-                    f"tcp:{self.port}:interface=127.0.0.1", *store, "--rate-limit", "off",
+                    f"tcp:{self.port}:interface=127.0.0.1{queue}", *store, "--rate-limit", "off",
                     "--room", "bench", "--max-connections", "1000000",
                     "--max-connections-per-ip", "1000000", *(extra or [])]
             ready = re.compile(rb"chatd listening on 127\.0\.0\.1:(\d+)")
@@ -254,6 +266,95 @@ def longpoll(name: str, clients: int) -> Dict[str, Any]:
     return {"bench": "longpoll", "server": name, "clients": clients, **r}
 
 
+def listen_drops() -> Dict[str, int]:
+    """
+    The kernel's ListenOverflows and ListenDrops (TcpExt, /proc/net/netstat):
+    connection attempts dropped because a listen queue was full.
+    """
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        if names[0] == "TcpExt:":
+            counters = dict(zip(names[1:], map(int, values[1:]), strict=True))
+            return {k: counters.get(k, 0) for k in ("ListenOverflows", "ListenDrops")}
+    return {"ListenOverflows": 0, "ListenDrops": 0}
+
+
+#: Messages posted before a storm, and how many of them each client missed.
+STORM_POSTED = 5
+STORM_BEHIND = 3
+
+
+def post(server: Server, body: str) -> None:
+    from urllib.request import Request, urlopen
+
+    data = json.dumps({"nick": "bench", "body": body}).encode()
+    request = Request(f"{server.base}/api/rooms/bench/messages", data=data,
+                      headers={"Content-Type": "application/json"})
+    with urlopen(request, timeout=10) as answer:
+        answer.read()
+
+
+def last_seq(server: Server) -> int:
+    from urllib.request import urlopen
+
+    with urlopen(f"{server.base}/api/rooms/bench", timeout=10) as answer:
+        return int(json.loads(answer.read())["last_seq"])
+
+
+def storm(name: str, clients: int, inflight: int) -> Dict[str, Any]:
+    """
+    A reconnect storm: C{clients} WebSocket clients at once, C{inflight}
+    handshakes in flight, each resuming C{STORM_BEHIND} messages behind
+    (chatd) or only opening (the peers keep no history).  The server's
+    CPU is taken when every client has its messages, before the clients
+    close (bench/loadgen/rawclients.c waits for its stdin to close).
+    """
+    client = raw_clients()
+    if client is None:
+        raise RuntimeError("the storm cell needs a C compiler (bench/loadgen/rawclients.c)")
+    server = Server(name)
+    try:
+        resume = name.startswith("chatd")
+        after, last = -1, 0
+        if resume:
+            for i in range(STORM_POSTED):
+                post(server, f"S{i}")
+            last = last_seq(server)
+            after = last - STORM_BEHIND
+        drops = listen_drops()
+        cpu = cpu_seconds(server.process.pid)
+        gen = subprocess.Popen(
+            pin(1) + [client, "storm", "127.0.0.1", str(server.port), server.path, str(clients),
+                      str(inflight), str(after), str(last)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        assert gen.stdout is not None and gen.stdin is not None
+        line = gen.stdout.readline()
+        spent = round(cpu_seconds(server.process.pid) - cpu, 3)
+        dropped = {k: v - drops[k] for k, v in listen_drops().items()}
+        gen.stdin.close()
+        if gen.wait(60) != 0 or not line:
+            raise RuntimeError(f"rawclients storm failed against {name} (exit {gen.returncode})")
+    finally:
+        server.stop()
+    r = json.loads(line)
+    r["server_cpu_s"] = spent
+    r["server_ms_per_connect"] = round(spent * 1e3 / max(r["opened"], 1), 3)
+    r["listen_overflows"] = dropped["ListenOverflows"]
+    r["listen_drops"] = dropped["ListenDrops"]
+    return {"bench": "storm", "server": name, "resume": resume, **r}
+
+
+def storm_clients() -> int:
+    """
+    10,000 storm clients if this process's open-file limit (which the
+    server and the load generator inherit) holds them with room to
+    spare, else 5,000.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 10_000 if soft == resource.RLIM_INFINITY or soft >= 10_000 + 1024 else 5_000
+
+
 class Cluster:
     """
     C{nodes} chatd nodes on one fresh PostgreSQL schema, hearing each
@@ -392,6 +493,9 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--idle-connections", type=int, default=5000)
     parser.add_argument("--buses", default=",".join(BUSES), help="for multinode")
     parser.add_argument("--multinode-receivers", type=int, default=100)
+    parser.add_argument("--storm-clients", type=int, default=None,
+                        help="for storm (default: 10,000 if the open-file limit allows, else 5,000)")
+    parser.add_argument("--storm-inflight", type=int, default=256, help="for storm: handshakes in flight")
     args = parser.parse_args(argv)
     # Thousands of sockets on each side: raise the open-file limit as far
     # as this process may (children inherit it).
@@ -445,6 +549,11 @@ def main(argv: List[str]) -> None:
             if "notify" in only:
                 for row in notify():
                     emit(row, run)
+            if "storm" in only:
+                clients = args.storm_clients or storm_clients()
+                for name in servers:
+                    if protocol(name) == "ws":  # raw WebSocket clients
+                        emit(storm(name, clients, args.storm_inflight), run)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ NAMES = {
     "websockets": "websockets (broadcast)",
     "tornado": "Tornado WebSocketHandler",
     "socketio": "python-socketio (aiohttp)",
+    "chatd-sqlite-backlog50": "chatd (default SQLite store, backlog=50)",
 }
+#: The storm cell's servers, in the order of its table.
+STORM_SERVERS = ["chatd-sqlite", "chatd-sqlite-backlog50", "chatd", "autobahn", "websockets", "tornado"]
 
 
 def load(path: Path, session: Optional[str]) -> List[Dict[str, Any]]:
@@ -253,6 +256,91 @@ def multinode_section(rows: List[Dict[str, Any]]) -> List[str]:
     return out
 
 
+def storm_groups(rows: List[Dict[str, Any]]) -> List[Tuple[str, int, List[Dict[str, Any]]]]:
+    """
+    The storm cells of a session: (server, clients, rows) in table order.
+    """
+    storms = [r for r in rows if r["bench"] == "storm"]
+    names = [s for s in STORM_SERVERS if any(r["server"] == s for r in storms)]
+    names += sorted({r["server"] for r in storms} - set(names))
+    out = []
+    for clients in sorted({r["clients"] for r in storms}):
+        for name in names:
+            g = group(rows, "storm", server=name, clients=clients)
+            if g:
+                out.append((name, clients, g))
+    return out
+
+
+def storm_section(rows: List[Dict[str, Any]]) -> List[str]:
+    """
+    The reconnect-storm section, or nothing when the session has no storm
+    cells.
+    """
+    cells = storm_groups(rows)
+    if not cells:
+        return []
+    behind = {r["owed"] for r in rows if r["bench"] == "storm" and r.get("resume")}
+    out = [
+        "",
+        "## Reconnect storm",
+        "",
+        "N WebSocket clients connect at once, as after a restart or a node's death, with K "
+        "handshakes in flight (a new one starts as each is answered), on bare non-blocking sockets "
+        "(in C, `rawclients storm`). On chatd each resumes with `?after=` "
+        f"{', '.join(map(str, sorted(behind))) or 'a few'} messages behind and must receive exactly "
+        "those, once and in order (missed and doubled count (client, message) pairs); the peers "
+        "keep no history, so theirs is the same storm without resume (done at the 101). Caught up "
+        "is from the first connect to the last client done; connects/s is handshakes answered "
+        "over the time to the last; server ms/connect is the server's CPU over the storm (taken "
+        "before the clients close) per client. Listen overflows and drops are the kernel's "
+        "(`/proc/net/netstat` TcpExt, during the storm): each dropped SYN costs its client a "
+        "second or more before it tries again (client p99). chatd listens with a queue of 1024 "
+        "unless the endpoint names one; `backlog=50` is Twisted's own default.",
+        "",
+        "| server | clients | in flight | resume | caught up s | connects/s | server ms/connect | "
+        "server CPU s | listen overflows | listen drops | client p99 ms | missed | doubled | "
+        "load-gen CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, clients, g in cells:
+        inflight = ", ".join(str(k) for k in sorted({r["inflight"] for r in g}))
+        resume = "yes" if all(r.get("resume") for r in g) else "no"
+        out.append(
+            f"| {NAMES.get(name, name)} | {clients:,} | {inflight} | {resume} | {fmt(cell(g, 'storm_s'), 2)} | "
+            f"{fmt(cell(g, 'connects_per_s'))} | {fmt(cell(g, 'server_ms_per_connect'), 2)} | "
+            f"{fmt(cell(g, 'server_cpu_s'), 2)} | {fmt(cell(g, 'listen_overflows'))} | "
+            f"{fmt(cell(g, 'listen_drops'))} | {fmt(cell(g, 'p99_ms'), 0)} | {fmt(cell(g, 'missed'))} | "
+            f"{fmt(cell(g, 'doubled'))} | {fmt(cell(g, 'loadgen_cpu_s'), 2)} |"
+        )
+    return out
+
+
+def storm_targets(rows: List[Dict[str, Any]]) -> List[str]:
+    """
+    The reconnect storm's targets (issue 15), as rows of the Targets table.
+    """
+    out = []
+    for name, clients, g in storm_groups(rows):
+        if name not in CHATDS:
+            continue
+        peers = {p: group(rows, "storm", server=p, clients=clients) for p in ("websockets", "autobahn")}
+        wrong = sum(r.get("missed", 0) + r.get("doubled", 0) + r.get("out_of_order", 0)
+                    + r.get("unfinished", 0) for r in g)
+        out += [
+            f"| {NAMES[name]}: storm of {clients:,}, connects/s >= websockets' | "
+            f"{ratio(cell(g, 'connects_per_s'), cell(peers['websockets'], 'connects_per_s'))} "
+            f"({fmt(cell(g, 'connects_per_s'))} against {fmt(cell(peers['websockets'], 'connects_per_s'))}) |",
+            f"| {NAMES[name]}: storm of {clients:,}, server CPU per connect <= Autobahn's | "
+            f"{ratio(cell(g, 'server_ms_per_connect'), cell(peers['autobahn'], 'server_ms_per_connect'))} "
+            f"({fmt(cell(g, 'server_ms_per_connect'), 2)} ms against "
+            f"{fmt(cell(peers['autobahn'], 'server_ms_per_connect'), 2)} ms) |",
+            f"| {NAMES[name]}: storm of {clients:,} caught up in < 10 s, nothing missed or doubled | "
+            f"{fmt(cell(g, 'storm_s'), 2)} s, missed, doubled, out of order or unfinished {wrong:,} (every run) |",
+        ]
+    return out
+
+
 def multinode_targets(rows: List[Dict[str, Any]]) -> List[str]:
     """
     The targets of the multinode and notify cells, as rows of the Targets table.
@@ -428,6 +516,7 @@ def report(rows: List[Dict[str, Any]]) -> str:
         return cell(group(rows, bench, **match), key)
 
     out += multinode_section(rows)
+    out += storm_section(rows)
     out += [
         "",
         "## Targets",
@@ -474,6 +563,7 @@ def report(rows: List[Dict[str, Any]]) -> str:
     c = cell([r for r in rows if r["bench"] == "store" and r["store"] == "sqlite"], "messages_per_s")
     out.append(f"| SQLite >= 20k messages/s committed | {fmt(c)} |")
     out += multinode_targets(rows)
+    out += storm_targets(rows)
     lp = group(rows, "longpoll", clients=1000, server="chatd")
     out += [
         "",

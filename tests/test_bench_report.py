@@ -205,3 +205,93 @@ class MultinodeReportTests(SynchronousTestCase):
         self.assertEqual(report.multinode_section(rows), [])
         self.assertEqual(report.multinode_targets(rows), [])
         self.assertNotIn("Several nodes", report.report(rows))
+
+
+def storm_rows() -> list:
+    """
+    Three runs of the reconnect storm: chatd on both queues with resume,
+    the peers without, made up.
+    """
+    rows = []
+    for run in (1, 2, 3):
+        for server, connects, ms, drops, resume in (
+            ("chatd-sqlite", 1000 + 100 * run, 0.8, 0, True),
+            ("chatd-sqlite-backlog50", 600, 0.7, 900 + run, True),
+            ("autobahn", 1500, 0.5, 0, False),
+            ("websockets", 2000, 0.25, 0, False),
+        ):
+            rows.append(
+                row(run=run, bench="storm", server=server, resume=resume, clients=10_000, inflight=256,
+                    owed=3 if resume else 0, done=10_000, unfinished=0, missed=0,
+                    doubled=1 if (server, run) == ("chatd-sqlite", 2) else 0, out_of_order=0,
+                    retries=0, opened=10_000, storm_s=10_000 / connects, open_s=10_000 / connects,
+                    connects_per_s=connects, p50_ms=100.0, p99_ms=3000.0 if drops else 400.0,
+                    max_ms=4000.0, loadgen_cpu_s=0.4, loadgen="c", server_cpu_s=ms * 10,
+                    server_ms_per_connect=ms, listen_overflows=drops, listen_drops=drops)
+            )
+    return rows
+
+
+class StormReportTests(SynchronousTestCase):
+    """
+    The reconnect-storm section and its targets.
+    """
+
+    def test_table(self) -> None:
+        """
+        One row per server (chatd's backlog=50 variant beside the default),
+        with medians and ranges, whether the clients resumed, and the
+        listen-queue drops.
+        """
+        text = "\n".join(report.storm_section(storm_rows()))
+        self.assertIn("## Reconnect storm", text)
+        self.assertIn("resumes with `?after=` 3 messages behind", text)
+        self.assertIn(
+            "| chatd (default SQLite store) | 10,000 | 256 | yes | 8.33 (7.69-9.09) | 1,200 (1,100-1,300) | "
+            "0.80 (0.80-0.80) | 8.00 (8.00-8.00) | 0 (0-0) | 0 (0-0) | 400 (400-400) | 0 (0-0) | 0 (0-1) | "
+            "0.40 (0.40-0.40) |",
+            text,
+        )
+        self.assertIn(
+            "| chatd (default SQLite store, backlog=50) | 10,000 | 256 | yes | 16.67 (16.67-16.67) | "
+            "600 (600-600) | 0.70 (0.70-0.70) | 7.00 (7.00-7.00) | 902 (901-903) | 902 (901-903) |",
+            text,
+        )
+        self.assertIn("| websockets (broadcast) | 10,000 | 256 | no |", text)
+        lines = text.splitlines()
+        order = [i for i, line in enumerate(lines) if line.startswith("| chatd") or line.startswith("| Autobahn")
+                 or line.startswith("| websockets")]
+        self.assertEqual([lines[i].split(" | ")[0] for i in order],
+                         ["| chatd (default SQLite store)", "| chatd (default SQLite store, backlog=50)",
+                          "| Autobahn (prepared broadcast)", "| websockets (broadcast)"])
+
+    def test_targets(self) -> None:
+        """
+        connects/s against websockets', CPU per connect against Autobahn's,
+        and every run's missed, doubled, reordered or unfinished clients;
+        only for chatd as users run it (not the backlog=50 variant).
+        """
+        targets = report.storm_targets(storm_rows())
+        self.assertEqual(
+            targets,
+            [
+                "| chatd (default SQLite store): storm of 10,000, connects/s >= websockets' | "
+                "0.60x (1,200 (1,100-1,300) against 2,000 (2,000-2,000)) |",
+                "| chatd (default SQLite store): storm of 10,000, server CPU per connect <= Autobahn's | "
+                "1.60x (0.80 (0.80-0.80) ms against 0.50 (0.50-0.50) ms) |",
+                "| chatd (default SQLite store): storm of 10,000 caught up in < 10 s, nothing missed or doubled | "
+                "8.33 (7.69-9.09) s, missed, doubled, out of order or unfinished 1 (every run) |",
+            ],
+        )
+        full = report.report(storm_rows())
+        self.assertIn(targets[0], full)
+        self.assertLess(full.index("## Reconnect storm"), full.index("## Targets"))
+
+    def test_absent(self) -> None:
+        """
+        A session without storm cells renders no such section or targets.
+        """
+        rows = [row(bench="store", store="sqlite", messages_per_s=70000)]
+        self.assertEqual(report.storm_section(rows), [])
+        self.assertEqual(report.storm_targets(rows), [])
+        self.assertNotIn("Reconnect storm", report.report(rows))

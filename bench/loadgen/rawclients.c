@@ -21,12 +21,26 @@
  *       and "remote_p50_ms"/"remote_p99_ms" are the receivers' on other
  *       ports than the sender's.
  *
+ *   rawclients storm HOST PORT PATH CLIENTS INFLIGHT AFTER LAST
+ *       A reconnect storm: CLIENTS WebSocket clients open PATH?after=AFTER
+ *       (AFTER < 0: PATH as it is, no resume) on non-blocking sockets, all
+ *       at once with INFLIGHT handshakes in flight (a new one starts as
+ *       each is answered); each must then receive the messages AFTER+1 ..
+ *       LAST, each once and in order ("missed", "doubled", "out_of_order"
+ *       count (client, message) pairs).  Without resume a client is done at
+ *       its 101.  "storm_s" is from the first connect() to the last client
+ *       done, "open_s" to the last 101; p50/p99/max_ms are each client's
+ *       connect() to done.  A connection refused or reset is dialled again
+ *       ("retries").  Gives up after 120 s ("unfinished").  Holds its
+ *       connections after printing, until its stdin closes.
+ *
  * Prints one JSON line with the fields of loadgen.js: sent, received,
  * [deliveries_per_s,] undelivered, p50_ms, p99_ms, max_ms, loadgen_cpu_s.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -469,11 +483,225 @@ static int latency_main(char **argv) {
     return 0;
 }
 
+/* ---- storm ---------------------------------------------------------- */
+
+enum { S_IDLE, S_CONNECTING, S_HEAD, S_OPEN, S_DONE };
+
+typedef struct {
+    int fd, state;
+    long next_seq, max_seq, got;
+    double started;
+    unsigned char *seen;
+    char *buf;
+    size_t len, cap, sent;
+} storm_t;
+
+static struct sockaddr_in storm_addr;
+static char storm_req[512];
+static size_t storm_req_len;
+static long storm_after, storm_last;
+static long missed, doubled, storm_ooo, retries;
+
+static void storm_dial(int ep, storm_t *c, uint32_t i) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) die("socket");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    c->len = c->sent = 0;
+    c->state = S_CONNECTING;
+    if (connect(fd, (struct sockaddr *)&storm_addr, sizeof storm_addr) < 0 && errno != EINPROGRESS)
+        die("connect");
+    struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = i};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+}
+
+/* Message frames in c->buf (a server's frames are not masked): count each
+ * "seq" the client was owed.  Returns -1 on a close frame. */
+static int storm_frames(storm_t *c) {
+    size_t at = 0;
+    while (c->len - at >= 2) {
+        unsigned char *h = (unsigned char *)c->buf + at;
+        int op = h[0] & 0x0f;
+        size_t n = h[1] & 0x7f, head = 2;
+        if (n == 126) {
+            if (c->len - at < 4) break;
+            n = (size_t)h[2] << 8 | h[3];
+            head = 4;
+        } else if (n == 127) {
+            if (c->len - at < 10) break;
+            n = 0;
+            for (int k = 2; k < 10; k++) n = n << 8 | h[k];
+            head = 10;
+        }
+        if (c->len - at < head + n) break;
+        const char *p = (const char *)h + head;
+        if (op == 8) return -1;
+        const char *seq = op == 1 ? memmem(p, n, "\"seq\":", 6) : NULL;
+        if (seq && memmem(p, n, "\"type\":\"message\"", 16)) {
+            long s = strtol(seq + 6, NULL, 10);
+            if (s > storm_after && s <= storm_last) {
+                unsigned char *mark = &c->seen[s - storm_after - 1];
+                if (*mark) {
+                    doubled++;
+                } else {
+                    *mark = 1;
+                    c->got++;
+                    if (s < c->max_seq) storm_ooo++;
+                }
+                if (s > c->max_seq) c->max_seq = s;
+            }
+        }
+        at += head + n;
+    }
+    memmove(c->buf, c->buf + at, c->len - at);
+    c->len -= at;
+    return 0;
+}
+
+static int storm_main(char **argv) {
+    host = argv[1];
+    port = atoi(argv[2]);
+    const char *path = argv[3];
+    int clients = atoi(argv[4]), inflight = atoi(argv[5]);
+    storm_after = atol(argv[6]);
+    storm_last = atol(argv[7]);
+    long owed = storm_after >= 0 && storm_last > storm_after ? storm_last - storm_after : 0;
+    storm_addr.sin_family = AF_INET;
+    storm_addr.sin_port = htons(port);
+    if (inet_pton(AF_INET, host, &storm_addr.sin_addr) != 1) die("address");
+    char query[64] = "";
+    if (storm_after >= 0) snprintf(query, sizeof query, "?after=%ld", storm_after);
+    storm_req_len = (size_t)snprintf(
+        storm_req, sizeof storm_req,
+        "GET %s%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        path, query, host, port);
+
+    storm_t *cs = calloc((size_t)clients, sizeof *cs);
+    unsigned char *seen = calloc((size_t)clients * (size_t)(owed + 1), 1);
+    double *took = calloc((size_t)clients, sizeof *took);
+    int ep = epoll_create1(0);
+    int started = 0, in_flight = 0, done = 0, opened = 0;
+    double t0 = now_ms(), opened_at = t0, done_at = t0;
+    struct epoll_event events[512];
+    char scratch[1 << 16];
+    while (done < clients && now_ms() - t0 < 120000) {
+        while (started < clients && in_flight < inflight) {
+            storm_t *c = &cs[started];
+            c->seen = seen + (size_t)started * (size_t)(owed + 1);
+            c->max_seq = storm_after;
+            c->started = now_ms();
+            storm_dial(ep, c, (uint32_t)started);
+            started++;
+            in_flight++;
+        }
+        int ready = epoll_wait(ep, events, 512, 100);
+        for (int e = 0; e < ready; e++) {
+            uint32_t i = events[e].data.u32;
+            storm_t *c = &cs[i];
+            if (c->state == S_CONNECTING) {
+                int err = 0;
+                socklen_t el = sizeof err;
+                getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                if (err == EINPROGRESS || (!err && !(events[e].events & EPOLLOUT))) continue;
+                if (err) goto redial;
+                c->state = S_HEAD;
+                struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
+                epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                ssize_t w = write(c->fd, storm_req, storm_req_len);
+                if (w != (ssize_t)storm_req_len) goto redial; /* a fresh socket takes 300 bytes */
+                continue;
+            }
+            if (c->state == S_DONE) {
+                /* Anything after its messages: doubles are counted; a close is not expected. */
+                ssize_t r = read(c->fd, scratch, sizeof scratch);
+                if (r <= 0) {
+                    fprintf(stderr, "client %u: closed after it was done\n", i);
+                    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                    continue;
+                }
+                if (owed && c->cap - c->len >= (size_t)r) {
+                    memcpy(c->buf + c->len, scratch, (size_t)r);
+                    c->len += (size_t)r;
+                    storm_frames(c);
+                }
+                continue;
+            }
+            if (!c->buf) {
+                c->cap = 8192;
+                c->buf = malloc(c->cap);
+            }
+            if (c->cap - c->len < 2048) {
+                c->cap *= 2;
+                c->buf = realloc(c->buf, c->cap);
+            }
+            ssize_t r = read(c->fd, c->buf + c->len, c->cap - c->len);
+            if (r < 0 && errno == EAGAIN) continue;
+            if (r <= 0) {
+                if (c->state == S_HEAD) goto redial;
+                fprintf(stderr, "client %u: closed before its messages\n", i);
+                return 1;
+            }
+            c->len += (size_t)r;
+            if (c->state == S_HEAD) {
+                char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
+                if (!end) continue;
+                if (c->len < 12 || memcmp(c->buf, "HTTP/1.1 101", 12) != 0) {
+                    fprintf(stderr, "handshake refused: %.*s\n", (int)(end - c->buf), c->buf);
+                    return 1;
+                }
+                size_t head = (size_t)(end - c->buf) + 4;
+                memmove(c->buf, c->buf + head, c->len - head);
+                c->len -= head;
+                c->state = S_OPEN;
+                in_flight--;
+                opened++;
+                opened_at = now_ms();
+            }
+            if (storm_frames(c) < 0) {
+                fprintf(stderr, "client %u: close frame\n", i);
+                return 1;
+            }
+            if (c->got >= owed) {
+                c->state = S_DONE;
+                done_at = now_ms();
+                took[done] = done_at - c->started;
+                done++;
+            }
+            continue;
+        redial:
+            epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+            close(c->fd);
+            retries++;
+            storm_dial(ep, c, i);
+        }
+    }
+    for (int i = 0; i < clients; i++) missed += owed - cs[i].got;
+    qsort(took, (size_t)done, sizeof *took, cmp);
+    printf("{\"clients\": %d, \"inflight\": %d, \"owed\": %ld, \"done\": %d, \"unfinished\": %d, "
+           "\"missed\": %ld, \"doubled\": %ld, \"out_of_order\": %ld, \"retries\": %ld, "
+           "\"opened\": %d, \"storm_s\": %.3f, \"open_s\": %.3f, \"connects_per_s\": %.1f, "
+           "\"p50_ms\": %.1f, \"p99_ms\": %.1f, \"max_ms\": %.1f, \"loadgen_cpu_s\": %.3f, \"loadgen\": \"c\"}\n",
+           clients, inflight, owed, done, clients - done, missed, doubled, storm_ooo, retries,
+           opened, (done_at - t0) / 1000.0, (opened_at - t0) / 1000.0,
+           opened ? (double)opened * 1000.0 / (opened_at - t0) : 0.0, pct_of(took, (size_t)done, 50),
+           pct_of(took, (size_t)done, 99), done ? took[done - 1] : -1.0, cpu_seconds());
+    /* Hold every connection until stdin closes, so that whoever measures
+     * the server's CPU can do it before the clients go. */
+    fflush(stdout);
+    while (read(0, scratch, sizeof scratch) > 0) {
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 8 && strcmp(argv[1], "longpoll") == 0) return longpoll_main(argv + 1);
     if (argc == 8 && strcmp(argv[1], "latency") == 0) return latency_main(argv + 1);
+    if (argc == 9 && strcmp(argv[1], "storm") == 0) return storm_main(argv + 1);
     fprintf(stderr,
             "usage: rawclients longpoll HOST PORT ROOM CLIENTS RATE DURATION\n"
-            "       rawclients latency HOST PORT[,PORT...] PATH RECEIVERS RATE DURATION\n");
+            "       rawclients latency HOST PORT[,PORT...] PATH RECEIVERS RATE DURATION\n"
+            "       rawclients storm HOST PORT PATH CLIENTS INFLIGHT AFTER LAST\n");
     return 2;
 }
