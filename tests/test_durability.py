@@ -205,7 +205,7 @@ class StartupFailureTests(TestCase):
             self.assertEqual(process.exit_code, 1, process.output)
             lines = [line for line in process.output.splitlines() if b"could not start" in line]
             self.assertEqual(len(lines), 1, process.output)
-            self.assertIn(f"cannot listen on {busy}: ".encode(), lines[0])
+            self.assertIn(f"cannot listen on {busy}:backlog=1024: ".encode(), lines[0])
             self.assertIn(b"Address already in use", lines[0])
             self.assertNotIn(b"Traceback", process.output)
             self.assertNotIn(b"Unhandled", process.output)
