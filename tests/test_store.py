@@ -369,6 +369,20 @@ class PostgresStoreTests(StoreContractMixin, TestCase):
         await deferLater(reactor, 0.01)
         self.assertEqual(await second.share_presence("me", {}, 60_000), {"a": 1})
 
+    async def test_presence_renewed_at_once_by_nodes(self) -> None:
+        """
+        Nodes renewing their leases at once, each finding the others'
+        expired, never wait on or deadlock with each other.
+        """
+        stores = [await self.open_store() for _ in range(3)]
+        for _ in range(30):
+            await gatherResults(
+                [
+                    store.share_presence(f"n{i}", {"a": 1, "b": 2, "c": 3}, 1)
+                    for i, store in enumerate(stores)
+                ]
+            )
+
     async def test_room_limit_across_processes(self) -> None:
         """
         Two stores creating rooms at once (two nodes) never pass the limit

@@ -91,6 +91,8 @@ class SQLStore:
     lock_room_count = ""
     # The database's clock, in ms since the epoch (for presence leases).
     now_ms = ""
+    # Forgets other nodes' expired leases ({now}: now_ms; ?: this node).
+    expire_presence = "DELETE FROM presence WHERE expires_ms < {now} AND node <> ?"
 
     def __init__(self, write_pool: adbapi.ConnectionPool, read_pool: adbapi.ConnectionPool) -> None:
         self._write = write_pool
@@ -435,7 +437,7 @@ class SQLStore:
             if self.begin:
                 conn.execute(self.begin)
             conn.execute(self._sql("DELETE FROM presence WHERE node = ?"), (node,))
-            conn.execute(f"DELETE FROM presence WHERE expires_ms < {self.now_ms}")
+            conn.execute(self._sql(self.expire_presence.format(now=self.now_ms)), (node,))
             rows = [(node, room, count, ttl_ms) for room, count in sorted(clients.items()) if count]
             if rows:
                 conn.cursor().executemany(

@@ -90,6 +90,13 @@ class PostgresStore(SQLStore):
     lock_room_count = "SELECT pg_advisory_xact_lock(hashtext('chatd-rooms:' || current_schema()))"
     now_ms = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     notify = "SELECT pg_notify(?, ?)"
+    # Leases another node is renewing or forgetting right now are left to
+    # it: two nodes forgetting the same expired leases never wait on (or
+    # deadlock with) each other.
+    expire_presence = (
+        "DELETE FROM presence WHERE (node, room) IN (SELECT node, room FROM presence "
+        "WHERE expires_ms < {now} AND node <> ? FOR UPDATE SKIP LOCKED)"
+    )
 
     def __init__(self, url: str, reactor: Any = None) -> None:
         self.description = redact(url)
