@@ -71,7 +71,7 @@ async def measure(
             for store in stores:
                 # As chatd.tap.make_bus does for --bus postgresql.
                 store.notify_commits(
-                    channel, lambda room, last_seq, messages: encode(room, last_seq, messages, MAX_PAYLOAD)
+                    lambda room, last_seq, messages: encode(room, last_seq, messages, MAX_PAYLOAD)
                 )
             listener = subprocess.Popen(
                 listener_cpu + [sys.executable, "-m", "bench.notify", "--listen", stores[0].conninfo, channel],

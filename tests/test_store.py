@@ -412,7 +412,7 @@ class PostgresStoreTests(StoreContractMixin, TestCase):
         import psycopg
 
         store = await self.open_store()
-        store.notify_commits(store.notify_channel, lambda room, last, ms: [
+        store.notify_commits(lambda room, last, ms: [
             json.dumps([room, last, [m.seq for m in ms]]).encode("utf-8")
         ])
         await store.create_room("a", 0)

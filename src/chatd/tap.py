@@ -463,13 +463,8 @@ def make_bus(
                 reactor, node, name, lambda: f"chatd:{store.deployment}", observer=observer, **timing
             ),
         )
-    from chatd.bus._remote import encode
-    from chatd.bus.postgres import MAX_PAYLOAD
-
     bus = factory(reactor, node, store, dsn or store.conninfo, observer=observer, **timing)
-    store.notify_commits(
-        store.notify_channel, lambda room, last_seq, messages: encode(room, last_seq, messages, MAX_PAYLOAD)
-    )
+    store.notify_commits(bus.encode)
     return cast(IBus, bus)
 
 

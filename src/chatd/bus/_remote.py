@@ -29,6 +29,7 @@ L{RemoteBus._lost}.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -40,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatd.bus.local import Subscription
+from chatd.bus.local import Listeners
 from chatd.interfaces import IBus, IBusListener, IBusSubscription
 from chatd.model import Message
 
@@ -135,14 +136,12 @@ class RemoteBus(Service):
         self._max_backoff = max_backoff
         self._observer = observer
         self._jitter = jitter
-        self._subscriptions: List[Subscription] = []
+        self._listeners = Listeners()
         self.state = STOPPED
-        #: When the state last changed (clock seconds).
-        self.since = clock.seconds()
         #: Since when the bus has not been connected.
-        self._down_since = self.since
+        self._down_since = clock.seconds()
         self._attempts = 0
-        self._beats = iter(range(1, 2**62))
+        self._beats = itertools.count(1)
         self._heard_at = 0.0
         #: The pending calls, by what they do: "retry" (connect again),
         #: "poll" (catch up while not connected), "beat" (a heartbeat).
@@ -180,23 +179,24 @@ class RemoteBus(Service):
         for room, (last_seq, messages) in outgoing.items():
             self._send_hint(room, last_seq, messages)
 
+    def encode(self, room: str, last_seq: int, messages: Sequence[Message]) -> List[bytes]:
+        """
+        One room's hint as this bus's payloads (L{encode}, within its limit).
+        """
+        return encode(room, last_seq, messages, self.limit)
+
     def _send_hint(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:
         """
         Publish one room's hint (subclasses may hold it back).
         """
-        for payload in encode(room, last_seq, messages, self.limit):
+        for payload in self.encode(room, last_seq, messages):
             self._send_safely(payload)
 
     def subscribe(self, listener: IBusListener) -> IBusSubscription:
-        subscription = Subscription(self, listener)
-        self._subscriptions.append(subscription)
+        subscription = self._listeners.add(listener)
         if self.state == CONNECTED:
-            self._catch_up([subscription])
+            self._listeners.catch_up(subscription)
         return subscription
-
-    def _remove(self, subscription: Subscription) -> None:
-        if subscription in self._subscriptions:
-            self._subscriptions.remove(subscription)
 
     # -- the connection's life -----------------------------------------------
 
@@ -255,7 +255,7 @@ class RemoteBus(Service):
             self._schedule("audit", self.audit_interval, self._audit)
             # Subscribed first, then the snapshot: nothing committed from
             # now on can be missed, and what came before is in the store.
-            self._catch_up(list(self._subscriptions))
+            self._listeners.catch_up()
 
         def failed(failure: Failure) -> None:
             self._connecting = None
@@ -305,7 +305,7 @@ class RemoteBus(Service):
     def _poll(self) -> None:
         if self.state in (CONNECTED, STOPPED):
             return
-        self._catch_up(list(self._subscriptions))
+        self._listeners.catch_up()
         self._schedule("poll", self.poll_interval, self._poll)
 
     def _audit(self) -> None:
@@ -316,7 +316,7 @@ class RemoteBus(Service):
         """
         if self.state != CONNECTED:
             return
-        self._catch_up(list(self._subscriptions))
+        self._listeners.catch_up()
         self._schedule("audit", self.audit_interval, self._audit)
 
     def _beat(self) -> None:
@@ -353,18 +353,7 @@ class RemoteBus(Service):
                     self._observer.bus_heartbeat()
             return
         room, last_seq, messages = decoded
-        for subscription in list(self._subscriptions):
-            try:
-                subscription.listener.hint(room, last_seq, messages)
-            except Exception:
-                self.log.failure("A bus listener failed on a hint for {room}", room=room)
-
-    def _catch_up(self, subscriptions: List[Subscription]) -> None:
-        for subscription in subscriptions:
-            try:
-                subscription.listener.catch_up()
-            except Exception:
-                self.log.failure("A bus listener failed to catch up")
+        self._listeners.hint(room, last_seq, messages)
 
     def _send_safely(self, payload: bytes) -> None:
         try:
@@ -377,7 +366,6 @@ class RemoteBus(Service):
             if self.state == CONNECTED or self.state == STOPPED:
                 self._down_since = self._clock.seconds()
             self.state = state
-            self.since = self._clock.seconds()
             if self._observer is not None:
                 self._observer.bus_state(state)
 

@@ -111,9 +111,9 @@ class SQLStore:
         #: This deployment's random name (from the store, once open): the
         #: nodes sharing this store share it, and nobody else has it.
         self.deployment: Optional[str] = None
-        #: C{(channel, encode)} when commits are announced in their own
-        #: transaction (L{notify_commits}).
-        self._notify: Optional[Tuple[str, Encode]] = None
+        #: How commits are announced in their own transaction, if they are
+        #: (L{notify_commits}).
+        self._notify: Optional[Encode] = None
 
     def _sql(self, query: str) -> str:
         return query.replace("?", self.placeholder)
@@ -327,24 +327,25 @@ class SQLStore:
 
     # -- announcing commits --------------------------------------------------
 
-    def notify_commits(self, channel: str, encode: Encode) -> None:
+    def notify_commits(self, encode: Encode) -> None:
         """
-        Announce every batch's new messages on C{channel} from inside the
-        transaction that stores them (the payloads C{encode} makes), so
-        that an announcement is sent if and only if its commit happens,
-        in commit order.  Only backends with C{notify} support it.
+        Announce every batch's new messages on C{notify_channel} from
+        inside the transaction that stores them (the payloads C{encode}
+        makes), so that an announcement is sent if and only if its commit
+        happens, in commit order.  Only backends with C{notify} support it.
         """
-        if not self.notify:
+        if not self.notify or not self.notify_channel:
             raise StoreError(f"the {self.backend} store cannot announce its commits")
-        self._notify = (channel, encode)
+        self._notify = encode
 
-    #: The statement that sends one payload on a channel (C{None}: the
-    #: backend has no such thing).
+    #: The statement that sends one payload on a channel, and the channel
+    #: this store's commits go to (C{None}: the backend has no such thing).
     notify: Optional[str] = None
+    notify_channel: Optional[str] = None
 
     def _announce(self, conn: Any, messages: List[Message]) -> None:
         assert self._notify is not None and self.notify is not None
-        channel, encode = self._notify
+        channel, encode = self.notify_channel, self._notify
         by_room: Dict[str, List[Message]] = {}
         for message in messages:
             by_room.setdefault(message.room, []).append(message)
