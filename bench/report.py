@@ -13,7 +13,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs"
@@ -150,6 +150,22 @@ def notify_share(rows: List[Dict[str, Any]]) -> Optional[Tuple]:
     return paired(on, off, "commits_per_s", lambda x, y: 100.0 * x / y)
 
 
+def _multinode_groups(
+    rows: List[Dict[str, Any]], cells: List[Dict[str, Any]]
+) -> Iterator[Tuple[str, int, int, List[Dict[str, Any]]]]:
+    """
+    C{(bus, nodes, receivers, runs)} for each table row of one multi-node
+    test (C{cells}: its results), by bus, one node before three.
+    """
+    test = cells[0]["test"]
+    for bus in buses(rows):
+        for nodes in (1, 3):
+            for receivers in sorted({r["receivers"] for r in cells}):
+                g = group(rows, "multinode", test=test, bus=bus, nodes=nodes, receivers=receivers)
+                if g:
+                    yield bus, nodes, receivers, g
+
+
 def multinode_section(rows: List[Dict[str, Any]]) -> List[str]:
     """
     The section on several chatd nodes sharing one PostgreSQL store
@@ -184,16 +200,12 @@ def multinode_section(rows: List[Dict[str, Any]]) -> List[str]:
             "not delivered | load-gen CPU s |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for bus in buses(rows):
-            for nodes in (1, 3):
-                for receivers in sorted({r["receivers"] for r in fan}):
-                    g = group(rows, "multinode", test="fanout", bus=bus, nodes=nodes, receivers=receivers)
-                    if g:
-                        out.append(
-                            f"| {BUS_NAMES.get(bus, bus)} | {nodes} | {receivers} | {fmt(cell(g, 'deliveries_per_s'))} | "
-                            f"{fmt(cell(g, 'server_us_per_delivery'), 2)} | {fmt(cell(g, 'server_cpu_s'), 2)} | "
-                            f"{fmt(cell(g, 'undelivered'))} | {fmt(cell(g, 'loadgen_cpu_s'), 2)} |"
-                        )
+        for bus, nodes, receivers, g in _multinode_groups(rows, fan):
+            out.append(
+                f"| {BUS_NAMES.get(bus, bus)} | {nodes} | {receivers} | {fmt(cell(g, 'deliveries_per_s'))} | "
+                f"{fmt(cell(g, 'server_us_per_delivery'), 2)} | {fmt(cell(g, 'server_cpu_s'), 2)} | "
+                f"{fmt(cell(g, 'undelivered'))} | {fmt(cell(g, 'loadgen_cpu_s'), 2)} |"
+            )
     lat = [r for r in mn if r["test"] == "latency"]
     if lat:
         out += [
@@ -206,19 +218,15 @@ def multinode_section(rows: List[Dict[str, Any]]) -> List[str]:
             "not delivered | duplicates | out of order | server µs/delivery |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for bus in buses(rows):
-            for nodes in (1, 3):
-                for receivers in sorted({r["receivers"] for r in lat}):
-                    g = group(rows, "multinode", test="latency", bus=bus, nodes=nodes, receivers=receivers)
-                    if g:
-                        out.append(
-                            f"| {BUS_NAMES.get(bus, bus)} | {nodes} | {receivers} | {fmt(cell(g, 'p50_ms'), 1)} | "
-                            f"{fmt(cell(g, 'p99_ms'), 1)} | {fmt(cell(g, 'max_ms'), 1)} | "
-                            f"{fmt(nonnegative(cell(g, 'remote_p50_ms')), 1)} | "
-                            f"{fmt(nonnegative(cell(g, 'remote_p99_ms')), 1)} | {fmt(cell(g, 'undelivered'))} | "
-                            f"{fmt(cell(g, 'duplicates'))} | {fmt(cell(g, 'out_of_order'))} | "
-                            f"{fmt(cell(g, 'server_us_per_delivery'), 1)} |"
-                        )
+        for bus, nodes, receivers, g in _multinode_groups(rows, lat):
+            out.append(
+                f"| {BUS_NAMES.get(bus, bus)} | {nodes} | {receivers} | {fmt(cell(g, 'p50_ms'), 1)} | "
+                f"{fmt(cell(g, 'p99_ms'), 1)} | {fmt(cell(g, 'max_ms'), 1)} | "
+                f"{fmt(nonnegative(cell(g, 'remote_p50_ms')), 1)} | "
+                f"{fmt(nonnegative(cell(g, 'remote_p99_ms')), 1)} | {fmt(cell(g, 'undelivered'))} | "
+                f"{fmt(cell(g, 'duplicates'))} | {fmt(cell(g, 'out_of_order'))} | "
+                f"{fmt(cell(g, 'server_us_per_delivery'), 1)} |"
+            )
         out += [
             "",
             "What the bus adds (three nodes minus one node, run by run):",
