@@ -55,8 +55,11 @@ class ManualStore:
     def open(self):
         return self.inner.open()
 
-    def create_room(self, name, now_ms, max_rooms=None):
-        return self.inner.create_room(name, now_ms, max_rooms)
+    def create_room(self, name, now_ms, *args):
+        return self.inner.create_room(name, now_ms, *args)
+
+    def room_access(self, name):
+        return self.inner.room_access(name)
 
     def share_presence(self, node, clients, ttl_ms):
         return self.inner.share_presence(node, clients, ttl_ms)
@@ -276,6 +279,7 @@ class PostTests(SynchronousTestCase):
                 "room": "lobby",
                 "seq": 1,
                 "nick": "anonymous",
+                "user": None,
                 "body": "hello",
                 "ts": 1_700_000_000.0,
             },
@@ -319,7 +323,7 @@ class PostTests(SynchronousTestCase):
         self.assertIs(message.json, message.json)
         self.assertEqual(
             message.json,
-            b'{"type":"message","room":"lobby","seq":1,"nick":"a",'
+            b'{"type":"message","room":"lobby","seq":1,"nick":"a","user":null,'
             b'"body":"say \\"<hi>\\" \\u2028 ok","ts":1700000000.0}',
         )
 

@@ -32,19 +32,27 @@ from zope.interface import implementer
 from chatd.interfaces import IBus, IBusListener, IBusSubscription, IMessageStore
 from chatd.limits import Limits
 from chatd.model import (
+    GUEST,
     MAX_BODY,
     Batch,
     ChatError,
+    Identity,
     Message,
     Peer,
+    RoomAccess,
     RoomLimitReached,
+    User,
+    auth_required,
     room_exists,
     room_not_found,
     too_many_rooms,
     validate_body,
     validate_client_id,
+    validate_display_name,
     validate_nick,
+    validate_role,
     validate_room_name,
+    validate_user_id,
 )
 from chatd.room import Answer, Deliver, OnReset, Room, Subscription
 
@@ -109,6 +117,7 @@ class ChatCore:
         max_body: int = MAX_BODY,
         bus: Optional[IBus] = None,
         observer: Any = None,
+        guests: bool = True,
     ) -> None:
         if history < 1:
             raise ValueError("history must be at least 1")
@@ -127,6 +136,8 @@ class ChatCore:
         #: Delay before the next fill of a room that found nothing new.
         self._fill_delay: Dict[str, float] = {}
         self._warned_late_at: Optional[float] = None
+        #: Whether rooms let guests in unless created saying otherwise.
+        self.guests = guests
 
     # -- start and stop ------------------------------------------------------
 
@@ -139,9 +150,9 @@ class ChatCore:
         """
 
         async def _start() -> None:
-            for name, last_seq in await self._store.load_rooms():
+            for name, _ in await self._store.load_rooms():
                 if name not in self._rooms:
-                    await self._adopt(name, last_seq)
+                    await self._adopt(name)
             for name in ["lobby", *rooms]:
                 if name not in self._rooms:
                     try:
@@ -205,10 +216,9 @@ class ChatCore:
         self._finding[name] = [d]
 
         async def find() -> Room:
-            state = await self._store.room_state(name)
-            if state is None:
+            room = await self._adopt(name)
+            if room is None:
                 raise room_not_found(name)
-            room = await self._adopt(name, state[0])
             # Hints for it were dropped while it was being loaded.
             self._check_store(room)
             return room
@@ -223,14 +233,103 @@ class ChatCore:
         Deferred.fromCoroutine(find()).addBoth(done)
         return d
 
-    async def _adopt(self, name: str, last_seq: int) -> Room:
+    async def _adopt(self, name: str) -> Optional[Room]:
         """
-        Follow a room the store has: its newest messages into the cache.
+        Follow a room the store has: who may use it, as of its last seq,
+        and its newest messages up to that seq into the cache.
+
+        @return: the room, or None if the store has no such room.
         """
-        room = Room(name, last_seq, self._history)
+        access = await self._store.room_access(name)
+        if access is None:
+            return None
+        last_seq = access.last_seq
+        room = Room(name, last_seq, self._history, access)
         if last_seq:
             room.load(await self._store.read_before(name, last_seq + 1, self._history))
         return self._rooms.setdefault(name, room)
+
+    # -- who may use a room --------------------------------------------------
+
+    def admit(self, room: Room, identity: Identity) -> Room:
+        """
+        Check that C{identity} may read and write C{room}: an API key may
+        use every room; a private room is members only, and does not exist
+        for anyone else; a public room may refuse guests.
+
+        @raise ChatError: C{room_not_found}, C{auth_required}.
+        """
+        if identity.key is not None:
+            return room
+        access = room.access
+        if access.private:
+            user = identity.user
+            if user is None or user.id not in access.members:
+                raise room_not_found(room.name)
+        elif identity.user is None and not access.guests:
+            raise auth_required(f"Room {room.name!r} is for signed-in users; sign in, or send a token.")
+        return room
+
+    def visible(self, room: Room, identity: Identity) -> bool:
+        """
+        Whether C{room} is listed to C{identity} (public, or theirs).
+        """
+        if not room.access.private or identity.key is not None:
+            return True
+        return identity.user is not None and identity.user.id in room.access.members
+
+    def enter(self, name: object, identity: Identity = GUEST) -> Deferred:
+        """
+        L{find_room}, for C{identity}: fails with C{room_not_found} for a
+        private room C{identity} is not a member of, as for no room.
+        """
+        room = self._rooms.get(name) if isinstance(name, str) else None
+        if room is not None:
+            try:
+                return succeed(self.admit(room, identity))
+            except ChatError as e:
+                return _fail(e)
+        return self.find_room(name).addCallback(self.admit, identity)
+
+    def role(self, room: Room, identity: Identity) -> Optional[str]:
+        """
+        C{identity}'s role in C{room}: C{"owner"} for an API key.
+        """
+        if identity.key is not None:
+            return "owner"
+        if identity.user is None:
+            return None
+        return room.access.members.get(identity.user.id)
+
+    def set_member(
+        self, room_name: str, user_id: object, name: object, role: object, identity: Identity
+    ) -> Deferred:
+        """
+        Make C{user_id} (called C{name}) a member of a room with C{role},
+        or with C{role} None no longer a member: an event of the room, so
+        every node applies it in seq order.  An API key and the room's
+        owners may change anyone; moderators may add and remove plain
+        members.
+
+        @return: a Deferred firing with the event's L{Message}, or failing
+            with C{room_not_found}, C{not_allowed}, C{invalid_user},
+            C{invalid_name} or C{invalid_role}.
+        """
+
+        def change(room: Room) -> Deferred:
+            user = User(validate_user_id(user_id), validate_display_name(name))
+            new = None if role is None else validate_role(role)
+            acting = self.role(room, identity)
+            current = room.access.members.get(user.id)
+            if acting != "owner" and not (
+                acting == "moderator" and new in (None, "member") and current in (None, "member")
+            ):
+                raise ChatError("not_allowed", "Only the room's owners may change this membership.")
+            now = self._clock.seconds()
+            d = self._store.append(room.name, user.name, new or "", int(now * 1000), None, user, "member")
+            return d.addCallback(self._committed, room, now)
+
+        return self.enter(room_name, identity).addCallback(change)
 
     def rooms(self) -> List[Room]:
         """
@@ -238,31 +337,47 @@ class ChatCore:
         """
         return [self._rooms[name] for name in sorted(self._rooms)]
 
-    def list_rooms(self) -> Deferred:
+    def list_rooms(self, identity: Identity = GUEST) -> Deferred:
         """
-        Every room the store has (following those this node did not yet),
-        by name.
+        Every room the store has (following those this node did not yet)
+        that C{identity} may see, by name.
 
         @return: a Deferred firing with a list of L{Room}s.
         """
 
         async def list_rooms() -> List[Room]:
-            for name, last_seq in await self._store.load_rooms():
+            for name, _ in await self._store.load_rooms():
                 if name not in self._rooms:
-                    self._check_store(await self._adopt(name, last_seq))
-            return self.rooms()
+                    room = await self._adopt(name)
+                    if room is not None:
+                        self._check_store(room)
+            return [room for room in self.rooms() if self.visible(room, identity)]
 
         return Deferred.fromCoroutine(list_rooms())
 
-    def create_room(self, name: object, peer: Optional[Peer] = None) -> Deferred:
+    def create_room(
+        self,
+        name: object,
+        peer: Optional[Peer] = None,
+        identity: Identity = GUEST,
+        private: bool = False,
+        guests: Optional[bool] = None,
+    ) -> Deferred:
         """
-        Create a room.
+        Create a room: public, or C{private} (members only; C{identity}'s
+        user is its owner).  C{guests}: whether people with no identity may
+        use it (None: the core's default, L{guests}).
 
         @return: a Deferred firing with the new L{Room}, or failing with
             L{ChatError} C{invalid_room_name}, C{room_exists},
-            C{too_many_rooms} or C{rate_limited}.
+            C{too_many_rooms}, C{auth_required} or C{rate_limited}.
         """
+        owner = identity.user
+        if guests is None:
+            guests = self.guests and not private
         try:
+            if private and owner is None and identity.key is None:
+                raise auth_required("Sign in, or send a token, to create a private room.")
             name = validate_room_name(name)
             if name in self._rooms or name in self._creating:
                 raise room_exists(name)
@@ -272,11 +387,13 @@ class ChatCore:
             return _fail(e)
         self._creating.add(name)
 
+        access = RoomAccess(private, guests, {} if owner is None else {owner.id: "owner"})
+
         def created(new: bool) -> Room:
             if not new:
                 # Another node sharing the store made it first.
                 raise room_exists(name)
-            return self._rooms.setdefault(name, Room(name, 0, self._history))
+            return self._rooms.setdefault(name, Room(name, 0, self._history, access))
 
         def full(failure: Failure) -> None:
             failure.trap(RoomLimitReached)
@@ -290,7 +407,7 @@ class ChatCore:
         now_ms = int(self._clock.seconds() * 1000)
         # The store counts the rooms, so the limit holds across nodes.
         max_rooms = None if self._limits is None or peer is None else self._limits.max_rooms
-        d = self._store.create_room(name, now_ms, max_rooms)
+        d = self._store.create_room(name, now_ms, max_rooms, private, guests, owner)
         return d.addCallbacks(created, full).addBoth(done)
 
     # -- posting -------------------------------------------------------------
@@ -302,9 +419,13 @@ class ChatCore:
         body: object,
         client_id: object = None,
         peer: Optional[Peer] = None,
+        identity: Identity = GUEST,
     ) -> Deferred:
         """
         Validate and store a message, then deliver it to the room.
+
+        The message is C{identity}'s: a user's carries their C{user} and
+        name (C{nick} is ignored); a guest's, the nick given.
 
         The returned Deferred fires only once the store has committed the
         message (and its delivery here has been done, whatever any one
@@ -314,22 +435,29 @@ class ChatCore:
         @return: a Deferred firing with the L{Message}, or failing with
             L{ChatError}.
         """
+        user = identity.user
         try:
             if peer is not None and self._limits is not None:
                 self._limits.check_post(peer)
-            nick = validate_nick(nick)
+            nick = validate_nick(nick) if user is None else user.name
             body = validate_body(body, self.max_body)
             client_id = validate_client_id(client_id)
         except ChatError as e:
             return _fail(e)
         room = self._rooms.get(room_name)
         if room is not None:
-            return self._append(room, nick, body, client_id)
-        return self.find_room(room_name).addCallback(self._append, nick, body, client_id)
+            try:
+                self.admit(room, identity)
+            except ChatError as e:
+                return _fail(e)
+            return self._append(room, nick, body, client_id, user)
+        return self.enter(room_name, identity).addCallback(self._append, nick, body, client_id, user)
 
-    def _append(self, room: Room, nick: str, body: str, client_id: Optional[str]) -> Deferred:
+    def _append(
+        self, room: Room, nick: str, body: str, client_id: Optional[str], user: Optional[User] = None
+    ) -> Deferred:
         now = self._clock.seconds()
-        d = self._store.append(room.name, nick, body, int(now * 1000), client_id)
+        d = self._store.append(room.name, nick, body, int(now * 1000), client_id, user)
         return d.addCallback(self._committed, room, now)
 
     def _committed(self, result: Tuple[Message, bool], room: Room, started: float) -> Message:
@@ -539,7 +667,9 @@ class ChatCore:
 
     # -- reading -------------------------------------------------------------
 
-    def read(self, room_name: str, after: Optional[int], limit: int) -> Deferred:
+    def read(
+        self, room_name: str, after: Optional[int], limit: int, identity: Identity = GUEST
+    ) -> Deferred:
         """
         The messages after seq C{after} (at most C{limit}), from memory when
         the cache reaches back far enough and from the store otherwise.
@@ -548,7 +678,7 @@ class ChatCore:
             messages", i.e. the room's current last seq.
         @return: a Deferred firing with a L{Batch}.
         """
-        return self.find_room(room_name).addCallback(self._read, after, limit)
+        return self.enter(room_name, identity).addCallback(self._read, after, limit)
 
     def _read(self, room: Room, after: Optional[int], limit: int) -> Deferred:
         batch = self._read_cache(room, after, limit)
@@ -598,7 +728,9 @@ class ChatCore:
         reset = after < first_seq - 1
         return Batch(room.name, messages, last_seq, reset, first_seq)
 
-    def read_before(self, room_name: str, before: int, limit: int) -> Deferred:
+    def read_before(
+        self, room_name: str, before: int, limit: int, identity: Identity = GUEST
+    ) -> Deferred:
         """
         Up to C{limit} messages older than seq C{before}, oldest first,
         for paging back through history.
@@ -611,7 +743,7 @@ class ChatCore:
             d = self._store.read_before(room.name, before, limit)
             return d.addCallback(lambda msgs: Batch(room.name, msgs, last_seq))
 
-        return self.find_room(room_name).addCallback(read)
+        return self.enter(room_name, identity).addCallback(read)
 
     def ping(self, timeout: float) -> Deferred:
         """
@@ -646,6 +778,7 @@ class ChatCore:
         after: Optional[int],
         limit: int,
         timeout: Optional[float],
+        identity: Identity = GUEST,
     ) -> Deferred:
         """
         Long-poll: like L{read}, but when nothing is newer than C{after},
@@ -660,7 +793,9 @@ class ChatCore:
         waiting = _Waiting()
         d = waiting.deferred
         assert d is not None
-        waiting.forget = self.wait_for(room_name, after, limit, timeout, waiting.answer, waiting.fail)
+        waiting.forget = self.wait_for(
+            room_name, after, limit, timeout, waiting.answer, waiting.fail, identity
+        )
         return d
 
     def wait_for(
@@ -671,6 +806,7 @@ class ChatCore:
         timeout: Optional[float],
         answer: Answer,
         failed: Failed,
+        identity: Identity = GUEST,
     ) -> Optional[Callable[[], None]]:
         """
         L{wait} without a Deferred: C{answer} is called with the batch (at
@@ -682,11 +818,28 @@ class ChatCore:
             function that forgets the waiter.
         """
         room = self._rooms.get(room_name)
+        user_id = identity.user_id
         if room is not None:
-            return self._wait_in(room, after, limit, timeout, answer, failed)
+            try:
+                self.admit(room, identity)
+            except ChatError:
+                failed(Failure())
+                return None
+            return self._wait_in(room, after, limit, timeout, answer, failed, user_id)
         call = _Call(answer, failed)
-        self.find_room(room_name).addCallbacks(
-            call.then, call.fail, (self._wait_in, after, limit, timeout)
+
+        def wait_in(
+            room: Room,
+            after: Optional[int],
+            limit: int,
+            timeout: Optional[float],
+            answer: Answer,
+            failed: Failed,
+        ) -> Optional[Callable[[], None]]:
+            return self._wait_in(room, after, limit, timeout, answer, failed, user_id)
+
+        self.enter(room_name, identity).addCallbacks(
+            call.then, call.fail, (wait_in, after, limit, timeout)
         )
         return call.cancel
 
@@ -698,12 +851,13 @@ class ChatCore:
         timeout: Optional[float],
         answer: Answer,
         failed: Failed,
+        user_id: Optional[str] = None,
     ) -> Optional[Callable[[], None]]:
         if after is None:
             after = room.last_seq
         now = timeout is not None and timeout <= 0
         if after == room.last_seq and not now:
-            room.add_waiter(answer, timeout, self._clock)
+            room.add_waiter(answer, timeout, self._clock, user_id)
             return _Forget(room, answer).forget
         if after <= room.last_seq or now:
             batch = self._read_cache(room, after, limit)
@@ -715,7 +869,7 @@ class ChatCore:
                 call.answer, call.fail
             )
             return call.cancel
-        return self._wait_ahead(room, after, limit, timeout, answer, failed)
+        return self._wait_ahead(room, after, limit, timeout, answer, failed, user_id)
 
     def _wait_ahead(
         self,
@@ -725,6 +879,7 @@ class ChatCore:
         timeout: Optional[float],
         answer: Answer,
         failed: Failed,
+        user_id: Optional[str] = None,
     ) -> Callable[[], None]:
         """
         A long-poll whose cursor is ahead of this node: if the store has
@@ -755,7 +910,9 @@ class ChatCore:
                 call.answer(Batch(room.name, [], room.last_seq))
                 return
             left = None if timeout is None else max(0.0, timeout - (self._clock.seconds() - started))
-            call.waiting_on(self._wait_in(room, after, limit, left, call.answer, call.fail))
+            call.waiting_on(
+                self._wait_in(room, after, limit, left, call.answer, call.fail, user_id)
+            )
 
         Deferred.fromCoroutine(ahead()).addErrback(call.fail)
         return call.cancel
@@ -768,20 +925,24 @@ class ChatCore:
         after: Optional[int],
         deliver: Deliver,
         on_reset: OnReset,
+        identity: Identity = GUEST,
+        on_revoked: Optional[Callable[[], None]] = None,
     ) -> Subscription:
         """
         Follow a room (one this node follows: see L{find_room}): C{deliver}
         gets every message after seq C{after} (C{None}: the cached
         history), in order, exactly once, then every new message as it is
         delivered.  If the cursor is older than what the store holds,
-        C{on_reset(first_seq)} is called first.
+        C{on_reset(first_seq)} is called first.  If C{identity} is removed
+        from the (private) room, the subscription stops and C{on_revoked}
+        is called.
 
-        @raise ChatError: C{room_not_found}.
+        @raise ChatError: C{room_not_found}, C{auth_required}.
         """
-        room = self.room(room_name)
+        room = self.admit(self.room(room_name), identity)
         if after is None:
             after = room.first_cached_seq - 1
-        subscription = Subscription(room, deliver, on_reset, after)
+        subscription = Subscription(room, deliver, on_reset, after, identity.user_id, on_revoked)
         room.subscribe(subscription)
         cached = room.cached_after(after, room.cache_size) if after <= room.last_seq else None
         if cached is not None:

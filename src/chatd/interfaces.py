@@ -5,7 +5,7 @@ The contracts adapters share.
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IBus", "IBusListener", "IBusSubscription", "IMessageStore"]
+__all__ = ["IBus", "IBusListener", "IBusSubscription", "IIdentityStore", "IMessageStore"]
 
 
 class IMessageStore(Interface):
@@ -39,20 +39,39 @@ class IMessageStore(Interface):
             next seq to be issued if none is), or C{None}.
         """
 
-    def create_room(name, now_ms, max_rooms=None):
+    def room_access(name):
+        """
+        Who may use a room, read in one snapshot.
+
+        @return: Deferred firing with a L{chatd.model.RoomAccess} (its
+            C{last_seq}: the room's, as of those members), or C{None}.
+        """
+
+    def rooms_of(user_id):
+        """
+        @return: Deferred firing with C{{room: role}} of C{user_id}.
+        """
+
+    def create_room(name, now_ms, max_rooms=None, private=False, guests=True, owner=None):
         """
         Create a room with no messages, unless it exists, or the store
         already holds C{max_rooms} rooms (counted in the store, so that
-        the limit holds for every node sharing it).
+        the limit holds for every node sharing it): public or C{private},
+        letting C{guests} in or not, with C{owner} (a
+        L{chatd.model.User}), if given, as its first member.
 
         @return: Deferred firing with C{True} if it was created, C{False}
             if a room of that name already existed, or failing with
             L{chatd.model.RoomLimitReached}.
         """
 
-    def append(room, nick, body, ts_ms, client_id):
+    def append(room, nick, body, ts_ms, client_id, user=None, kind="message"):
         """
-        Store a message, giving it the room's next seq (last seq + 1).
+        Store an event, giving it the room's next seq (last seq + 1): a
+        message (C{user}: its sender, if known; C{nick}: their name), or a
+        membership change (C{kind} C{"member"}: C{user} becomes a member
+        with role C{body}, or is no longer one if C{body} is empty; the
+        room's members change in the same transaction).
 
         If C{client_id} is not C{None} and a message with that
         C{client_id} is already stored in C{room}, store nothing.
@@ -109,6 +128,89 @@ class IMessageStore(Interface):
         Release connections and files.
 
         @return: Deferred firing when done.
+        """
+
+
+class IIdentityStore(Interface):
+    """
+    Where users, sessions, invitations and API keys are kept (the message
+    stores are this too).  Secrets are never stored: sessions, invitations
+    and keys by the SHA-256 of theirs, passwords as argon2 hashes.
+
+    Every method returns a Deferred.
+    """
+
+    secret = Attribute("The deployment's random secret (once open), shared by its nodes.")
+
+    def add_user(user_id, name, password, now_ms):
+        """
+        @return: Deferred firing with C{False} if the id is taken.
+        """
+
+    def get_user(user_id):
+        """
+        @return: Deferred firing with C{(name, password_hash, disabled)} or None.
+        """
+
+    def set_password(user_id, password):
+        """
+        Replace an account's password hash.
+        """
+
+    def disable_user(user_id, disabled, now_ms):
+        """
+        Disable (or enable) a user and end their sessions.
+
+        @return: Deferred firing with the number of sessions ended.
+        """
+
+    def disabled_users(user_ids):
+        """
+        @return: Deferred firing with the set of those disabled.
+        """
+
+    def create_session(session, user_id, csrf, now_ms, expires_ms):
+        """
+        Store a session (and forget expired ones).
+        """
+
+    def get_session(session, now_ms):
+        """
+        @return: Deferred firing with C{(user_id, name, csrf, expires_ms)}
+            of a live session of an enabled user, or None.
+        """
+
+    def end_sessions(session=None, user_id=None):
+        """
+        End one session, or all of a user's.
+
+        @return: Deferred firing with how many ended.
+        """
+
+    def add_invite(invite, now_ms, expires_ms):
+        """
+        Store an invitation.
+        """
+
+    def use_invite(invite, user_id, now_ms):
+        """
+        @return: Deferred firing with whether the invitation was valid
+            (and is now used up).
+        """
+
+    def add_key(key_id, digest, name, now_ms):
+        """
+        Store an API key.
+        """
+
+    def get_key(key_id):
+        """
+        @return: Deferred firing with C{(digest, name)} of a live key, or None.
+        """
+
+    def revoke_key(key_id, now_ms):
+        """
+        @return: Deferred firing with whether a live key was revoked.
         """
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 __all__ = [
     "Batch",
@@ -28,8 +28,14 @@ __all__ = [
     "MAX_NICK",
     "MAX_SEQ",
     "Message",
+    "GUEST",
+    "Identity",
     "Peer",
+    "ROLES",
+    "RoomAccess",
     "RoomLimitReached",
+    "User",
+    "auth_required",
     "encode_json",
     "parse_cursor",
     "rate_limited",
@@ -38,8 +44,11 @@ __all__ = [
     "too_many_rooms",
     "validate_body",
     "validate_client_id",
+    "validate_display_name",
     "validate_nick",
+    "validate_role",
     "validate_room_name",
+    "validate_user_id",
 ]
 
 DEFAULT_NICK = "anonymous"
@@ -54,6 +63,10 @@ MAX_SEQ = 2**63 - 1
 _MAX_SEQ_DIGITS = len(str(MAX_SEQ))
 
 _ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+#: The longest user id (a token's C{sub}, an account's name).
+MAX_USER_ID = 128
+#: Member roles, from most to least powerful.
+ROLES = ("owner", "moderator", "member")
 # C0 controls other than TAB and LF, DEL, and C1 controls never belong in a
 # chat line; lone surrogates cannot be encoded as UTF-8 at all.
 _BAD_BODY_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -114,6 +127,13 @@ def room_not_found(name: object) -> ChatError:
     C{room_not_found}: no room has this name.
     """
     return ChatError("room_not_found", f"There is no room named {name!r}.")
+
+
+def auth_required(detail: str = "Sign in, or send a token, to use this.") -> ChatError:
+    """
+    C{auth_required}: the request carries no identity, and needs one.
+    """
+    return ChatError("auth_required", detail)
 
 
 def validate_room_name(name: object) -> str:
@@ -192,6 +212,51 @@ def validate_nick(nick: object) -> str:
     return nick
 
 
+def validate_display_name(name: object) -> str:
+    """
+    A user's display name (from a token's C{name}, an account): the rules
+    of L{validate_nick}, but never blank.
+
+    @raise ChatError: C{invalid_name}.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ChatError("invalid_name", f"A name is 1 to {MAX_NICK} printable characters.")
+    try:
+        return validate_nick(name)
+    except ChatError as e:
+        raise ChatError("invalid_name", e.detail.replace("nick", "name")) from None
+
+
+def validate_user_id(user_id: object) -> str:
+    """
+    A user id: 1 to L{MAX_USER_ID} printable characters, as given (ids
+    are compared exactly).
+
+    @raise ChatError: C{invalid_user}.
+    """
+    if (
+        not isinstance(user_id, str)
+        or not 0 < len(user_id) <= MAX_USER_ID
+        or user_id != user_id.strip()
+        or _BAD_LINE_CHARS.search(user_id)
+        or any(unicodedata.category(c) in _INVISIBLE for c in user_id)
+    ):
+        raise ChatError(
+            "invalid_user", f"A user id is 1 to {MAX_USER_ID} printable characters."
+        )
+    return user_id
+
+
+def validate_role(role: object) -> str:
+    """
+    @raise ChatError: C{invalid_role} unless C{role} is one of L{ROLES}.
+    """
+    if role not in ROLES:
+        raise ChatError("invalid_role", "A role is owner, moderator or member.")
+    assert isinstance(role, str)
+    return role
+
+
 def validate_body(body: object, max_body: int = MAX_BODY) -> str:
     """
     Strip a message body and check it is 1 to C{max_body} characters.
@@ -248,15 +313,93 @@ def encode_json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
+class User:
+    """
+    Someone chatd knows: by a token's C{sub} and C{name}, or an account.
+
+    @ivar id: the user id, unique in the deployment.
+    @ivar name: the display name (L{validate_display_name}).
+    """
+
+    __slots__ = ("id", "name")
+
+    def __init__(self, id: str, name: str) -> None:
+        self.id = id
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<User {self.id!r} {self.name!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, User):
+            return NotImplemented
+        return (self.id, self.name) == (other.id, other.name)
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "name": self.name}
+
+
+class Identity:
+    """
+    Who sent a request: a guest (C{user} None), or a user known by a
+    token, a session cookie or an API key.
+
+    @ivar via: C{"guest"}, C{"token"}, C{"session"} or C{"key"}.
+    @ivar expires: for a token, when it expires (seconds since the epoch).
+    @ivar session: for a session, its id (as the store keys it).
+    @ivar csrf: for a session, the token its state changes must carry.
+    @ivar key: for an API key, its id (it acts for the server's owner:
+        it may name any user, and reach every room).
+    """
+
+    __slots__ = ("user", "via", "expires", "session", "csrf", "key")
+
+    def __init__(
+        self,
+        user: Optional[User] = None,
+        via: str = "guest",
+        expires: Optional[float] = None,
+        session: Optional[str] = None,
+        csrf: Optional[str] = None,
+        key: Optional[str] = None,
+    ) -> None:
+        self.user = user
+        self.via = via
+        self.expires = expires
+        self.session = session
+        self.csrf = csrf
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"<Identity {self.via} {self.user!r}>"
+
+    @property
+    def guest(self) -> bool:
+        return self.user is None and self.key is None
+
+    @property
+    def user_id(self) -> Optional[str]:
+        return None if self.user is None else self.user.id
+
+
+#: Anyone, unidentified.
+GUEST = Identity()
+
+
 class Message:
     """
-    One stored chat message.  Immutable once the store has made it.
+    One stored event of a room: a chat message (C{kind} C{"message"}), or
+    a change of membership (C{kind} C{"member"}: C{user} is the member,
+    C{nick} their name, C{body} their new role, empty once removed).  Immutable once the store has made it.
 
     Its JSON encoding (L{json}) is computed once, on first use, and shared
     by every transport and recipient.
     """
 
-    __slots__ = ("room", "seq", "nick", "body", "ts_ms", "client_id", "_json")
+    __slots__ = ("room", "seq", "nick", "body", "ts_ms", "client_id", "user", "kind", "_json")
 
     def __init__(
         self,
@@ -266,6 +409,8 @@ class Message:
         body: str,
         ts_ms: int,
         client_id: Optional[str] = None,
+        user: Optional[User] = None,
+        kind: str = "message",
     ) -> None:
         self.room = room
         self.seq = seq
@@ -273,6 +418,8 @@ class Message:
         self.body = body
         self.ts_ms = ts_ms
         self.client_id = client_id
+        self.user = user
+        self.kind = kind
         self._json: Optional[bytes] = None
 
     def __repr__(self) -> str:
@@ -290,11 +437,22 @@ class Message:
         """
         The message as its wire-format dictionary.
         """
+        user = None if self.user is None else self.user.as_dict()
+        if self.kind == "member":
+            return {
+                "type": "member",
+                "room": self.room,
+                "seq": self.seq,
+                "user": user,
+                "role": self.body or None,
+                "ts": self.ts_ms / 1000.0,
+            }
         d = {
             "type": "message",
             "room": self.room,
             "seq": self.seq,
             "nick": self.nick,
+            "user": user,
             "body": self.body,
             "ts": self.ts_ms / 1000.0,
         }
@@ -310,6 +468,36 @@ class Message:
         if self._json is None:
             self._json = encode_json(self.as_dict())
         return self._json
+
+
+class RoomAccess:
+    """
+    Who may use a room, as the store last committed it.
+
+    @ivar private: members only (others are told it does not exist).
+    @ivar guests: people with no identity may read and write it.
+    @ivar members: C{{user_id: role}}.
+    @ivar last_seq: the room's last seq when this was read: the members
+        are those of every event up to it.
+    """
+
+    __slots__ = ("private", "guests", "members", "last_seq")
+
+    def __init__(
+        self,
+        private: bool = False,
+        guests: bool = True,
+        members: Optional[Dict[str, str]] = None,
+        last_seq: int = 0,
+    ) -> None:
+        self.private = private
+        self.guests = guests
+        self.members = {} if members is None else members
+        self.last_seq = last_seq
+
+    def __repr__(self) -> str:
+        kind = "private" if self.private else "public"
+        return f"<RoomAccess {kind} guests={self.guests} members={self.members!r}>"
 
 
 class Batch:

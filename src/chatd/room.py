@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from chatd.model import Batch, Message
+from chatd.model import Batch, Message, RoomAccess
 
 __all__ = ["Answer", "Deliver", "OnReset", "Room", "Subscription", "MAX_PENDING"]
 
@@ -48,13 +48,26 @@ class Subscription:
     queued and replayed after it, skipping any the backlog already held.
     """
 
-    __slots__ = ("_room", "_deliver", "_on_reset", "_last", "queue", "active")
+    __slots__ = ("_room", "_deliver", "_on_reset", "_last", "queue", "active", "user_id", "on_revoked")
 
-    def __init__(self, room: "Room", deliver: Deliver, on_reset: OnReset, after: int) -> None:
+    def __init__(
+        self,
+        room: "Room",
+        deliver: Deliver,
+        on_reset: OnReset,
+        after: int,
+        user_id: Optional[str] = None,
+        on_revoked: Optional[Callable[[], None]] = None,
+    ) -> None:
         self._room = room
         self._deliver = deliver
         self._on_reset = on_reset
         self._last = after
+        #: Whose it is (None: a guest's, or an API key's).
+        self.user_id = user_id
+        #: Called once its user may no longer read the room (after it
+        #: stopped).
+        self.on_revoked = on_revoked
         #: Live messages held while the backlog loads (None: not loading).
         self.queue: Optional[List[Message]] = None
         self.active = True
@@ -100,6 +113,15 @@ class Subscription:
             self._room.unsubscribe(self)
             self.queue = None
 
+    def revoke(self) -> None:
+        """
+        Its user may no longer read the room: stop, and say so.
+        """
+        self.stop()
+        revoked, self.on_revoked = self.on_revoked, None
+        if revoked is not None:
+            revoked()
+
 
 class Room:
     """
@@ -112,8 +134,12 @@ class Room:
     @ivar filling: a fill from the store is under way.
     """
 
-    def __init__(self, name: str, last_seq: int, history: int) -> None:
+    def __init__(
+        self, name: str, last_seq: int, history: int, access: Optional[RoomAccess] = None
+    ) -> None:
         self.name = name
+        #: Who may use it (kept up to date by its member events).
+        self.access = access if access is not None else RoomAccess()
         self.last_seq = last_seq
         self.known_last = last_seq
         self.filling = False
@@ -121,8 +147,9 @@ class Room:
         self.remote_clients = 0
         self._cache: Deque[Message] = deque(maxlen=history)
         self._subscriptions: Set[Subscription] = set()
-        #: Waiting long-polls: each is called with the batch that answers it.
-        self._waiters: Dict[Answer, None] = {}
+        #: Waiting long-polls: each is called with the batch that answers
+        #: it; the value is whose poll it is (None: a guest's).
+        self._waiters: Dict[Answer, Optional[str]] = {}
         #: C{(deadline, n, waiter)} of waiters with a timeout, earliest
         #: first, and one call for the earliest (cheaper than a call each,
         #: on the path every long-poll takes).  Entries of waiters already
@@ -251,9 +278,40 @@ class Room:
                 # message: drop it and carry on.
                 _log.failure("Dropping subscriber of {room} after a delivery error", room=self.name)
                 subscription.stop()
+        if message.kind == "member":
+            self._member_changed(message)
         if self._reaching:
             self._reached()
         return len(subscriptions), waiters
+
+    def _member_changed(self, message: Message) -> None:
+        """
+        A membership event: the room's members change with it, and in a
+        private room a member removed stops reading at once (after this
+        last event): their subscriptions are revoked and their waiting
+        long-polls answered (their next poll is refused).
+        """
+        user = message.user
+        if user is None:
+            return
+        members = self.access.members
+        if message.body:
+            members[user.id] = message.body
+            return
+        members.pop(user.id, None)
+        if not self.access.private:
+            return
+        for subscription in [s for s in self._subscriptions if s.user_id == user.id]:
+            try:
+                subscription.revoke()
+            except Exception:
+                _log.failure("Revoking a subscriber of {room} failed", room=self.name)
+        theirs = [answer for answer, owner in self._waiters.items() if owner == user.id]
+        for answer in theirs:
+            del self._waiters[answer]
+        if not self._waiters:
+            self._clear_deadlines()
+        _answer_each(theirs, Batch(self.name, [], self.last_seq), self.name)
 
     def hold(self, message: Message) -> None:
         """
@@ -343,12 +401,18 @@ class Room:
         _answer_each(waiters, batch, self.name)
         return len(waiters)
 
-    def add_waiter(self, answer: Answer, timeout: Optional[float], clock: IReactorTime) -> None:
+    def add_waiter(
+        self,
+        answer: Answer,
+        timeout: Optional[float],
+        clock: IReactorTime,
+        user_id: Optional[str] = None,
+    ) -> None:
         """
         Call C{answer} with the next message's batch, or with an empty one
         after C{timeout} seconds (C{None}: no timeout) if none comes first.
         """
-        self._waiters[answer] = None
+        self._waiters[answer] = user_id
         if timeout is None:
             return
         deadline = clock.seconds() + timeout

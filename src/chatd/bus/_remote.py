@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from chatd.bus.local import Listeners
 from chatd.interfaces import IBus, IBusListener, IBusSubscription
-from chatd.model import Message
+from chatd.model import Message, User
 
 __all__ = ["RemoteBus", "decode", "encode"]
 
@@ -58,7 +58,10 @@ def encode(room: str, last_seq: int, messages: Sequence[Message], limit: int) ->
     fit in C{limit} bytes, else the room and seq alone (the listeners read
     the messages from the store).
     """
-    rows = [[m.seq, m.nick, m.body, m.ts_ms, m.client_id] for m in messages]
+    rows = [
+        [m.seq, m.nick, m.body, m.ts_ms, m.client_id, None if m.user is None else m.user.id, m.kind]
+        for m in messages
+    ]
     full = _dumps({"r": room, "s": last_seq, "m": rows})
     if len(full) <= limit:
         return [full]
@@ -78,13 +81,19 @@ def decode(payload: bytes) -> Optional[tuple]:
         room, last_seq = data["r"], data["s"]
         if not isinstance(room, str) or type(last_seq) is not int:
             return None
-        messages = [
-            Message(room, int(seq), str(nick), str(body), int(ts_ms), None if cid is None else str(cid))
-            for seq, nick, body, ts_ms, cid in data.get("m", ())
-        ]
-        return (room, last_seq, messages)
+        return (room, last_seq, [_message(room, row) for row in data.get("m", ())])
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def _message(room: str, row: List[Any]) -> Message:
+    seq, nick, body, ts_ms, cid, uid, kind = row
+    nick = str(nick)
+    user = None if uid is None else User(str(uid), nick)
+    kind = str(kind)
+    if kind not in ("message", "member"):
+        raise ValueError(kind)
+    return Message(room, int(seq), nick, str(body), int(ts_ms), None if cid is None else str(cid), user, kind)
 
 
 def _dumps(value: object) -> bytes:

@@ -17,6 +17,7 @@ held until commit, seq N+1 can only become visible after seq N.
 from __future__ import annotations
 
 import importlib.resources
+import secrets
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
@@ -25,13 +26,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.model import Message, RoomLimitReached
+from chatd.model import Message, RoomAccess, RoomLimitReached, User
 
 __all__ = ["SQLStore", "StoreError", "schema_files"]
 
 #: The schema version this chatd writes; databases at an older version are
 #: upgraded in place with the upgrade-to-vN.sql steps.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: The most messages one transaction commits.
 MAX_BATCH = 2000
@@ -62,7 +63,8 @@ def _statements(script: str) -> List[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-_Append = Tuple[str, str, str, int, Optional[str]]
+#: room, nick, body, ts_ms, client_id, user id, kind.
+_Append = Tuple[str, str, str, int, Optional[str], Optional[str], str]
 #: Turns one room's new messages of a batch into the payloads that tell
 #: other nodes of them.
 Encode = Callable[[str, int, Sequence[Message]], List[bytes]]
@@ -111,6 +113,8 @@ class SQLStore:
         #: This deployment's random name (from the store, once open): the
         #: nodes sharing this store share it, and nobody else has it.
         self.deployment: Optional[str] = None
+        #: The deployment's secret, shared by its nodes (once open).
+        self.secret: Optional[str] = None
         #: How commits are announced in their own transaction, if they are
         #: (L{notify_commits}).
         self._notify: Optional[Encode] = None
@@ -148,7 +152,14 @@ class SQLStore:
 
     def _migrate(self, conn: Any) -> int:
         version = self._create_or_upgrade(conn)
-        (self.deployment,) = conn.execute("SELECT id FROM deployment").fetchone()
+        # The deployment's secret (which signs session cookies): made here,
+        # by the operating system's generator, once for every node.
+        conn.execute(
+            self._sql("UPDATE deployment SET secret = ? WHERE secret IS NULL"),
+            (secrets.token_hex(32),),
+        )
+        conn.commit()
+        self.deployment, self.secret = conn.execute("SELECT id, secret FROM deployment").fetchone()
         return version
 
     def _create_or_upgrade(self, conn: Any) -> int:
@@ -191,7 +202,33 @@ class SQLStore:
 
         return self._read.runWithConnection(read)
 
-    def create_room(self, name: str, now_ms: int = 0, max_rooms: Optional[int] = None) -> Deferred:
+    def room_access(self, name: str) -> Deferred:
+        def read(conn: Any) -> Optional[RoomAccess]:
+            # One statement: the members as of exactly that last_seq.
+            rows = conn.execute(
+                self._sql(
+                    "SELECT r.last_seq, r.private, r.guests, m.user_id, m.role FROM rooms r "
+                    "LEFT JOIN members m ON m.room_id = r.id WHERE r.name = ?"
+                ),
+                (name,),
+            ).fetchall()
+            if not rows:
+                return None
+            members = {user_id: role for _, _, _, user_id, role in rows if user_id is not None}
+            last_seq, private, guests = rows[0][:3]
+            return RoomAccess(bool(private), bool(guests), members, int(last_seq))
+
+        return self._read.runWithConnection(read)
+
+    def create_room(
+        self,
+        name: str,
+        now_ms: int = 0,
+        max_rooms: Optional[int] = None,
+        private: bool = False,
+        guests: bool = True,
+        owner: Optional[User] = None,
+    ) -> Deferred:
         def create(conn: Any) -> bool:
             if self.begin:
                 conn.execute(self.begin)
@@ -208,24 +245,77 @@ class SQLStore:
                     raise RoomLimitReached(max_rooms)
             cursor = conn.execute(
                 self._sql(
-                    "INSERT INTO rooms (name, last_seq, created_ms) VALUES (?, 0, ?) "
-                    "ON CONFLICT (name) DO NOTHING"
+                    "INSERT INTO rooms (name, last_seq, created_ms, private, guests) "
+                    "VALUES (?, 0, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
                 ),
-                (name, now_ms),
+                (name, now_ms, private, guests),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if owner is not None:
+                conn.execute(
+                    self._sql(
+                        "INSERT INTO members (room_id, user_id, role) "
+                        "SELECT id, ?, 'owner' FROM rooms WHERE name = ?"
+                    ),
+                    (owner.id, name),
+                )
+            return True
+
+        return self._write.runWithConnection(create)
+
+    def set_room(self, name: str, private: bool, guests: bool) -> Deferred:
+        """
+        Make a room private or public, and let guests in or not.
+
+        @return: a Deferred firing with whether the room exists.
+        """
+
+        def update(conn: Any) -> bool:
+            if self.begin:
+                conn.execute(self.begin)
+            cursor = conn.execute(
+                self._sql("UPDATE rooms SET private = ?, guests = ? WHERE name = ?"),
+                (private, guests, name),
             )
             return bool(cursor.rowcount == 1)
 
-        return self._write.runWithConnection(create)
+        return self._write.runWithConnection(update)
+
+    def rooms_of(self, user_id: str) -> Deferred:
+        """
+        @return: a Deferred firing with C{{room: role}} of C{user_id}.
+        """
+
+        def read(conn: Any) -> Dict[str, str]:
+            rows = conn.execute(
+                self._sql(
+                    "SELECT r.name, m.role FROM members m JOIN rooms r ON r.id = m.room_id "
+                    "WHERE m.user_id = ?"
+                ),
+                (user_id,),
+            ).fetchall()
+            return {name: role for name, role in rows}
+
+        return self._read.runWithConnection(read)
 
     # -- writing: group commit -----------------------------------------------
 
     def append(
-        self, room: str, nick: str, body: str, ts_ms: int, client_id: Optional[str]
+        self,
+        room: str,
+        nick: str,
+        body: str,
+        ts_ms: int,
+        client_id: Optional[str],
+        user: Optional[User] = None,
+        kind: str = "message",
     ) -> Deferred:
         if self._closed:
             return _failed(StoreError("the store is closed"))
         d: Deferred = Deferred()
-        self._pending.append(((room, nick, body, ts_ms, client_id), d))
+        user_id = None if user is None else user.id
+        self._pending.append(((room, nick, body, ts_ms, client_id, user_id, kind), d))
         if not self._flushing:
             self._flush()
         return d
@@ -287,7 +377,9 @@ class SQLStore:
         known = self._originals(conn, rooms, items)
         results: List[Tuple[Message, bool]] = []
         rows = []
-        for room, nick, body, ts_ms, client_id in items:
+        #: Membership changes, in seq order: (room_id, user_id, role or "").
+        changes = []
+        for room, nick, body, ts_ms, client_id, user_id, kind in items:
             state = rooms[room]
             if client_id is not None:
                 original = known.get((room, client_id))
@@ -295,21 +387,35 @@ class SQLStore:
                     results.append((original, False))
                     continue
             state[1] += 1
-            message = Message(room, state[1], nick, body, ts_ms, client_id)
+            message = Message(room, state[1], nick, body, ts_ms, client_id, _user(user_id, nick), kind)
             if client_id is not None:
                 known[(room, client_id)] = message
-            rows.append((state[0], state[1], nick, body, ts_ms, client_id))
+            rows.append((state[0], state[1], nick, body, ts_ms, client_id, user_id, kind))
+            if kind == "member" and user_id is not None:
+                changes.append((state[0], user_id, body))
             results.append((message, True))
         if rows:
             # The writes need no answer but success: sent together.
             with self._pipeline(conn):
                 conn.cursor().executemany(
                     self._sql(
-                        "INSERT INTO messages (room_id, seq, nick, body, ts_ms, client_id) "
-                        "VALUES (?, ?, ?, ?, ?, ?)"
+                        "INSERT INTO messages (room_id, seq, nick, body, ts_ms, client_id, "
+                        "user_id, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
                     rows,
                 )
+                for room_id, user_id, role in changes:
+                    conn.execute(
+                        self._sql("DELETE FROM members WHERE room_id = ? AND user_id = ?"),
+                        (room_id, user_id),
+                    )
+                    if role:
+                        conn.execute(
+                            self._sql(
+                                "INSERT INTO members (room_id, user_id, role) VALUES (?, ?, ?)"
+                            ),
+                            (room_id, user_id, role),
+                        )
                 conn.cursor().executemany(
                     self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"),
                     [(last_seq, room_id) for room_id, last_seq in rooms.values()],
@@ -367,7 +473,7 @@ class SQLStore:
         per room (the room rows are locked, so none can appear meanwhile).
         """
         wanted: Dict[str, List[str]] = {}
-        for room, _, _, _, client_id in items:
+        for room, _, _, _, client_id, _, _ in items:
             if client_id is not None:
                 wanted.setdefault(room, []).append(client_id)
         known: Dict[Tuple[str, str], Message] = {}
@@ -375,13 +481,15 @@ class SQLStore:
             for chunk in _chunks(sorted(set(client_ids))):
                 found = conn.execute(
                     self._sql(
-                        "SELECT client_id, seq, nick, body, ts_ms FROM messages "
+                        f"SELECT {_COLUMNS} FROM messages "
                         f"WHERE room_id = ? AND client_id IN ({_marks(chunk)})"
                     ),
                     [rooms[room][0], *chunk],
                 ).fetchall()
-                for client_id, seq, nick, body, ts_ms in found:
-                    known[(room, client_id)] = Message(room, seq, nick, body, ts_ms, client_id)
+                for row in found:
+                    message = _message(room, row)
+                    assert message.client_id is not None
+                    known[(room, message.client_id)] = message
         return known
 
     # -- reading -------------------------------------------------------------
@@ -391,12 +499,12 @@ class SQLStore:
             room_id, first_seq = self._room_row(conn, room)
             rows = conn.execute(
                 self._sql(
-                    "SELECT seq, nick, body, ts_ms, client_id FROM messages "
+                    f"SELECT {_COLUMNS} FROM messages "
                     "WHERE room_id = ? AND seq > ? ORDER BY seq LIMIT ?"
                 ),
                 (room_id, after, limit),
             ).fetchall()
-            return [Message(room, *row) for row in rows], first_seq
+            return [_message(room, row) for row in rows], first_seq
 
         return self._read.runWithConnection(read)
 
@@ -405,12 +513,12 @@ class SQLStore:
             room_id, _ = self._room_row(conn, room)
             rows = conn.execute(
                 self._sql(
-                    "SELECT seq, nick, body, ts_ms, client_id FROM messages "
+                    f"SELECT {_COLUMNS} FROM messages "
                     "WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
                 ),
                 (room_id, before, limit),
             ).fetchall()
-            return [Message(room, *row) for row in reversed(rows)]
+            return [_message(room, row) for row in reversed(rows)]
 
         return self._read.runWithConnection(read)
 
@@ -457,6 +565,240 @@ class SQLStore:
             return {room: int(count) for room, count in found}
 
         return self._write.runWithConnection(share)
+
+    # -- users, sessions, invitations and API keys ---------------------------
+
+    def _write_txn(self, work: Callable[..., Any], *args: Any) -> Deferred:
+        def run(conn: Any) -> Any:
+            if self.begin:
+                conn.execute(self.begin)
+            return work(conn, *args)
+
+        return self._write.runWithConnection(run)
+
+    def add_user(self, user_id: str, name: str, password: Optional[str], now_ms: int) -> Deferred:
+        """
+        Add an account (C{password}: its argon2 hash, or None: no sign-in).
+
+        @return: a Deferred firing with C{False} if the id is taken.
+        """
+
+        def add(conn: Any) -> bool:
+            cursor = conn.execute(
+                self._sql(
+                    "INSERT INTO users (id, name, password, created_ms) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO NOTHING"
+                ),
+                (user_id, name, password, now_ms),
+            )
+            return bool(cursor.rowcount == 1)
+
+        return self._write_txn(add)
+
+    def get_user(self, user_id: str) -> Deferred:
+        """
+        @return: a Deferred firing with C{(name, password hash, disabled)},
+            or None.
+        """
+
+        def read(conn: Any) -> Optional[Tuple[str, Optional[str], bool]]:
+            row = conn.execute(
+                self._sql("SELECT name, password, disabled FROM users WHERE id = ?"), (user_id,)
+            ).fetchone()
+            return None if row is None else (row[0], row[1], bool(row[2]))
+
+        return self._read.runWithConnection(read)
+
+    def set_password(self, user_id: str, password: str) -> Deferred:
+        """
+        Replace an account's password hash (after a rehash, say).
+        """
+
+        def update(conn: Any) -> None:
+            conn.execute(
+                self._sql("UPDATE users SET password = ? WHERE id = ?"), (password, user_id)
+            )
+
+        return self._write_txn(update)
+
+    def disable_user(self, user_id: str, disabled: bool, now_ms: int) -> Deferred:
+        """
+        Disable (or enable again) a user, known or not, and end their
+        sessions.
+
+        @return: a Deferred firing with the number of sessions ended.
+        """
+
+        def update(conn: Any) -> int:
+            conn.execute(
+                self._sql(
+                    "INSERT INTO users (id, name, created_ms, disabled) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET disabled = excluded.disabled"
+                ),
+                (user_id, user_id, now_ms, disabled),
+            )
+            cursor = conn.execute(
+                self._sql("DELETE FROM sessions WHERE user_id = ?"), (user_id,)
+            )
+            return int(cursor.rowcount)
+
+        return self._write_txn(update)
+
+    def disabled_users(self, user_ids: Sequence[str]) -> Deferred:
+        """
+        @return: a Deferred firing with the set of C{user_ids} disabled.
+        """
+
+        def read(conn: Any) -> set:
+            found: set = set()
+            for chunk in _chunks(sorted(set(user_ids))):
+                rows = conn.execute(
+                    self._sql(
+                        f"SELECT id FROM users WHERE disabled = ? AND id IN ({_marks(chunk)})"
+                    ),
+                    [True, *chunk],
+                ).fetchall()
+                found.update(row[0] for row in rows)
+            return found
+
+        return self._read.runWithConnection(read)
+
+    def create_session(
+        self, session: str, user_id: str, csrf: str, now_ms: int, expires_ms: int
+    ) -> Deferred:
+        """
+        Store a session (C{session}: the SHA-256 of its secret), and forget
+        expired ones.
+        """
+
+        def create(conn: Any) -> None:
+            conn.execute(self._sql("DELETE FROM sessions WHERE expires_ms < ?"), (now_ms,))
+            conn.execute(
+                self._sql(
+                    "INSERT INTO sessions (id, user_id, csrf, created_ms, expires_ms) "
+                    "VALUES (?, ?, ?, ?, ?)"
+                ),
+                (session, user_id, csrf, now_ms, expires_ms),
+            )
+
+        return self._write_txn(create)
+
+    def get_session(self, session: str, now_ms: int) -> Deferred:
+        """
+        A live session of an enabled user.
+
+        @return: a Deferred firing with C{(user_id, name, csrf,
+            expires_ms)}, or None.
+        """
+
+        def read(conn: Any) -> Optional[Tuple[str, str, str, int]]:
+            row = conn.execute(
+                self._sql(
+                    "SELECT u.id, u.name, s.csrf, s.expires_ms FROM sessions s "
+                    "JOIN users u ON u.id = s.user_id "
+                    "WHERE s.id = ? AND s.expires_ms >= ? AND u.disabled = ?"
+                ),
+                (session, now_ms, False),
+            ).fetchone()
+            return None if row is None else (row[0], row[1], row[2], int(row[3]))
+
+        return self._read.runWithConnection(read)
+
+    def end_sessions(self, session: Optional[str] = None, user_id: Optional[str] = None) -> Deferred:
+        """
+        End one session, or every session of C{user_id}.
+
+        @return: a Deferred firing with how many ended.
+        """
+
+        def end(conn: Any) -> int:
+            if session is not None:
+                cursor = conn.execute(self._sql("DELETE FROM sessions WHERE id = ?"), (session,))
+            else:
+                cursor = conn.execute(
+                    self._sql("DELETE FROM sessions WHERE user_id = ?"), (user_id,)
+                )
+            return int(cursor.rowcount)
+
+        return self._write_txn(end)
+
+    def add_invite(self, invite: str, now_ms: int, expires_ms: int) -> Deferred:
+        """
+        Store an invitation (C{invite}: the SHA-256 of its code).
+        """
+
+        def add(conn: Any) -> None:
+            conn.execute(
+                self._sql("INSERT INTO invites (id, created_ms, expires_ms) VALUES (?, ?, ?)"),
+                (invite, now_ms, expires_ms),
+            )
+
+        return self._write_txn(add)
+
+    def use_invite(self, invite: str, user_id: str, now_ms: int) -> Deferred:
+        """
+        Use an invitation up, if it is there, unused and not expired.
+
+        @return: a Deferred firing with whether it was.
+        """
+
+        def use(conn: Any) -> bool:
+            cursor = conn.execute(
+                self._sql(
+                    "UPDATE invites SET used_by = ? "
+                    "WHERE id = ? AND used_by IS NULL AND expires_ms >= ?"
+                ),
+                (user_id, invite, now_ms),
+            )
+            return bool(cursor.rowcount == 1)
+
+        return self._write_txn(use)
+
+    def add_key(self, key_id: str, digest: str, name: str, now_ms: int) -> Deferred:
+        """
+        Store an API key: its public id, and the SHA-256 of its secret.
+        """
+
+        def add(conn: Any) -> None:
+            conn.execute(
+                self._sql(
+                    "INSERT INTO api_keys (id, hash, name, created_ms) VALUES (?, ?, ?, ?)"
+                ),
+                (key_id, digest, name, now_ms),
+            )
+
+        return self._write_txn(add)
+
+    def get_key(self, key_id: str) -> Deferred:
+        """
+        @return: a Deferred firing with C{(digest, name)} of a key that is
+            not revoked, or None.
+        """
+
+        def read(conn: Any) -> Optional[Tuple[str, str]]:
+            row = conn.execute(
+                self._sql("SELECT hash, name FROM api_keys WHERE id = ? AND revoked_ms IS NULL"),
+                (key_id,),
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        return self._read.runWithConnection(read)
+
+    def revoke_key(self, key_id: str, now_ms: int) -> Deferred:
+        """
+        @return: a Deferred firing with whether a live key was revoked.
+        """
+
+        def revoke(conn: Any) -> bool:
+            cursor = conn.execute(
+                self._sql(
+                    "UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL"
+                ),
+                (now_ms, key_id),
+            )
+            return bool(cursor.rowcount == 1)
+
+        return self._write_txn(revoke)
 
     # -- retention -----------------------------------------------------------
 
@@ -537,6 +879,19 @@ class SQLStore:
                 pool.close()
 
         return d.addCallback(close_pools)
+
+
+#: A message row's columns, as L{_message} reads them.
+_COLUMNS = "seq, nick, body, ts_ms, client_id, user_id, kind"
+
+
+def _message(room: str, row: Sequence[Any]) -> Message:
+    seq, nick, body, ts_ms, client_id, user_id, kind = row
+    return Message(room, seq, nick, body, ts_ms, client_id, _user(user_id, nick), kind)
+
+
+def _user(user_id: Optional[str], name: str) -> Optional[User]:
+    return None if user_id is None else User(user_id, name)
 
 
 def _chunks(values: List[str], size: int = 500) -> List[List[str]]:

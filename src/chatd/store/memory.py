@@ -7,13 +7,14 @@ memory and forgets everything on restart.  For tests and throwaway servers.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+import secrets
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatd.interfaces import IMessageStore
-from chatd.model import Message, RoomLimitReached
+from chatd.model import Message, RoomAccess, RoomLimitReached, User
 
 __all__ = ["MemoryStore"]
 
@@ -24,6 +25,9 @@ class _RoomLog:
         self.messages: Deque[Message] = deque()
         self.by_client_id: Dict[str, Message] = {}
         self.retain = retain
+        self.private = False
+        self.guests = True
+        self.members: Dict[str, str] = {}
 
     def first_seq(self) -> int:
         return self.messages[0].seq if self.messages else self.last_seq + 1
@@ -48,6 +52,16 @@ class MemoryStore:
         #: Each node's client counts (nodes sharing one memory store live
         #: in one process, so a lease never outlives its node).
         self._presence: Dict[str, Dict[str, int]] = {}
+        #: id: [name, password hash, disabled]
+        self._users: Dict[str, List[Any]] = {}
+        #: session: (user_id, csrf, expires_ms)
+        self._sessions: Dict[str, Tuple[str, str, int]] = {}
+        #: invite: [expires_ms, used_by]
+        self._invites: Dict[str, List[Any]] = {}
+        #: key id: [digest, name, revoked]
+        self._keys: Dict[str, List[Any]] = {}
+        self.deployment = secrets.token_hex(16)
+        self.secret = secrets.token_hex(32)
 
     def open(self) -> Deferred:
         return succeed(None)
@@ -61,13 +75,42 @@ class MemoryStore:
             return succeed(None)
         return succeed((log.last_seq, log.first_seq()))
 
-    def create_room(self, name: str, now_ms: int = 0, max_rooms: Optional[int] = None) -> Deferred:
+    def room_access(self, name: str) -> Deferred:
+        log = self._rooms.get(name)
+        if log is None:
+            return succeed(None)
+        return succeed(RoomAccess(log.private, log.guests, dict(log.members), log.last_seq))
+
+    def create_room(
+        self,
+        name: str,
+        now_ms: int = 0,
+        max_rooms: Optional[int] = None,
+        private: bool = False,
+        guests: bool = True,
+        owner: Optional[User] = None,
+    ) -> Deferred:
         if name in self._rooms:
             return succeed(False)
         if max_rooms is not None and len(self._rooms) >= max_rooms:
             return fail(RoomLimitReached(max_rooms))
-        self._rooms[name] = _RoomLog(self._retain)
+        log = self._rooms[name] = _RoomLog(self._retain)
+        log.private, log.guests = private, guests
+        if owner is not None:
+            log.members[owner.id] = "owner"
         return succeed(True)
+
+    def set_room(self, name: str, private: bool, guests: bool) -> Deferred:
+        log = self._rooms.get(name)
+        if log is None:
+            return succeed(False)
+        log.private, log.guests = private, guests
+        return succeed(True)
+
+    def rooms_of(self, user_id: str) -> Deferred:
+        return succeed(
+            {name: log.members[user_id] for name, log in self._rooms.items() if user_id in log.members}
+        )
 
     def append(
         self,
@@ -76,12 +119,19 @@ class MemoryStore:
         body: str,
         ts_ms: int,
         client_id: Optional[str],
+        user: Optional[User] = None,
+        kind: str = "message",
     ) -> Deferred:
         log = self._rooms[room]
         if client_id is not None and client_id in log.by_client_id:
             return succeed((log.by_client_id[client_id], False))
         log.last_seq += 1
-        message = Message(room, log.last_seq, nick, body, ts_ms, client_id)
+        stored = None if user is None else User(user.id, nick)
+        message = Message(room, log.last_seq, nick, body, ts_ms, client_id, stored, kind)
+        if kind == "member" and user is not None:
+            log.members.pop(user.id, None)
+            if body:
+                log.members[user.id] = body
         log.messages.append(message)
         if client_id is not None:
             log.by_client_id[client_id] = message
@@ -128,6 +178,82 @@ class MemoryStore:
                 for room, count in counts.items():
                     others[room] = others.get(room, 0) + count
         return succeed(others)
+
+    # -- users, sessions, invitations and API keys ---------------------------
+
+    def add_user(self, user_id: str, name: str, password: Optional[str], now_ms: int) -> Deferred:
+        if user_id in self._users:
+            return succeed(False)
+        self._users[user_id] = [name, password, False]
+        return succeed(True)
+
+    def get_user(self, user_id: str) -> Deferred:
+        row = self._users.get(user_id)
+        return succeed(None if row is None else (row[0], row[1], row[2]))
+
+    def set_password(self, user_id: str, password: str) -> Deferred:
+        if user_id in self._users:
+            self._users[user_id][1] = password
+        return succeed(None)
+
+    def disable_user(self, user_id: str, disabled: bool, now_ms: int) -> Deferred:
+        self._users.setdefault(user_id, [user_id, None, False])[2] = disabled
+        return self.end_sessions(user_id=user_id)
+
+    def disabled_users(self, user_ids: Sequence[str]) -> Deferred:
+        found: Set[str] = {u for u in user_ids if u in self._users and self._users[u][2]}
+        return succeed(found)
+
+    def create_session(
+        self, session: str, user_id: str, csrf: str, now_ms: int, expires_ms: int
+    ) -> Deferred:
+        for key in [k for k, v in self._sessions.items() if v[2] < now_ms]:
+            del self._sessions[key]
+        self._sessions[session] = (user_id, csrf, expires_ms)
+        return succeed(None)
+
+    def get_session(self, session: str, now_ms: int) -> Deferred:
+        row = self._sessions.get(session)
+        if row is None or row[2] < now_ms:
+            return succeed(None)
+        user = self._users.get(row[0])
+        if user is None or user[2]:
+            return succeed(None)
+        return succeed((row[0], user[0], row[1], row[2]))
+
+    def end_sessions(self, session: Optional[str] = None, user_id: Optional[str] = None) -> Deferred:
+        if session is not None:
+            return succeed(1 if self._sessions.pop(session, None) is not None else 0)
+        ended = [k for k, v in self._sessions.items() if v[0] == user_id]
+        for key in ended:
+            del self._sessions[key]
+        return succeed(len(ended))
+
+    def add_invite(self, invite: str, now_ms: int, expires_ms: int) -> Deferred:
+        self._invites[invite] = [expires_ms, None]
+        return succeed(None)
+
+    def use_invite(self, invite: str, user_id: str, now_ms: int) -> Deferred:
+        row = self._invites.get(invite)
+        if row is None or row[1] is not None or row[0] < now_ms:
+            return succeed(False)
+        row[1] = user_id
+        return succeed(True)
+
+    def add_key(self, key_id: str, digest: str, name: str, now_ms: int) -> Deferred:
+        self._keys[key_id] = [digest, name, False]
+        return succeed(None)
+
+    def get_key(self, key_id: str) -> Deferred:
+        row = self._keys.get(key_id)
+        return succeed(None if row is None or row[2] else (row[0], row[1]))
+
+    def revoke_key(self, key_id: str, now_ms: int) -> Deferred:
+        row = self._keys.get(key_id)
+        if row is None or row[2]:
+            return succeed(False)
+        row[2] = True
+        return succeed(True)
 
     def ping(self) -> Deferred:
         return succeed(None)
