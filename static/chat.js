@@ -1,7 +1,13 @@
 // chatd chat page: WebSocket first, long-poll as fallback (or when the page
-// asks for it).  Messages are ordered and de-duplicated by their per-room
+// asks for it).  Events are ordered and de-duplicated by their per-room
 // seq; user content is only ever inserted as text.  Nothing here touches
 // built-in prototypes or globals.
+//
+// Tokens: a page opened as /rooms/NAME#token=JWT connects with that token
+// (the fragment never reaches a server or a log).  If the page defines
+// window.chatdGetToken (a function returning a Promise of a fresh token),
+// it is asked for one before the current one expires and whenever the
+// server says it has.
 
 const chat = document.getElementById("chat");
 const room = chat.dataset.room;
@@ -15,6 +21,8 @@ const transportEl = document.getElementById("transport");
 const membersEl = document.getElementById("members");
 const olderButton = document.getElementById("load_older");
 const sendForm = document.getElementById("send");
+const myId = chat.dataset.user || null;
+const csrf = document.querySelector('meta[name="csrf-token"]')?.content || "";
 
 const NICK_KEY = "chatd.nick";
 const MAX_BACKOFF_MS = 30000;
@@ -31,11 +39,60 @@ let wsFailures = 0;          // WebSocket opens that failed before one worked
 let wsWorked = false;
 let retryTimer = null;
 let retryTicker = null;
+let stopped = false;         // the server said this page may no longer read the room
+let token = null;            // the token connections carry, if any
+let tokenExpires = null;     // its exp (seconds)
+let refreshTimer = null;
 
-nickInput.value = localStorage.getItem(NICK_KEY) || "";
-nickInput.addEventListener("change", () => {
-  localStorage.setItem(NICK_KEY, nickInput.value.trim());
-});
+if (location.hash.startsWith("#token=")) {
+  token = decodeURIComponent(location.hash.slice("#token=".length));
+  tokenExpires = expiryOf(token);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+function expiryOf(jwt) {
+  try {
+    const part = jwt.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part)).exp || null;
+  } catch (err) {
+    return null;
+  }
+}
+
+async function freshToken() {
+  // The embedding application's hook, if it gave one.
+  if (typeof window.chatdGetToken !== "function") return false;
+  try {
+    token = await window.chatdGetToken();
+    tokenExpires = expiryOf(token);
+    return true;
+  } catch (err) {
+    return false;
+  }
+}
+
+function scheduleRefresh() {
+  clearTimeout(refreshTimer);
+  if (!token || !tokenExpires || typeof window.chatdGetToken !== "function") return;
+  // A minute before it expires (at once if it is that close already).
+  const wait = Math.max(0, tokenExpires * 1000 - Date.now() - 60000);
+  refreshTimer = setTimeout(async () => {
+    if (await freshToken() && transport && transport.reauth) transport.reauth();
+    scheduleRefresh();
+  }, wait);
+}
+
+function withToken(url) {
+  if (!token) return url;
+  return `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+}
+
+if (nickInput) {
+  nickInput.value = localStorage.getItem(NICK_KEY) || "";
+  nickInput.addEventListener("change", () => {
+    localStorage.setItem(NICK_KEY, nickInput.value.trim());
+  });
+}
 
 function setStatus(state, text) {
   statusEl.dataset.state = state;
@@ -69,15 +126,49 @@ function appendText(parent, text) {
   parent.append(document.createTextNode(text.slice(last)));
 }
 
+function renderMember(msg) {
+  const li = document.createElement("li");
+  li.className = "notice member";
+  li.dataset.seq = msg.seq;
+  const who = msg.user ? msg.user.name : "someone";
+  li.textContent = msg.role ? `${who} is now a ${msg.role} of this room` : `${who} left this room`;
+  return li;
+}
+
+function render(msg) {
+  return msg.type === "member" ? renderMember(msg) : renderMessage(msg);
+}
+
 function renderMessage(msg) {
   const li = document.createElement("li");
   li.className = "message";
   if (msg.seq !== undefined) li.dataset.seq = msg.seq;
-  li.dataset.nick = msg.nick;
+  // Grouped by who sent them: a user by id, a guest by nick.
+  li.dataset.nick = msg.user ? `user:${msg.user.id}` : `guest:${msg.nick}`;
   li.dataset.ts = msg.ts;
   const nick = document.createElement("span");
   nick.className = "nick";
-  nick.textContent = msg.nick;
+  if (msg.user) {
+    nick.textContent = msg.user.name;
+    nick.title = `@${msg.user.id}`;
+    if (msg.user.id === myId) li.classList.add("mine");
+    // Two users may share a display name: the id tells them apart
+    // (unless it is the name itself).
+    if (msg.user.id.toLowerCase() !== msg.user.name.toLowerCase()) {
+      const uid = document.createElement("span");
+      uid.className = "uid";
+      uid.textContent = `@${msg.user.id}`;
+      nick.append(" ", uid);
+    }
+  } else {
+    nick.textContent = msg.nick;
+    if (msg.seq !== undefined) {
+      const badge = document.createElement("span");
+      badge.className = "badge guest";
+      badge.textContent = "guest";
+      nick.append(" ", badge);
+    }
+  }
   const time = document.createElement("time");
   time.className = "time";
   const when = new Date(msg.ts * 1000);
@@ -111,7 +202,7 @@ function show(msg) {
     pending.delete(msg.client_id);
     mine.li.remove();
   }
-  const li = renderMessage(msg);
+  const li = render(msg);
   list.insertBefore(li, list.querySelector("li.pending"));
   regroup(li);
   if (li.nextElementSibling) regroup(li.nextElementSibling);
@@ -143,7 +234,7 @@ async function loadOlder() {
     const anchor = list.firstElementChild;
     const height = scroller.scrollHeight;
     for (const msg of batch.messages) {
-      const li = renderMessage(msg);
+      const li = render(msg);
       list.insertBefore(li, anchor);
       regroup(li);
     }
@@ -166,8 +257,10 @@ function newClientId() {
 }
 
 function queue(body) {
-  const item = {client_id: newClientId(), nick: nickInput.value.trim() || undefined, body};
-  const li = renderMessage({nick: item.nick || "anonymous", body, ts: Date.now() / 1000});
+  const nick = nickInput ? nickInput.value.trim() || undefined : undefined;
+  const item = {client_id: newClientId(), nick, body};
+  const me = myId ? {id: myId, name: document.getElementById("me")?.textContent || myId} : null;
+  const li = renderMessage({nick: item.nick || "anonymous", user: me, body, ts: Date.now() / 1000});
   li.classList.add("pending");
   li.title = "sending…";
   list.append(li);
@@ -188,8 +281,9 @@ function failed(clientId, detail) {
 }
 
 async function refreshMembers() {
+  if (stopped) return;
   try {
-    const info = await getJSON(api);
+    const info = await getJSON(withToken(api));
     membersEl.textContent = `${info.clients} here`;
   } catch (err) {
     // The status already says we are disconnected.
@@ -204,8 +298,20 @@ function connected() {
   refreshMembers();
 }
 
+function stop(text) {
+  // The server will not let this page read the room again (removed from
+  // it, signed out): no more reconnecting.
+  stopped = true;
+  transport = null;
+  clearTimeout(refreshTimer);
+  setStatus("stopped", "disconnected");
+  notice(text, "error");
+  input.disabled = true;
+}
+
 function disconnected(retryNow = false) {
   transport = null;
+  if (stopped) return;
   if (retryNow) {
     connect();
     return;
@@ -242,7 +348,8 @@ class WebSocketTransport {
     this.open = false;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const after = lastSeq === null ? "" : `?after=${lastSeq}`;
-    this.ws = new WebSocket(`${scheme}://${location.host}/ws/${encodeURIComponent(room)}${after}`);
+    const url = withToken(`${scheme}://${location.host}/ws/${encodeURIComponent(room)}${after}`);
+    this.ws = new WebSocket(url);
     this.ws.onopen = () => {
       this.open = true;
       wsWorked = true;
@@ -250,9 +357,22 @@ class WebSocketTransport {
       connected();
     };
     this.ws.onmessage = (event) => this.receive(JSON.parse(event.data));
-    this.ws.onclose = () => {
+    this.ws.onclose = async (event) => {
       const wasOpen = this.open;
       this.open = false;
+      if (event.code === 4003) {
+        stop("You are no longer a member of this room.");
+        return;
+      }
+      if (event.code === 4001) {
+        // The token expired, or the session was ended.
+        if (await freshToken()) {
+          disconnected(true);
+        } else {
+          stop(event.reason || "You were signed out; sign in again to keep chatting.");
+        }
+        return;
+      }
       if (!wasOpen && !wsWorked) {
         // It never opened: try once more at once, then fall back to
         // long-poll (a proxy or firewall may block WebSocket).
@@ -264,8 +384,12 @@ class WebSocketTransport {
     };
   }
 
+  reauth() {
+    if (this.open && token) this.ws.send(JSON.stringify({type: "auth", token}));
+  }
+
   receive(frame) {
-    if (frame.type === "message") show(frame);
+    if (frame.type === "message" || frame.type === "member") show(frame);
     else if (frame.type === "reset") reset(frame.first_seq);
     else if (frame.type === "error") {
       if (frame.client_id) failed(frame.client_id, frame.detail);
@@ -289,8 +413,8 @@ class LongPollTransport {
     try {
       if (lastSeq === null) {
         // First visit: the newest page of history, then follow from there.
-        const info = await getJSON(api);
-        const newest = await getJSON(`${api}/messages?before=${info.last_seq + 1}&limit=${PAGE}`);
+        const info = await getJSON(withToken(api));
+        const newest = await getJSON(withToken(`${api}/messages?before=${info.last_seq + 1}&limit=${PAGE}`));
         for (const msg of newest.messages) show(msg);
         lastSeq = Math.max(lastSeq ?? 0, info.last_seq);
         olderButton.hidden = firstSeq === null || firstSeq <= 1;
@@ -298,22 +422,30 @@ class LongPollTransport {
       this.open = true;
       connected();
       for (;;) {
-        const batch = await getJSON(`${api}/messages?after=${lastSeq}&timeout=25`);
+        const batch = await getJSON(withToken(`${api}/messages?after=${lastSeq}&timeout=25`));
         if (batch.reset) reset(batch.first_seq);
         for (const msg of batch.messages) show(msg);
         if (batch.reset && !batch.messages.length) lastSeq = batch.last_seq;
       }
     } catch (err) {
       this.open = false;
-      disconnected();
+      if (err.status === 404) {
+        stop("You are no longer a member of this room.");
+      } else if (err.status === 401 && !(await freshToken())) {
+        stop("You were signed out; sign in again to keep chatting.");
+      } else {
+        disconnected(err.status === 401);
+      }
     }
   }
 
   async send(item) {
     try {
+      const headers = {"Content-Type": "application/json", "X-CSRF-Token": csrf};
+      if (token) headers.Authorization = `Bearer ${token}`;
       const response = await fetch(`${api}/messages`, {
         method: "POST",
-        headers: {"Content-Type": "application/json"},
+        headers,
         body: JSON.stringify(payload(item)),
       });
       const answer = await response.json();
@@ -328,11 +460,16 @@ class LongPollTransport {
 
 async function getJSON(url) {
   const response = await fetch(url, {cache: "no-store"});
-  if (!response.ok) throw new Error(`${url}: ${response.status}`);
+  if (!response.ok) {
+    const error = new Error(`${url}: ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
   return response.json();
 }
 
 function connect() {
+  if (stopped) return;
   setStatus("connecting", "connecting…");
   const useWebSocket = !forcedLongPoll && "WebSocket" in window && wsFailures < 2;
   transport = useWebSocket ? new WebSocketTransport() : new LongPollTransport();
@@ -343,7 +480,7 @@ sendForm.addEventListener("submit", (event) => {
   const body = input.value.trim();
   if (!body) return;
   input.value = "";
-  localStorage.setItem(NICK_KEY, nickInput.value.trim());
+  if (nickInput) localStorage.setItem(NICK_KEY, nickInput.value.trim());
   queue(body);
 });
 
@@ -361,4 +498,5 @@ window.addEventListener("online", () => {
 });
 
 setInterval(refreshMembers, 20000);
+scheduleRefresh();
 connect();

@@ -36,11 +36,13 @@ form.addEventListener("submit", async (event) => {
     return;
   }
   const name = nameInput.value.trim();
+  const privateBox = document.getElementById("room_private");
+  const csrf = document.querySelector('meta[name="csrf-token"]')?.content || "";
   try {
     const response = await fetch("/api/rooms", {
       method: "POST",
-      headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({name}),
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      body: JSON.stringify({name, private: Boolean(privateBox && privateBox.checked)}),
     });
     if (response.status === 201) {
       location.assign(`/rooms/${encodeURIComponent(name)}`);

@@ -189,27 +189,39 @@ class WSClient:
 
     @classmethod
     async def connect(
-        cls, test: TestCase, base: str, path: str, source: Optional[str] = None, origin: Optional[str] = None
+        cls,
+        test: TestCase,
+        base: str,
+        path: str,
+        source: Optional[str] = None,
+        origin: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
     ) -> "WSClient":
         """
-        Connect (from loopback address C{source}, sending C{origin}) and
-        wait for the opening handshake to finish.
+        Connect (from loopback address C{source}, sending C{origin} and
+        C{headers}) and wait for the opening handshake to finish.
         """
-        client = await cls.start(test, base, path, source, origin)
+        client = await cls.start(test, base, path, source, origin, headers)
         if await client.opened is None:
             raise ConnectionError(f"{path} refused: {client.close_reason}")
         return client
 
     @classmethod
     async def start(
-        cls, test: TestCase, base: str, path: str, source: Optional[str] = None, origin: Optional[str] = None
+        cls,
+        test: TestCase,
+        base: str,
+        path: str,
+        source: Optional[str] = None,
+        origin: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
     ) -> "WSClient":
         """
         Connect without waiting for the handshake (to test refusals).
         """
         client = cls()
         host, port = base.split("//")[1].split(":")
-        factory = _ClientFactory(f"ws://{host}:{port}{path}", origin=origin)
+        factory = _ClientFactory(f"ws://{host}:{port}{path}", origin=origin, headers=headers)
         factory.client = client
         bind = (source, 0) if source else None
         endpoint = TCP4ClientEndpoint(reactor, host, int(port), bindAddress=bind)

@@ -27,7 +27,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jwt
 from argon2 import PasswordHasher
@@ -348,15 +348,33 @@ class Sessions:
     Signed-in browsers: start, look up and end sessions.
 
     @param secret: the deployment's secret (L{IIdentityStore.secret}),
-        which signs the cookies.
+        which signs the cookies, or a function that returns it.
     """
 
-    def __init__(self, store: Any, clock: Any, secret: str, ttl: float = SESSION_TTL) -> None:
+    def __init__(
+        self,
+        store: Any,
+        clock: Any,
+        secret: Union[str, Callable[[], Optional[str]]],
+        ttl: float = SESSION_TTL,
+    ) -> None:
         self._store = store
         self._clock = clock
-        self._signer = Signer(secret, salt="chatd.session")
+        self._secret = secret
+        self._signer_made: Optional[Signer] = None
         self.ttl = ttl
         self._cache = _Cache(clock)
+
+    @property
+    def _signer(self) -> Signer:
+        # Made on first use: the deployment's secret is known once the
+        # store is open (C{secret} may be a function that reads it then).
+        if self._signer_made is None:
+            secret = self._secret if isinstance(self._secret, str) else self._secret()
+            if not secret:
+                raise RuntimeError("the deployment's secret is not known yet")
+            self._signer_made = Signer(secret, salt="chatd.session")
+        return self._signer_made
 
     def start(self, user: User) -> Deferred:
         """

@@ -20,7 +20,7 @@ delivered at once, a later one is held and the gap filled from the store
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import TimeoutError
@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatd.interfaces import IBus, IBusListener, IBusSubscription, IMessageStore
+from chatd.interfaces import IBus, IBusListener, IBusSubscription, IIdentityStore, IMessageStore
 from chatd.limits import Limits
 from chatd.model import (
     GUEST,
@@ -305,31 +305,47 @@ class ChatCore:
         self, room_name: str, user_id: object, name: object, role: object, identity: Identity
     ) -> Deferred:
         """
-        Make C{user_id} (called C{name}) a member of a room with C{role},
-        or with C{role} None no longer a member: an event of the room, so
-        every node applies it in seq order.  An API key and the room's
-        owners may change anyone; moderators may add and remove plain
-        members.
+        Make C{user_id} (called C{name}: None for the name the room or the
+        accounts know) a member of a room with C{role}, or with C{role}
+        None no longer a member: an event of the room, so every node
+        applies it in seq order.  An API key and the room's owners may
+        change anyone; moderators may add and remove plain members; anyone
+        may leave.
 
         @return: a Deferred firing with the event's L{Message}, or failing
             with C{room_not_found}, C{not_allowed}, C{invalid_user},
-            C{invalid_name} or C{invalid_role}.
+            C{invalid_name}, C{invalid_role} or C{user_not_found}.
         """
 
-        def change(room: Room) -> Deferred:
-            user = User(validate_user_id(user_id), validate_display_name(name))
+        async def change(room: Room) -> Message:
+            member_id = validate_user_id(user_id)
             new = None if role is None else validate_role(role)
             acting = self.role(room, identity)
-            current = room.access.members.get(user.id)
-            if acting != "owner" and not (
+            current = room.access.members.get(member_id)
+            leaving = new is None and identity.user_id == member_id and current is not None
+            if not leaving and acting != "owner" and not (
                 acting == "moderator" and new in (None, "member") and current in (None, "member")
             ):
                 raise ChatError("not_allowed", "Only the room's owners may change this membership.")
+            if new is None and current is None:
+                raise ChatError("user_not_found", f"{member_id!r} is not a member of {room.name!r}.")
+            if name is not None:
+                member_name = validate_display_name(name)
+            elif member_id in room.access.names:
+                member_name = room.access.names[member_id]
+            else:
+                account = await cast(IIdentityStore, self._store).get_user(member_id)
+                member_name = account[0] if account is not None else member_id
+            user = User(member_id, member_name)
             now = self._clock.seconds()
-            d = self._store.append(room.name, user.name, new or "", int(now * 1000), None, user, "member")
-            return d.addCallback(self._committed, room, now)
+            stored = await self._store.append(
+                room.name, user.name, new or "", int(now * 1000), None, user, "member"
+            )
+            return self._committed(stored, room, now)
 
-        return self.enter(room_name, identity).addCallback(change)
+        return self.enter(room_name, identity).addCallback(
+            lambda room: Deferred.fromCoroutine(change(room))
+        )
 
     def rooms(self) -> List[Room]:
         """
@@ -387,7 +403,13 @@ class ChatCore:
             return _fail(e)
         self._creating.add(name)
 
-        access = RoomAccess(private, guests, {} if owner is None else {owner.id: "owner"})
+        access = RoomAccess(
+            private,
+            guests,
+            {} if owner is None else {owner.id: "owner"},
+            0,
+            {} if owner is None else {owner.id: owner.name},
+        )
 
         def created(new: bool) -> Room:
             if not new:

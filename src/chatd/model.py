@@ -477,11 +477,12 @@ class RoomAccess:
     @ivar private: members only (others are told it does not exist).
     @ivar guests: people with no identity may read and write it.
     @ivar members: C{{user_id: role}}.
+    @ivar names: C{{user_id: name}} of the members.
     @ivar last_seq: the room's last seq when this was read: the members
         are those of every event up to it.
     """
 
-    __slots__ = ("private", "guests", "members", "last_seq")
+    __slots__ = ("private", "guests", "members", "names", "last_seq")
 
     def __init__(
         self,
@@ -489,10 +490,12 @@ class RoomAccess:
         guests: bool = True,
         members: Optional[Dict[str, str]] = None,
         last_seq: int = 0,
+        names: Optional[Dict[str, str]] = None,
     ) -> None:
         self.private = private
         self.guests = guests
         self.members = {} if members is None else members
+        self.names = {} if names is None else names
         self.last_seq = last_seq
 
     def __repr__(self) -> str:

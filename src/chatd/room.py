@@ -294,11 +294,13 @@ class Room:
         user = message.user
         if user is None:
             return
-        members = self.access.members
+        members, names = self.access.members, self.access.names
         if message.body:
             members[user.id] = message.body
+            names[user.id] = user.name
             return
         members.pop(user.id, None)
+        names.pop(user.id, None)
         if not self.access.private:
             return
         for subscription in [s for s in self._subscriptions if s.user_id == user.id]:

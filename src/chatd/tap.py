@@ -16,7 +16,7 @@ from typing import Any, Optional, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import TimerService
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -27,9 +27,19 @@ from twisted.web.server import Site
 from chatd._paths import find_data_dir
 from chatd._send import direct_writes_available
 from chatd._version import __version__
+from chatd.accounts import SIGNUP_MODES, Accounts
+from chatd.auth import (
+    AUTH_MODES,
+    SESSION_TTL,
+    Authenticator,
+    Keys,
+    Passwords,
+    Sessions,
+    TokenVerifier,
+)
 from chatd.core import ChatCore
 from chatd.interfaces import IBus, IMessageStore
-from chatd.limits import DEFAULT_RATE, Connections, Limits, parse_rate
+from chatd.limits import DEFAULT_RATE, Connections, Limits, RateLimiter, parse_rate
 from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.model import MAX_BODY, ChatError, validate_room_name
 from chatd.service import ChatService, Listener, Presence, Retention
@@ -199,6 +209,43 @@ class Options(usage.Options):
             "away; then stop (0: stop at once).",
             float,
         ],
+        [
+            "auth",
+            None,
+            "open",
+            "Who may connect: open (anyone; people with no identity are guests, "
+            "and rooms let them in unless made otherwise), token (every client "
+            "carries a token your application signs: see --auth-secret-file) or "
+            "accounts (sign-up and sign-in pages, sessions in a cookie).",
+        ],
+        [
+            "auth-audience",
+            None,
+            None,
+            "If given, every token's aud must name it.",
+        ],
+        ["auth-issuer", None, None, "If given, every token's iss must be it."],
+        [
+            "signup",
+            None,
+            "open",
+            "With --auth accounts, who may sign up: open (anyone), invite "
+            "(holders of an invitation: chatd-admin invite create) or closed "
+            "(accounts are made with chatd-admin user add).",
+        ],
+        [
+            "session-days",
+            None,
+            SESSION_TTL / 86400,
+            "How long a sign-in lasts, in days.",
+            float,
+        ],
+        [
+            "api-rate",
+            None,
+            "100/10",
+            "Requests per API key: BURST/PER_SECOND (a token bucket).",
+        ],
         ["templates", None, None, "Folder of HTML templates (default: the installed ones)."],
         ["static", None, None, "Folder of static files (default: the installed ones)."],
     ]
@@ -211,6 +258,23 @@ class Options(usage.Options):
         self["rooms"] = []
         self["allow-origins"] = []
         self["public-urls"] = []
+        self["auth-secrets"] = []
+        self["auth-public-keys"] = []
+
+    def opt_auth_secret_file(self, path: str) -> None:
+        """
+        A file holding the HS256 secret (at least 32 bytes) your
+        application signs tokens with (repeatable: during a rotation, a
+        token signed with any of them is good).
+        """
+        self["auth-secrets"].append(_read_key_file("auth-secret-file", path))
+
+    def opt_auth_public_key_file(self, path: str) -> None:
+        """
+        A PEM file of the RSA (RS256) or EC P-256 (ES256) public key your
+        application's tokens are signed for (repeatable, for rotations).
+        """
+        self["auth-public-keys"].append(_read_key_file("auth-public-key-file", path))
 
     def opt_allow_origin(self, origin: str) -> None:
         """
@@ -268,6 +332,7 @@ class Options(usage.Options):
         ]:
             if self[name] < low:
                 raise usage.UsageError(f"--{name} {self[name]}: give a number of at least {low}.")
+        self._check_auth()
         if self["access-log"] not in ("on", "off"):
             raise usage.UsageError(f"--access-log {self['access-log']!r}: use on or off.")
         if self["log-format"] not in ("text", "json"):
@@ -324,6 +389,39 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{name} {self[name]!r} is not a folder.")
                 self[name] = path
 
+    def _check_auth(self) -> None:
+        if self["auth"] not in AUTH_MODES:
+            raise usage.UsageError(f"--auth {self['auth']!r}: use open, token or accounts.")
+        if self["signup"] not in SIGNUP_MODES:
+            raise usage.UsageError(f"--signup {self['signup']!r}: use open, invite or closed.")
+        if self["auth"] == "token" and not (self["auth-secrets"] or self["auth-public-keys"]):
+            raise usage.UsageError(
+                "--auth token needs --auth-secret-file or --auth-public-key-file "
+                "(what your application signs its tokens with)."
+            )
+        try:
+            self["tokens"] = (
+                TokenVerifier(
+                    self["auth-secrets"],
+                    self["auth-public-keys"],
+                    audience=self["auth-audience"],
+                    issuer=self["auth-issuer"],
+                )
+                if self["auth-secrets"] or self["auth-public-keys"]
+                else None
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"--auth-secret-file/--auth-public-key-file: {e}.") from None
+        if not 0 < self["session-days"] <= 366:
+            raise usage.UsageError(f"--session-days {self['session-days']:g}: give 1 to 366 days.")
+        try:
+            rate = parse_rate(self["api-rate"])
+        except ValueError as e:
+            raise usage.UsageError(f"--api-rate {e}") from None
+        if rate is None:
+            raise usage.UsageError("--api-rate: give BURST/PER_SECOND.")
+        self["api-rate"] = rate
+
     def _check_bus(self, bus: Optional[str]) -> str:
         postgres = self["store"].split(":", 1)[0].lower() in ("postgresql", "postgres")
         if bus is None:
@@ -373,6 +471,21 @@ class Options(usage.Options):
                     f"--store {url!r}: the folder {str(path.parent)!r} does not exist."
                 )
         return url
+
+
+def _read_key_file(option: str, path: str) -> bytes:
+    """
+    A secret or key file's bytes, without surrounding whitespace (read
+    now, while twistd may still be root).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 * 1024).strip()
+    except OSError as e:
+        raise usage.UsageError(f"--{option} {path!r}: {e.strerror}.") from None
+    if not data:
+        raise usage.UsageError(f"--{option} {path!r} is empty.")
+    return data
 
 
 def _origin(option: str, value: str) -> str:
@@ -519,7 +632,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_body=options["max-message"],
         bus=bus,
         observer=metrics,
+        guests=options["auth"] == "open",
     )
+    passwords = Passwords(reactor)
+    accounts = None
+    sessions = None
+    if options["auth"] == "accounts":
+        # The deployment's secret signs the cookies: read from the store
+        # once it is open.
+        sessions = Sessions(
+            store, reactor, lambda: cast(Any, store).secret, options["session-days"] * 86400
+        )
+        accounts = Accounts(store, reactor, passwords, sessions, options["signup"])
+    auth = Authenticator(options["auth"], Keys(store, reactor), options["tokens"], sessions)
     metrics.watch_behind(lambda: core.behind)
     if not direct_writes_available():
         Logger().warn(
@@ -528,7 +653,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             "own, slower path."
         )
     connections = Connections(limits)
-    factory = ChatWebSocketFactory(core, metrics=metrics, clock=reactor, connections=connections)
+    factory = ChatWebSocketFactory(
+        core, metrics=metrics, clock=reactor, connections=connections, auth=auth
+    )
+    burst, per_second = options["api-rate"]
     web = ChatWeb(
         core,
         make_environment(options["templates"]),
@@ -540,6 +668,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ready=False,
         public_urls=options["public-urls"],
         bus=bus,
+        auth=auth,
+        accounts=accounts,
+        key_limiter=RateLimiter(reactor, burst, per_second),
+        on_sessions_ended=factory.sessions_ended,
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and every request must come within REQUEST_TIMEOUT.
@@ -569,6 +701,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         cast(IService, bus).setServiceParent(service)
         lease = options["presence-lease"]
         Presence(core, node, lease / 3, lease, reactor).setServiceParent(service)
+    _Stopping(passwords.stop).setServiceParent(service)
+    if not IService.providedBy(bus) and not options["store"].startswith("memory:"):
+        # One node on a store others may write to (chatd-admin, or a node
+        # on another bus): catch up with it every little while.
+        catch_up = TimerService(CATCH_UP_INTERVAL, core.catch_up)
+        catch_up.clock = reactor
+        catch_up.setServiceParent(service)
     listener = Listener(options["port"], serverFromString(reactor, options["port"]), site)
     listener.setServiceParent(service)
     listener.listened().addCallback(_listening, web)
@@ -584,6 +723,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         timer.clock = reactor
         timer.setServiceParent(service)
     return service
+
+
+#: How often a node with no bus between processes checks the store for
+#: commits it did not make.
+CATCH_UP_INTERVAL = 5.0
+
+
+class _Stopping(Service):
+    """
+    Calls C{stop} when the service stops (a thread pool's, say).
+    """
+
+    def __init__(self, stop: Any) -> None:
+        self._stop = stop
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stop()
 
 
 def _listening(listener: Listener, web: ChatWeb) -> None:

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -47,10 +47,25 @@ from werkzeug.routing import RequestRedirect
 
 from chatd._http import MAX_REQUEST_BODY, ChatSite
 from chatd._wire import REASONS, client_host, error_body, http_status, retry_after
+from chatd.accounts import Accounts
+from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, check_csrf
 from chatd.core import ChatCore
-from chatd.limits import Connections
+from chatd.limits import Connections, RateLimiter
 from chatd.metrics import CONTENT_TYPE, Metrics
-from chatd.model import Batch, ChatError, Message, Peer, encode_json, parse_cursor
+from chatd.model import (
+    GUEST,
+    Batch,
+    ChatError,
+    Identity,
+    Message,
+    Peer,
+    User,
+    encode_json,
+    parse_cursor,
+    rate_limited,
+    validate_display_name,
+    validate_user_id,
+)
 from chatd.room import Room
 
 __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "canonical_origin", "make_environment"]
@@ -419,11 +434,12 @@ class _Poll:
         query: _MessagesQuery,
         answer: Callable[[bytes], None],
         failed: Callable[[Failure], None],
+        identity: Identity = GUEST,
     ) -> None:
         """
-        Wait in C{room} after C{query.after}: C{answer} gets the body of
-        the answer (its status and headers set on the request), C{failed}
-        the failure (a refusal, a store error).
+        Wait in C{room} after C{query.after}, for C{identity}: C{answer}
+        gets the body of the answer (its status and headers set on the
+        request), C{failed} the failure (a refusal, a store error).
         """
         web = self._web
         request = self._request
@@ -443,7 +459,9 @@ class _Poll:
             if self._done():
                 failed(reason)
 
-        forget = web._core.wait_for(room, query.after, query.limit, timeout, got, failure)
+        forget = web._core.wait_for(
+            room, query.after, query.limit, timeout, got, failure, identity
+        )
         if self._waiting:
             self._forget = forget
 
@@ -477,13 +495,44 @@ class _Poll:
         self._web._finish_failed(failure, self._request)
 
 
-def _room_info(room: Room) -> dict:
-    return {
+def _room_info(room: Room, role: Optional[str] = None) -> dict:
+    access = room.access
+    info = {
         "name": room.name,
         "last_seq": room.last_seq,
         "clients": room.clients,
         "last_activity": room.last_activity,
+        "private": access.private,
+        "guests": access.guests,
     }
+    if role is not None:
+        info["role"] = role
+    return info
+
+
+def _members(room: Room) -> List[dict]:
+    access = room.access
+    return [
+        {"id": user_id, "name": access.names.get(user_id, user_id), "role": role}
+        for user_id, role in sorted(access.members.items())
+    ]
+
+
+def _flag(fields: Dict[str, Any], name: str, default: Optional[bool]) -> Optional[bool]:
+    """
+    A yes/no field: JSON true/false, or a form's on/true/1/yes and
+    off/false/0/no (a checkbox sends "on", or nothing).
+    """
+    value = fields.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("on", "true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.lower() in ("off", "false", "0", "no", ""):
+        return False
+    raise ChatError("invalid_parameter", f"{name} must be true or false.")
 
 
 Renderable = Union[bytes, Deferred]
@@ -620,9 +669,21 @@ class ChatWeb:
         ready: bool = True,
         public_urls: Sequence[str] = (),
         bus: Any = None,
+        auth: Optional[Authenticator] = None,
+        accounts: Optional[Accounts] = None,
+        key_limiter: Optional[RateLimiter] = None,
+        on_sessions_ended: Optional[Callable[[str], None]] = None,
     ) -> None:
         self._core = core
         self._bus = bus
+        #: Who requests are from (None: everyone is a guest).
+        self._auth = auth
+        self._accounts = accounts
+        #: The server API's limit per key.
+        self._key_limiter = key_limiter
+        #: Told the user id whose sessions were all ended (so their open
+        #: WebSockets close).
+        self._on_sessions_ended = on_sessions_ended
         self._metrics = metrics
         #: Long-polls in progress, read by the metrics at each scrape.
         self.long_polls = 0
@@ -647,6 +708,8 @@ class ChatWeb:
         self._index = env.get_template("index.html")
         self._room_page = env.get_template("room.html")
         self._error_page = env.get_template("error.html")
+        self._signin_page = env.get_template("signin.html")
+        self._signup_page = env.get_template("signup.html")
 
     def resource(self) -> IResource:
         """
@@ -722,6 +785,8 @@ class ChatWeb:
         wait = retry_after(error)
         if wait is not None:
             request.setHeader(b"retry-after", wait)
+        if status == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="chatd"')
         if status in _LOGGED_REFUSALS:
             self._log_rejection(request, error.code)
         return self._error_json(request, status, error.code, error.detail)
@@ -781,45 +846,157 @@ class ChatWeb:
         """
         return self._error_answer(request, failure)
 
-    def _in_room(self, name: str, then: Callable[..., Any], *args: Any) -> Any:
+    # -- who is asking --------------------------------------------------------
+
+    def _credentials(self, request: IRequest, cross_site: bool = False) -> Credentials:
         """
-        C{then(*args)}, once room C{name} is known here: at once for a room
-        this node follows, else after looking it up in the store (another
-        node may have made it).  An unknown room fails with
-        C{room_not_found} before anything else about the request is
-        checked, on every route.
+        What the request carries: C{Authorization: Bearer}, C{?token=},
+        the session cookie.  A JSONP read (a C{callback}) is C{cross_site}:
+        another site's page can make it with the browser's cookies.
+
+        @raise ChatError: C{invalid_token} for an Authorization header of
+            another scheme, or with no credentials.
         """
+        bearer = None
+        header = request.getHeader(b"authorization")
+        if header is not None:
+            scheme, _, value = header.strip().partition(b" ")
+            value = value.strip()
+            if scheme.lower() != b"bearer" or not value:
+                raise ChatError("invalid_token", "Send Authorization: Bearer TOKEN (or an API key).")
+            bearer = value.decode("latin-1")
+        return Credentials(
+            bearer,
+            _query(request, "token"),
+            request.getCookie(SESSION_COOKIE),
+            cross_site or b"callback" in request.args,
+        )
+
+    def identify(self, request: IRequest, cross_site: bool = False) -> Deferred:
+        """
+        The request's L{Identity} (L{chatd.auth.Authenticator}'s rules).
+        """
+        if self._auth is None:
+            return succeed(GUEST)
         try:
-            self._core.room(name)
+            credentials = self._credentials(request, cross_site)
+        except ChatError as e:
+            return fail(e)
+        return self._auth.identify(credentials).addCallback(self._limit_key)
+
+    def _identify_now(self, request: IRequest) -> Optional[Identity]:
+        """
+        L{identify}, when that needs no store (a guest, a token); None
+        otherwise, or for credentials that are refused (L{identify} then
+        says why).
+        """
+        if self._auth is None:
+            return GUEST
+        try:
+            return self._auth.identify_now(self._credentials(request))
         except ChatError:
-            return self._core.find_room(name).addCallback(lambda _: then(*args))
-        return then(*args)
+            return None
+
+    def _limit_key(self, identity: Identity) -> Identity:
+        if identity.key is not None and self._key_limiter is not None:
+            wait = self._key_limiter.take(identity.key)
+            if wait:
+                raise rate_limited("Too many requests with this API key", wait)
+        return identity
+
+    def _fields(self, request: IRequest, identity: Identity) -> Dict[str, Any]:
+        """
+        A state change's fields (L{_form_or_json}), once its CSRF token is
+        checked, if a session cookie authorised it.
+        """
+        fields = _form_or_json(request)
+        if identity.via == "session":
+            header = request.getHeader(b"x-csrf-token")
+            given = header.decode("latin-1") if header is not None else fields.get("csrf")
+            check_csrf(identity, given if isinstance(given, str) else None)
+        return fields
+
+    def _in_room(
+        self,
+        request: IRequest,
+        name: str,
+        then: Callable[..., Any],
+        *args: Any,
+        cross_site: bool = False,
+    ) -> Deferred:
+        """
+        C{then(identity, room, *args)}, once the request's identity is
+        known and room C{name} is one it may use: a room this node follows
+        or, after looking it up, one in the store (another node may have
+        made it).  A room it may not see (unknown, or private and not
+        theirs) fails with C{room_not_found} before anything else about
+        the request is checked, on every route.
+        """
+
+        def entered(identity: Identity) -> Deferred:
+            d = self._core.enter(name, identity)
+            return d.addCallback(lambda room: then(identity, room, *args))
+
+        return self.identify(request, cross_site).addCallback(entered)
 
     # -- pages ---------------------------------------------------------------
+
+    def _page_context(self, identity: Identity) -> Dict[str, Any]:
+        """
+        What every page shows of who is reading it.
+        """
+        mode = "open" if self._auth is None else self._auth.mode
+        return {
+            "me": None if identity.user is None else identity.user.as_dict(),
+            "csrf": identity.csrf or "",
+            "auth_mode": mode,
+            "accounts": self._accounts is not None,
+            "signup": None if self._accounts is None else self._accounts.signup,
+        }
 
     @app.route("/", methods=["GET"])
     def index(self, request: IRequest) -> Deferred:
         """
-        The room list and the create-room form.
+        The room list (the rooms the reader may see) and the create-room
+        form.
         """
 
-        def render(rooms: Sequence[Room]) -> bytes:
-            return self._page(request, self._index, rooms=[_room_info(room) for room in rooms])
+        def listed(identity: Identity) -> Deferred:
+            def render(rooms: Sequence[Room]) -> bytes:
+                infos = [_room_info(room, self._core.role(room, identity)) for room in rooms]
+                return self._page(request, self._index, rooms=infos, **self._page_context(identity))
 
-        return self._core.list_rooms().addCallback(render)
+            return self._core.list_rooms(identity).addCallback(render)
+
+        return self.identify(request).addCallback(listed)
 
     def _chat_page(self, request: IRequest, name: str, transport: str) -> Deferred:
-        def render(room: Room) -> bytes:
-            return self._page(request, self._room_page, room=_room_info(room), transport=transport)
-
-        def missing(failure: Failure) -> bytes:
-            failure.trap(ChatError)
-            error = cast(ChatError, failure.value)
+        def render(identity: Identity, room: Room) -> bytes:
             return self._page(
-                request, self._error_page, http_status(error), title="No such room", detail=error.detail
+                request,
+                self._room_page,
+                room=_room_info(room, self._core.role(room, identity)),
+                members=_members(room) if room.access.private else [],
+                transport=transport,
+                **self._page_context(identity),
             )
 
-        return self._core.find_room(name).addCallbacks(render, missing)
+        def refused(failure: Failure) -> bytes:
+            failure.trap(ChatError)
+            error = cast(ChatError, failure.value)
+            if error.code == "auth_required" and self._accounts is not None:
+                request.setResponseCode(303)
+                request.setHeader(b"location", b"/account/signin?next=" + request.path)
+                return b""
+            title = "Sign in first" if error.code == "auth_required" else "No such room"
+            if error.code not in ("auth_required", "room_not_found"):
+                title = "Not available"
+            return self._page(
+                request, self._error_page, http_status(error), title=title, detail=error.detail,
+                **self._page_context(GUEST),
+            )
+
+        return self._in_room(request, name, render).addErrback(refused)
 
     @app.route("/rooms/<room>", methods=["GET"])
     def room_page(self, request: IRequest, room: str) -> Deferred:
@@ -842,52 +1019,326 @@ class ChatWeb:
         """
         return self._static
 
+    # -- accounts --------------------------------------------------------------
+
+    def _accounts_on(self) -> Accounts:
+        if self._accounts is None:
+            raise ChatError("not_found", "This server has no accounts (see --auth accounts).")
+        return self._accounts
+
+    def _set_session(self, request: IRequest, cookie: Optional[bytes], max_age: int) -> None:
+        """
+        Set (or, with C{cookie} None, clear) the session cookie: HttpOnly,
+        SameSite=Lax, Secure when the page came over TLS.
+        """
+        parts = [
+            SESSION_COOKIE + b"=" + (cookie or b""),
+            b"Path=/",
+            b"HttpOnly",
+            b"SameSite=Lax",
+            b"Max-Age=%d" % (max_age if cookie is not None else 0,),
+        ]
+        if request.isSecure() or self._secure_cookies:
+            parts.append(b"Secure")
+        request.responseHeaders.addRawHeader(b"set-cookie", b"; ".join(parts))
+
+    @property
+    def _secure_cookies(self) -> bool:
+        return any(origin.startswith("https://") for origin in self._public_origins)
+
+    def _account_form(
+        self, request: IRequest, template: Any, status: int = 200, **context: Any
+    ) -> bytes:
+        return self._page(request, template, status, **self._page_context(GUEST), **context)
+
+    @app.route("/account/signin", methods=["GET"])
+    def signin_page(self, request: IRequest) -> bytes:
+        """
+        The sign-in form.
+        """
+        accounts = self._accounts_on()
+        return self._account_form(
+            request, self._signin_page, next=_next(request), error=None, signup=accounts.signup
+        )
+
+    @app.route("/account/signup", methods=["GET"])
+    def signup_page(self, request: IRequest) -> bytes:
+        """
+        The sign-up form (with an invitation's code from the link).
+        """
+        accounts = self._accounts_on()
+        return self._account_form(
+            request,
+            self._signup_page,
+            invite=_query(request, "invite") or "",
+            error=None,
+            signup=accounts.signup,
+        )
+
+    def _signed_in(self, request: IRequest, fields: Dict[str, Any], is_form: bool) -> Callable[..., bytes]:
+        def done(result: Tuple[bytes, Identity]) -> bytes:
+            cookie, identity = result
+            accounts = self._accounts_on()
+            self._set_session(request, cookie, int(accounts.sessions.ttl))
+            if is_form:
+                request.setResponseCode(303)
+                request.setHeader(b"location", _safe_next(fields.get("next")))
+                return b""
+            assert identity.user is not None
+            body = encode_json({"user": identity.user.as_dict(), "csrf": identity.csrf})
+            return self._json(request, body, 200, jsonp=False)
+
+        return done
+
+    def _form_refused(
+        self, request: IRequest, template: Any, is_form: bool, **context: Any
+    ) -> Callable[[Failure], Any]:
+        def refused(failure: Failure) -> Any:
+            failure.trap(ChatError)
+            if not is_form:
+                return failure
+            error = cast(ChatError, failure.value)
+            wait = retry_after(error)
+            if wait is not None:
+                request.setHeader(b"retry-after", wait)
+            signup = self._accounts_on().signup
+            return self._account_form(
+                request, template, http_status(error), error=error.detail, signup=signup, **context
+            )
+
+        return refused
+
+    @app.route("/account/signin", methods=["POST"])
+    def signin(self, request: IRequest) -> Deferred:
+        """
+        Sign in with C{user} and C{password} (a form: 303 to C{next}; JSON:
+        the user and the session's CSRF token); the session cookie is set.
+        """
+        accounts = self._accounts_on()
+        fields = _form_or_json(request)
+        is_form = _is_form(request)
+        d = accounts.sign_in(fields.get("user"), fields.get("password"), _ip(request))
+        d.addCallback(self._signed_in(request, fields, is_form))
+        next_ = fields.get("next") if isinstance(fields.get("next"), str) else "/"
+        return d.addErrback(self._form_refused(request, self._signin_page, is_form, next=next_))
+
+    @app.route("/account/signup", methods=["POST"])
+    def signup(self, request: IRequest) -> Deferred:
+        """
+        Make an account from C{user}, C{name}, C{password} (and
+        C{invite}), and sign it in.
+        """
+        accounts = self._accounts_on()
+        fields = _form_or_json(request)
+        is_form = _is_form(request)
+        d = accounts.sign_up(
+            fields.get("user"), fields.get("name"), fields.get("password"), fields.get("invite"),
+            _ip(request),
+        )
+        d.addCallback(self._signed_in(request, fields, is_form))
+        invite = fields.get("invite") if isinstance(fields.get("invite"), str) else ""
+        return d.addErrback(self._form_refused(request, self._signup_page, is_form, invite=invite))
+
+    @app.route("/account/signout", methods=["POST"])
+    def signout(self, request: IRequest) -> Deferred:
+        """
+        End this browser's session (its CSRF token required), and clear
+        the cookie.
+        """
+        accounts = self._accounts_on()
+
+        def sign_out(identity: Identity) -> Deferred:
+            self._check_change(request, identity)
+
+            def done(_: object) -> bytes:
+                self._set_session(request, None, 0)
+                if identity.session is not None and self._on_sessions_ended is not None:
+                    self._on_sessions_ended(identity.session)
+                if _is_form(request):
+                    request.setResponseCode(303)
+                    request.setHeader(b"location", b"/")
+                    return b""
+                return self._json(request, b'{"status":"signed_out"}', jsonp=False)
+
+            return accounts.sign_out(identity).addCallback(done)
+
+        return self.identify(request).addCallback(sign_out)
+
+    @app.route("/api/me", methods=["GET"])
+    def me(self, request: IRequest) -> Deferred:
+        """
+        Who the request is from: C{{"user": {"id", "name"} or null, "via"}}.
+        """
+
+        def render(identity: Identity) -> bytes:
+            user = None if identity.user is None else identity.user.as_dict()
+            return self._json(request, encode_json({"user": user, "via": identity.via}), jsonp=False)
+
+        return self.identify(request).addCallback(render)
+
     # -- rooms API -----------------------------------------------------------
 
     @app.route("/api/rooms", methods=["GET"])
     def list_rooms(self, request: IRequest) -> Deferred:
         """
-        C{{"rooms": [{"name", "last_seq", "clients"}, ...]}}.
+        C{{"rooms": [{"name", "last_seq", "clients", ...}, ...]}}: the
+        rooms the request's identity may see.
         """
         _callback(request)  # refuse a bad callback first
 
-        def render(rooms: Sequence[Room]) -> bytes:
-            return self._json(request, encode_json({"rooms": [_room_info(r) for r in rooms]}))
+        def listed(identity: Identity) -> Deferred:
+            def render(rooms: Sequence[Room]) -> bytes:
+                infos = [_room_info(r, self._core.role(r, identity)) for r in rooms]
+                return self._json(request, encode_json({"rooms": infos}))
 
-        return self._core.list_rooms().addCallback(render)
+            return self._core.list_rooms(identity).addCallback(render)
+
+        return self.identify(request).addCallback(listed)
 
     @app.route("/api/rooms", methods=["POST"])
     def create_room(self, request: IRequest) -> Deferred:
         """
-        Create a room from C{{"name": ...}} (JSON or form): 201, or 303 to
-        the room's page for a form.
+        Create a room from C{{"name": ..., "private": bool, "guests":
+        bool}} (JSON or form): 201, or 303 to the room's page for a form.
+        A private room's creator is its owner (with an API key: C{owner},
+        C{{"id", "name"}}, if given).
         """
-        fields = _form_or_json(request)
-        is_form = not (request.getHeader(b"content-type") or b"").lower().startswith(
-            b"application/json"
-        )
+        is_form = _is_form(request)
 
-        def created(room: Room) -> bytes:
-            location = f"/rooms/{room.name}".encode("ascii")
-            if is_form:
-                request.setResponseCode(303)
-                request.setHeader(b"location", location)
-                return b""
-            request.setHeader(b"location", b"/api/rooms/" + room.name.encode("ascii"))
-            return self._json(request, encode_json(_room_info(room)), 201, jsonp=False)
+        def create(identity: Identity) -> Deferred:
+            fields = self._fields(request, identity)
+            private = _flag(fields, "private", False)
+            guests = _flag(fields, "guests", None)
+            if identity.key is not None and fields.get("owner") is not None:
+                identity = Identity(_named_user(fields.get("owner")), "key", key=identity.key)
 
-        return self._core.create_room(fields.get("name"), Peer(_ip(request))).addCallback(created)
+            def created(room: Room) -> bytes:
+                location = f"/rooms/{room.name}".encode("ascii")
+                if is_form:
+                    request.setResponseCode(303)
+                    request.setHeader(b"location", location)
+                    return b""
+                request.setHeader(b"location", b"/api/rooms/" + room.name.encode("ascii"))
+                info = _room_info(room, self._core.role(room, identity))
+                return self._json(request, encode_json(info), 201, jsonp=False)
+
+            d = self._core.create_room(
+                fields.get("name"), Peer(_ip(request)), identity, bool(private), guests
+            )
+            return d.addCallback(created)
+
+        return self.identify(request).addCallback(create)
 
     @app.route("/api/rooms/<room>", methods=["GET"])
     def room_info(self, request: IRequest, room: str) -> Deferred:
         """
-        One room's C{{"name", "last_seq", "clients"}}.
+        One room's C{{"name", "last_seq", "clients", ...}}.
         """
 
-        def render(found: Room) -> bytes:
-            return self._json(request, encode_json(_room_info(found)))
+        def render(identity: Identity, found: Room) -> bytes:
+            return self._json(request, encode_json(_room_info(found, self._core.role(found, identity))))
 
-        return self._core.find_room(room).addCallback(render)
+        return self._in_room(request, room, render)
+
+    # -- members API -----------------------------------------------------------
+
+    @app.route("/api/rooms/<room>/members", methods=["GET"])
+    def list_members(self, request: IRequest, room: str) -> Deferred:
+        """
+        C{{"members": [{"id", "name", "role"}, ...]}}.
+        """
+
+        def render(identity: Identity, found: Room) -> bytes:
+            return self._json(request, encode_json({"room": found.name, "members": _members(found)}))
+
+        return self._in_room(request, room, render)
+
+    @app.route("/api/rooms/<room>/members", methods=["POST"])
+    def add_member(self, request: IRequest, room: str) -> Deferred:
+        """
+        Add a member, or change their role: C{{"user": ID, "role":
+        "member"|"moderator"|"owner", "name": optional}}.
+        """
+
+        def add(identity: Identity, found: Room) -> Deferred:
+            fields = self._fields(request, identity)
+            role = fields.get("role") or "member"
+            d = self._core.set_member(found.name, fields.get("user"), fields.get("name"), role, identity)
+            return d.addCallback(self._member_answer, request, found, 201, _is_form(request))
+
+        return self._in_room(request, room, add)
+
+    @app.route("/api/rooms/<room>/members/<user>", methods=["DELETE"])
+    def remove_member(self, request: IRequest, room: str, user: str) -> Deferred:
+        """
+        Remove a member: their WebSockets on the room close and their
+        long-polls stop at once, on every node.
+        """
+
+        def remove(identity: Identity, found: Room) -> Deferred:
+            self._check_change(request, identity)
+            d = self._core.set_member(found.name, user, None, None, identity)
+            return d.addCallback(self._member_answer, request, found, 200, False)
+
+        return self._in_room(request, room, remove)
+
+    @app.route("/api/rooms/<room>/members/<user>/remove", methods=["POST"])
+    def remove_member_form(self, request: IRequest, room: str, user: str) -> Deferred:
+        """
+        L{remove_member}, for the room page's form.
+        """
+
+        def remove(identity: Identity, found: Room) -> Deferred:
+            self._fields(request, identity)
+            d = self._core.set_member(found.name, user, None, None, identity)
+            return d.addCallback(self._member_answer, request, found, 200, _is_form(request))
+
+        return self._in_room(request, room, remove)
+
+    def _check_change(self, request: IRequest, identity: Identity) -> None:
+        """
+        The CSRF check of a state change that needs no fields (a DELETE, a
+        sign-out): a form's csrf field if it sends a body, else the header.
+        """
+        if request.getHeader(b"content-type") is not None:
+            self._fields(request, identity)
+        elif identity.via == "session":
+            header = request.getHeader(b"x-csrf-token")
+            check_csrf(identity, None if header is None else header.decode("latin-1"))
+
+    def _member_answer(
+        self, event: Message, request: IRequest, room: Room, status: int, is_form: bool
+    ) -> bytes:
+        if is_form:
+            request.setResponseCode(303)
+            request.setHeader(b"location", f"/rooms/{room.name}".encode("ascii"))
+            return b""
+        return self._json(request, event.json, status, jsonp=False)
+
+    # -- server API: users -------------------------------------------------------
+
+    @app.route("/api/users/<user>/sessions", methods=["DELETE"])
+    def revoke_sessions(self, request: IRequest, user: str) -> Deferred:
+        """
+        End every session of a user (an API key's request): they are
+        signed out everywhere, and their WebSockets opened with a session
+        close.
+        """
+
+        def revoke(identity: Identity) -> Deferred:
+            if identity.key is None:
+                raise ChatError("not_allowed", "Only an API key may end a user's sessions.")
+            accounts = self._accounts_on()
+            user_id = validate_user_id(user)
+
+            def done(count: int) -> bytes:
+                if self._on_sessions_ended is not None:
+                    self._on_sessions_ended("user:" + user_id)
+                return self._json(request, encode_json({"user": user_id, "ended": count}), jsonp=False)
+
+            return accounts.sessions.end_all(user_id).addCallback(done)
+
+        return self.identify(request).addCallback(revoke)
 
     # -- messages API --------------------------------------------------------
 
@@ -897,16 +1348,16 @@ class ChatWeb:
         Long-poll for messages after C{after}, or page back before
         C{before}.  (A plain GET comes here past Klein: L{long_poll}.)
         """
-        return self._in_room(room, self._get_messages, request, room)
+        return self._in_room(request, room, self._get_messages, request)
 
-    def _get_messages(self, request: IRequest, room: str) -> Deferred:
+    def _get_messages(self, identity: Identity, room: Room, request: IRequest) -> Deferred:
         query = _messages_query(request)
         if query.before is not None:
-            d = self._core.read_before(room, query.before, query.limit)
+            d = self._core.read_before(room.name, query.before, query.limit, identity)
             return d.addCallback(self._respond_batch, request)
         poll = _Poll(self, request, query.timeout)
         d = Deferred(lambda _: poll.cancel())
-        poll.wait(room, query, d.callback, d.errback)
+        poll.wait(room.name, query, d.callback, d.errback, identity)
         return d
 
     def _respond_batch(self, batch: Batch, request: IRequest) -> bytes:
@@ -922,19 +1373,22 @@ class ChatWeb:
         sends after every answer, so it does without Deferreds of its own.
         """
         try:
-            self._core.room(room)
+            identity = self._identify_now(request)
+            if identity is None:
+                raise _NotNow()
+            self._core.admit(self._core.room(room), identity)
             query = _messages_query(request)
+            if query.before is not None:
+                raise _NotNow()
         except Exception:
             # An unknown room (maybe another node's: looked up in the
-            # store), a refused parameter, a bug: the route's own way.
-            self._answer_later(request, self._in_room, room, self._get_messages, request, room)
-            return NOT_DONE_YET
-        if query.before is not None:
-            self._answer_later(request, self._get_messages, request, room)
+            # store), credentials to look up, a refusal, a history page, a
+            # bug: the route's own way.
+            self._answer_later(request, self._in_room, request, room, self._get_messages, request)
             return NOT_DONE_YET
         poll = _Poll(self, request, query.timeout)
         request.notifyFinish().addErrback(poll.gone)
-        poll.wait(room, query, poll.write, poll.write_error)
+        poll.wait(room, query, poll.write, poll.write_error, identity)
         return NOT_DONE_YET
 
     def _answer_later(self, request: Any, handler: Callable[..., Any], *args: Any) -> None:
@@ -964,7 +1418,14 @@ class ChatWeb:
     def _end_poll(self) -> None:
         self.long_polls -= 1
 
-    def _wait(self, room: str, after: Optional[int], limit: int, timeout: Optional[float]) -> Deferred:
+    def _wait(
+        self,
+        room: str,
+        after: Optional[int],
+        limit: int,
+        timeout: Optional[float],
+        identity: Identity,
+    ) -> Deferred:
         """
         Long-poll, counted while it waits (the tutorial's endpoint).
         """
@@ -974,20 +1435,29 @@ class ChatWeb:
             self._end_poll()
             return result
 
-        return self._core.wait(room, after, limit, timeout).addBoth(done)
+        return self._core.wait(room, after, limit, timeout, identity).addBoth(done)
 
     @app.route("/api/rooms/<room>/messages", methods=["POST"])
     def post_message(self, request: IRequest, room: str) -> Renderable:
         """
         Post C{{"nick", "body", "client_id"}} (JSON or form); 201 with the
-        stored message once it is committed.
+        stored message once it is committed.  A user's message is theirs
+        (C{nick} is ignored); an API key posts as C{{"as": {"id",
+        "name"}}} (a user) or C{{"bot": NAME}}.
         """
-        return self._in_room(room, self._post_message, request, room)
+        return self._in_room(request, room, self._post_message, request)
 
-    def _post_message(self, request: IRequest, room: str) -> Deferred:
-        fields = _form_or_json(request)
+    def _post_message(self, identity: Identity, room: Room, request: IRequest) -> Deferred:
+        fields = self._fields(request, identity)
+        if identity.key is not None:
+            identity = Identity(_speaker(fields), "key", key=identity.key)
         d = self._core.post(
-            room, fields.get("nick"), fields.get("body"), fields.get("client_id"), Peer(_ip(request))
+            room.name,
+            fields.get("nick"),
+            fields.get("body"),
+            fields.get("client_id"),
+            Peer(_ip(request)),
+            identity,
         )
 
         def respond(message: Message) -> bytes:
@@ -1001,11 +1471,12 @@ class ChatWeb:
     @app.route("/ws/<room>", methods=["GET"])
     def websocket(self, request: IRequest, room: str) -> Any:
         """
-        Hand a WebSocket upgrade for an existing room to Autobahn.
+        Hand a WebSocket upgrade for a room the client may use to Autobahn
+        (which checks who it is again, from the same credentials).
         """
-        return self._in_room(room, self._websocket_upgrade, request)
+        return self._in_room(request, room, self._websocket_upgrade, request)
 
-    def _websocket_upgrade(self, request: IRequest) -> IResource:
+    def _websocket_upgrade(self, identity: Identity, room: Room, request: IRequest) -> IResource:
         parse_cursor(_query(request, "after"), "after")
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade.lower() != b"websocket":
@@ -1163,9 +1634,10 @@ class ChatWeb:
         The tutorial's long-poll: one message after cursor C{lastupdate}
         (the previous answer's C{timestamp}, which is a seq here).
         """
-        return self._in_room(room, self._tutorial_poll, request, room)
+        return self._in_room(request, room, self._tutorial_poll, request, cross_site=True)
 
-    def _tutorial_poll(self, request: IRequest, room: str) -> Renderable:
+    def _tutorial_poll(self, identity: Identity, found: Room, request: IRequest) -> Renderable:
+        room = found.name
         _callback(request)
         raw = _query(request, "lastupdate")
         if raw is None or raw == "-1":
@@ -1187,23 +1659,28 @@ class ChatWeb:
                 )
             message = batch.messages[0]
             return self._tutorial(
-                request, {"status": 1, "timestamp": message.seq, "data": message.body}
+                request, {"status": 1, "timestamp": message.seq, "data": _tutorial_text(message)}
             )
 
-        return self._wait(room, after, 1, timeout).addCallback(respond)
+        return self._wait(room, after, 1, timeout, identity).addCallback(respond)
 
     @app.route("/rooms/<room>/poll", methods=["POST"])
     def tutorial_post(self, request: IRequest, room: str) -> Renderable:
         """
         The tutorial's post: form field C{new_message}.
         """
-        return self._in_room(room, self._tutorial_post, request, room)
+        return self._in_room(request, room, self._tutorial_post, request, cross_site=True)
 
-    def _tutorial_post(self, request: IRequest, room: str) -> Deferred:
+    def _tutorial_post(self, identity: Identity, found: Room, request: IRequest) -> Deferred:
         request.setHeader(b"access-control-allow-origin", b"*")
         fields = _form_or_json(request)
         d = self._core.post(
-            room, fields.get("nick"), fields.get("new_message"), None, Peer(_ip(request))
+            found.name,
+            fields.get("nick"),
+            fields.get("new_message"),
+            None,
+            Peer(_ip(request)),
+            identity,
         )
 
         def respond(message: Message) -> bytes:
@@ -1213,6 +1690,78 @@ class ChatWeb:
             )
 
         return d.addCallback(respond)
+
+
+class _NotNow(Exception):
+    """
+    The long-poll's fast path cannot answer this request.
+    """
+
+
+def _tutorial_text(message: Message) -> str:
+    """
+    What the tutorial's clients show of an event: a message's body, a
+    membership change in words.
+    """
+    if message.kind != "member" or message.user is None:
+        return message.body
+    if message.body:
+        return f"{message.user.name} is now a {message.body} of this room."
+    return f"{message.user.name} left this room."
+
+
+def _is_form(request: IRequest) -> bool:
+    """
+    Whether a browser's form sent the request (it is answered with a
+    redirect, not JSON).
+    """
+    content_type = (request.getHeader(b"content-type") or b"").lower()
+    return content_type.startswith(b"application/x-www-form-urlencoded")
+
+
+def _next(request: IRequest) -> str:
+    return _safe_next(_query(request, "next")).decode("ascii")
+
+
+def _safe_next(value: object) -> bytes:
+    """
+    Where to go after signing in: a path on this server, never another
+    site (an open redirect).
+    """
+    if (
+        isinstance(value, str)
+        and value.startswith("/")
+        and not value.startswith(("//", "/\\"))
+        and value.isascii()
+        and value.isprintable()
+        and len(value) <= 256
+    ):
+        return value.encode("ascii")
+    return b"/"
+
+
+def _named_user(value: object) -> User:
+    """
+    C{{"id", "name"}} of a user an API key names.
+    """
+    if not isinstance(value, dict):
+        raise ChatError("invalid_user", 'Name a user as {"id": ..., "name": ...}.')
+    user_id = validate_user_id(value.get("id"))
+    return User(user_id, validate_display_name(value.get("name") or user_id))
+
+
+def _speaker(fields: Dict[str, Any]) -> Optional[User]:
+    """
+    Who an API key posts as: C{as} (a user), C{bot} (a name), or nobody
+    (the C{nick} given, as a guest's).
+    """
+    if fields.get("as") is not None:
+        return _named_user(fields["as"])
+    bot = fields.get("bot")
+    if bot is not None:
+        name = validate_display_name(bot)
+        return User(f"bot:{name}", name)
+    return None
 
 
 def _checked_origins(urls: Sequence[str]) -> List[str]:

@@ -2,16 +2,23 @@
 """
 The WebSocket adapter: C{/ws/<room>} frames to and from the core.
 
-Server frames are JSON text: C{message} frames (the core's messages, in
-seq order), C{reset}, C{error} and C{pong}.  Client frames are a JSON
-object C{{"type": "message", "nick": ..., "body": ..., "client_id": ...}},
-C{{"type": "ping"}}, or plain text, which is taken as a message body.
+Server frames are JSON text: the room's events in seq order (C{message}
+and C{member} frames), C{reset}, C{error}, C{pong} and C{auth}.  Client
+frames are a JSON object C{{"type": "message", "nick": ..., "body": ...,
+"client_id": ...}}, C{{"type": "ping"}}, C{{"type": "auth", "token":
+...}} (a fresh token, before the connection's expires), or plain text,
+which is taken as a message body.
+
+Who the client is comes from the handshake, by the rules every transport
+shares (L{chatd.auth.Authenticator}): C{?token=}, C{Authorization: Bearer},
+or the session cookie.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Set, cast
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, Dict, Optional, Set, cast
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import (
@@ -28,9 +35,19 @@ from zope.interface import implementer
 
 from chatd._send import FrameWriter, Ticks
 from chatd._wire import client_host, http_status
+from chatd.auth import SESSION_COOKIE, Authenticator, Credentials
 from chatd.core import ChatCore
 from chatd.limits import Connections, RateLimiter
-from chatd.model import ChatError, Message, Peer, encode_json, parse_cursor, rate_limited
+from chatd.model import (
+    GUEST,
+    ChatError,
+    Identity,
+    Message,
+    Peer,
+    encode_json,
+    parse_cursor,
+    rate_limited,
+)
 from chatd.room import Subscription
 
 __all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "frame_limit"]
@@ -41,6 +58,15 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+#: chatd's own close codes: the token (or session) the connection was
+#: opened with expired or was ended (get a new one, and connect again);
+#: the user is no longer a member of the (private) room.
+CLOSE_AUTH_EXPIRED = 4001
+CLOSE_REVOKED = 4003
+
+#: How long past its token's C{exp} a connection stays open, for the
+#: client to send a fresh token (an C{auth} frame).
+TOKEN_GRACE = 30.0
 
 #: Rate-limited frames in a row after which a connection is closed (1008).
 FLOOD_CLOSE_AFTER = 20
@@ -126,11 +152,15 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _writer: Optional[FrameWriter] = None
     #: Bytes read but not yet handled (L{dataReceived}).
     _unread: Optional[bytes] = None
+    #: Who the client is (from the handshake).
+    _identity: Identity = GUEST
+    #: Closes the connection once its token has expired.
+    _expiry: Any = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
-        Accept C{/ws/<room>[?after=SEQ]} for a room that exists, within the
-        connection limits.
+        Accept C{/ws/<room>[?after=SEQ]} for a room that exists and that
+        the client may use, within the connection limits.
         """
         prefix = "/ws/"
         path = request.path
@@ -140,11 +170,23 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         self._ip = client_host(transport.getPeer())
         core = self.factory.core
+        auth = self.factory.auth
+        if auth is not None:
+            try:
+                credentials = _credentials(request)
+                identity = auth.identify_now(credentials)
+            except ChatError:
+                return self._refuse(Failure(), path)
+            if identity is None:
+                d = auth.identify(credentials).addCallback(self._identified, name)
+                return d.addCallbacks(lambda _: self._admit(request, name), self._refuse, errbackArgs=(path,))
+            self._identity = identity
         try:
-            core.room(name)
+            core.admit(core.room(name), self._identity)
         except ChatError:
-            # Not followed by this node (yet): the store may know it.
-            d = core.find_room(name)
+            # Not followed by this node (yet): the store may know it; or
+            # refused (enter says why).
+            d = core.enter(name, self._identity)
             return d.addCallbacks(lambda _: self._admit(request, name), self._refuse, errbackArgs=(path,))
         return self._admit(request, name)
 
@@ -156,6 +198,10 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             self._refuse(Failure(e), request.path)
         self._room = name
         return None
+
+    def _identified(self, identity: Identity, name: str) -> Deferred:
+        self._identity = identity
+        return self.factory.core.enter(name, identity)
 
     def _refuse(self, failure: Failure, path: str) -> None:
         failure.trap(ChatError)
@@ -188,13 +234,56 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         transport.resumeProducing()
         self._writer = FrameWriter(transport, self.factory.ticks)
         self._sending = True
+        self.factory.track(self)
+        self._watch_expiry()
         try:
             self._subscription = self.factory.core.subscribe(
-                self._room, self._after, self._send_message, self._send_reset
+                self._room,
+                self._after,
+                self._send_message,
+                self._send_reset,
+                self._identity,
+                self._revoked,
             )
         except ChatError as e:
             self._send_error(e)
             self.close_with(CLOSE_INTERNAL_ERROR, e.detail)
+
+    def _watch_expiry(self) -> None:
+        """
+        Close the connection L{TOKEN_GRACE} seconds after its token
+        expires, unless a fresh one comes first (an C{auth} frame).
+        """
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        expires = self._identity.expires
+        clock = self.factory.clock
+        if self._identity.via != "token" or expires is None or clock is None:
+            return
+        delay = max(0.0, expires + TOKEN_GRACE - clock.seconds())
+        self._expiry = clock.callLater(delay, self.end_session, "Your token expired; connect again with a new one.")
+
+    def end_session(self, reason: str = "You were signed out.") -> None:
+        """
+        The connection's token expired, or its session was ended: close
+        with L{CLOSE_AUTH_EXPIRED}.
+        """
+        self._expiry = None
+        if self._sending:
+            if self._subscription is not None:
+                self._subscription.stop()
+                self._subscription = None
+            self.close_with(CLOSE_AUTH_EXPIRED, reason)
+
+    def _revoked(self) -> None:
+        """
+        The user is no longer a member of the room (its subscription
+        stopped): close with L{CLOSE_REVOKED}.
+        """
+        self._subscription = None
+        if self._sending:
+            self.close_with(CLOSE_REVOKED, "You are no longer a member of this room.")
 
     def close_with(self, code: int, reason: str) -> None:
         """
@@ -427,10 +516,13 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
                 pong["id"] = frame["id"]
             self._send_frame(pong)
             return
+        if kind == "auth":
+            self._reauthenticate(frame.get("token"))
+            return
         if kind != "message":
             raise ChatError(
                 "unknown_type",
-                "A frame's type is 'message' or 'ping'.",
+                "A frame's type is 'message', 'ping' or 'auth'.",
             )
         assert self._room is not None
         client_id = frame.get("client_id")
@@ -440,10 +532,26 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
             frame.get("body"),
             client_id,
             Peer(self._ip, self),
+            self._identity,
         )
         # The sender's acknowledgement is its own message coming back
         # through the room, like everyone else's; only failures are ours.
         d.addCallbacks(self._posted, self._post_failed, errbackArgs=(client_id,))
+
+    def _reauthenticate(self, token: object) -> None:
+        """
+        A fresh token for the same user: the connection lives on until it
+        expires in turn.
+        """
+        auth = self.factory.auth
+        if auth is None or auth.tokens is None or self._identity.via != "token":
+            raise ChatError("not_allowed", "This connection was not opened with a token.")
+        identity = auth.tokens.verify(token)
+        if identity.user_id != self._identity.user_id:
+            raise ChatError("not_allowed", "A fresh token must be for the same user (sub).")
+        self._identity = identity
+        self._watch_expiry()
+        self._send_frame({"type": "auth", "expires": identity.expires})
 
     def _posted(self, message: Message) -> None:
         self._rejected = 0
@@ -473,6 +581,10 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         """
         self._closed = True
         self._sending = False
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        self.factory.untrack(self)
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
@@ -488,6 +600,35 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
                 room=self._room,
                 code=code,
             )
+
+
+def _credentials(request: ConnectionRequest) -> Credentials:
+    """
+    What a handshake carries: C{?token=}, C{Authorization: Bearer}, the
+    session cookie (Autobahn gives the headers with lower-case names).
+
+    @raise ChatError: C{invalid_token} for another Authorization scheme.
+    """
+    headers = request.headers
+    bearer = None
+    header = headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise ChatError("invalid_token", "Send Authorization: Bearer TOKEN (or ?token=).")
+        bearer = value.strip()
+    tokens = request.params.get("token")
+    cookie = None
+    if "cookie" in headers:
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(headers["cookie"])
+        except CookieError:
+            pass
+        morsel = jar.get(SESSION_COOKIE.decode("ascii"))
+        if morsel is not None:
+            cookie = morsel.value.encode("latin-1")
+    return Credentials(bearer, tokens[-1] if tokens else None, cookie, False)
 
 
 class ChatWebSocketFactory(WebSocketServerFactory):
@@ -511,10 +652,16 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         auto_ping: float = 30.0,
         slow_consumer_limit: int = SLOW_CONSUMER_LIMIT,
         connections: Optional[Connections] = None,
+        auth: Optional[Authenticator] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.core = core
+        #: Who clients are (None: every client is a guest).
+        self.auth = auth
+        #: Connections opened with a session, by session and by
+        #: C{"user:" + id} (L{sessions_ended}).
+        self._by_session: Dict[str, Set[ChatWebSocketProtocol]] = {}
         self._connections = connections
         self.metrics = metrics
         #: With a clock, frames may be sent at once (L{chatd._send}), reads
@@ -565,6 +712,30 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         return self.prepared(message).payloadHybi
 
     # -- bookkeeping -----------------------------------------------------------
+
+    def track(self, protocol: ChatWebSocketProtocol) -> None:
+        identity = protocol._identity
+        if identity.via == "session" and identity.session is not None:
+            for key in (identity.session, f"user:{identity.user_id}"):
+                self._by_session.setdefault(key, set()).add(protocol)
+
+    def untrack(self, protocol: ChatWebSocketProtocol) -> None:
+        identity = protocol._identity
+        if identity.via == "session" and identity.session is not None:
+            for key in (identity.session, f"user:{identity.user_id}"):
+                held = self._by_session.get(key)
+                if held is not None:
+                    held.discard(protocol)
+                    if not held:
+                        del self._by_session[key]
+
+    def sessions_ended(self, key: str) -> None:
+        """
+        A session (C{key}: its id) or all of a user's (C{"user:" + id})
+        ended on this node: close the connections they opened.
+        """
+        for protocol in list(self._by_session.get(key, ())):
+            protocol.end_session()
 
     def opened(self, protocol: ChatWebSocketProtocol) -> None:
         self.connections.add(protocol)

@@ -207,16 +207,17 @@ class SQLStore:
             # One statement: the members as of exactly that last_seq.
             rows = conn.execute(
                 self._sql(
-                    "SELECT r.last_seq, r.private, r.guests, m.user_id, m.role FROM rooms r "
-                    "LEFT JOIN members m ON m.room_id = r.id WHERE r.name = ?"
+                    "SELECT r.last_seq, r.private, r.guests, m.user_id, m.role, m.name "
+                    "FROM rooms r LEFT JOIN members m ON m.room_id = r.id WHERE r.name = ?"
                 ),
                 (name,),
             ).fetchall()
             if not rows:
                 return None
-            members = {user_id: role for _, _, _, user_id, role in rows if user_id is not None}
+            members = {row[3]: row[4] for row in rows if row[3] is not None}
+            names = {row[3]: row[5] for row in rows if row[3] is not None}
             last_seq, private, guests = rows[0][:3]
-            return RoomAccess(bool(private), bool(guests), members, int(last_seq))
+            return RoomAccess(bool(private), bool(guests), members, int(last_seq), names)
 
         return self._read.runWithConnection(read)
 
@@ -255,32 +256,14 @@ class SQLStore:
             if owner is not None:
                 conn.execute(
                     self._sql(
-                        "INSERT INTO members (room_id, user_id, role) "
-                        "SELECT id, ?, 'owner' FROM rooms WHERE name = ?"
+                            "INSERT INTO members (room_id, user_id, role, name) "
+                        "SELECT id, ?, 'owner', ? FROM rooms WHERE name = ?"
                     ),
-                    (owner.id, name),
+                    (owner.id, owner.name, name),
                 )
             return True
 
         return self._write.runWithConnection(create)
-
-    def set_room(self, name: str, private: bool, guests: bool) -> Deferred:
-        """
-        Make a room private or public, and let guests in or not.
-
-        @return: a Deferred firing with whether the room exists.
-        """
-
-        def update(conn: Any) -> bool:
-            if self.begin:
-                conn.execute(self.begin)
-            cursor = conn.execute(
-                self._sql("UPDATE rooms SET private = ?, guests = ? WHERE name = ?"),
-                (private, guests, name),
-            )
-            return bool(cursor.rowcount == 1)
-
-        return self._write.runWithConnection(update)
 
     def rooms_of(self, user_id: str) -> Deferred:
         """
@@ -377,7 +360,7 @@ class SQLStore:
         known = self._originals(conn, rooms, items)
         results: List[Tuple[Message, bool]] = []
         rows = []
-        #: Membership changes, in seq order: (room_id, user_id, role or "").
+        #: Membership changes, in seq order: (room_id, user_id, role or "", name).
         changes = []
         for room, nick, body, ts_ms, client_id, user_id, kind in items:
             state = rooms[room]
@@ -392,7 +375,7 @@ class SQLStore:
                 known[(room, client_id)] = message
             rows.append((state[0], state[1], nick, body, ts_ms, client_id, user_id, kind))
             if kind == "member" and user_id is not None:
-                changes.append((state[0], user_id, body))
+                changes.append((state[0], user_id, body, nick))
             results.append((message, True))
         if rows:
             # The writes need no answer but success: sent together.
@@ -404,7 +387,7 @@ class SQLStore:
                     ),
                     rows,
                 )
-                for room_id, user_id, role in changes:
+                for room_id, user_id, role, member_name in changes:
                     conn.execute(
                         self._sql("DELETE FROM members WHERE room_id = ? AND user_id = ?"),
                         (room_id, user_id),
@@ -412,9 +395,10 @@ class SQLStore:
                     if role:
                         conn.execute(
                             self._sql(
-                                "INSERT INTO members (room_id, user_id, role) VALUES (?, ?, ?)"
+                                "INSERT INTO members (room_id, user_id, role, name) "
+                                "VALUES (?, ?, ?, ?)"
                             ),
-                            (room_id, user_id, role),
+                            (room_id, user_id, role, member_name),
                         )
                 conn.cursor().executemany(
                     self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"),

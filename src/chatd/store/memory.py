@@ -6,14 +6,14 @@ memory and forgets everything on restart.  For tests and throwaway servers.
 
 from __future__ import annotations
 
-from collections import deque
 import secrets
+from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from chatd.interfaces import IMessageStore
+from chatd.interfaces import IIdentityStore, IMessageStore
 from chatd.model import Message, RoomAccess, RoomLimitReached, User
 
 __all__ = ["MemoryStore"]
@@ -28,12 +28,13 @@ class _RoomLog:
         self.private = False
         self.guests = True
         self.members: Dict[str, str] = {}
+        self.names: Dict[str, str] = {}
 
     def first_seq(self) -> int:
         return self.messages[0].seq if self.messages else self.last_seq + 1
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, IIdentityStore)
 class MemoryStore:
     """
     Keeps the newest C{retain} messages of each room; older ones are gone,
@@ -79,7 +80,9 @@ class MemoryStore:
         log = self._rooms.get(name)
         if log is None:
             return succeed(None)
-        return succeed(RoomAccess(log.private, log.guests, dict(log.members), log.last_seq))
+        return succeed(
+            RoomAccess(log.private, log.guests, dict(log.members), log.last_seq, dict(log.names))
+        )
 
     def create_room(
         self,
@@ -98,13 +101,7 @@ class MemoryStore:
         log.private, log.guests = private, guests
         if owner is not None:
             log.members[owner.id] = "owner"
-        return succeed(True)
-
-    def set_room(self, name: str, private: bool, guests: bool) -> Deferred:
-        log = self._rooms.get(name)
-        if log is None:
-            return succeed(False)
-        log.private, log.guests = private, guests
+            log.names[owner.id] = owner.name
         return succeed(True)
 
     def rooms_of(self, user_id: str) -> Deferred:
@@ -130,8 +127,10 @@ class MemoryStore:
         message = Message(room, log.last_seq, nick, body, ts_ms, client_id, stored, kind)
         if kind == "member" and user is not None:
             log.members.pop(user.id, None)
+            log.names.pop(user.id, None)
             if body:
                 log.members[user.id] = body
+                log.names[user.id] = nick
         log.messages.append(message)
         if client_id is not None:
             log.by_client_id[client_id] = message

@@ -28,7 +28,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from chatd.interfaces import IMessageStore
+from chatd.interfaces import IIdentityStore, IMessageStore
 from chatd.store._sql import SQLStore, StoreError
 
 __all__ = ["PostgresStore", "redact"]
@@ -78,7 +78,7 @@ def _channel(schema: str) -> str:
     return "chatd:" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:32]
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, IIdentityStore)
 class PostgresStore(SQLStore):
     """
     Messages in a PostgreSQL database.

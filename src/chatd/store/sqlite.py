@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatd.interfaces import IMessageStore
+from chatd.interfaces import IIdentityStore, IMessageStore
 from chatd.store._sql import SQLStore, StoreError
 
 __all__ = ["SQLiteStore"]
@@ -35,7 +35,7 @@ def _configure(conn: Any) -> None:
     conn.execute("PRAGMA busy_timeout = 10000")
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, IIdentityStore)
 class SQLiteStore(SQLStore):
     """
     Messages in an SQLite database file.

@@ -57,6 +57,7 @@ CREATE TABLE members (
     room_id INTEGER NOT NULL REFERENCES rooms (id),
     user_id TEXT NOT NULL,
     role TEXT NOT NULL,
+    name TEXT NOT NULL,
     PRIMARY KEY (room_id, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX members_user ON members (user_id);
