@@ -13,7 +13,9 @@ C{"ts"} values may differ.
 Markers (HTML comments, invisible when the page is rendered):
 C{<!-- docs-test: server ARGS -->} starts a fresh server with ARGS for the
 examples after it; C{<!-- docs-test: server continue -->} goes back to the
-file's first server.
+file's first server; C{<!-- docs-test: setup -->} before a C{```sh} block
+runs its commands in the next server's folder before that server starts
+(to make a file its ARGS name).  Commands run in their server's folder.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tests._support import ChatdProcess
 from tests.test_browser import CHROMIUM, FLAGS, WAIT_MS, _playwright
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-_DIRECTIVE = re.compile(r"<!-- docs-test: (server|browser) (.*?) -->")
+_DIRECTIVE = re.compile(r"<!-- docs-test: (server|browser|setup) ?(.*?) -->")
 _TS = re.compile(r'("ts": ?)\d+(?:\.\d+)?')
 
 
@@ -53,6 +55,8 @@ class Example:
     server: Tuple[str, ...] = ()
     args: List[str] = field(default_factory=list)
     page: str = "/"
+    #: Run before its server starts (C{<!-- docs-test: setup -->}).
+    setup: bool = False
 
 
 def examples(path: Path) -> List[Example]:
@@ -64,6 +68,8 @@ def examples(path: Path) -> List[Example]:
     first_server: Tuple[str, ...] = ()
     server = first_server
     browser: Optional[str] = None
+    setup: List[Example] = []
+    take_setup = False
     i = 0
 
     def block(start: int) -> Tuple[List[str], int]:
@@ -79,6 +85,12 @@ def examples(path: Path) -> List[Example]:
             what, value = directive.groups()
             if what == "server":
                 server = first_server if value == "continue" else tuple(shlex.split(value))
+                for example in setup:
+                    example.server = server
+                found.extend(setup)
+                setup = []
+            elif what == "setup":
+                take_setup = True
             else:
                 browser = value
             i += 1
@@ -86,7 +98,11 @@ def examples(path: Path) -> List[Example]:
         where = f"{path.name}:{i + 1}"
         if line.startswith("```sh"):
             body, i = block(i)
-            found.extend(_shell(body, where, server))
+            if take_setup:
+                setup.extend(_shell(body, where, server, setup=True))
+                take_setup = False
+            else:
+                found.extend(_shell(body, where, server))
         elif line.startswith("```python"):
             code, i = block(i)
             output, i = _next_text(lines, i, block)
@@ -112,7 +128,9 @@ def _next_text(lines: List[str], i: int, block) -> Tuple[List[str], int]:  # typ
     return block(i)
 
 
-def _shell(body: List[str], where: str, server: Tuple[str, ...]) -> List[Example]:
+def _shell(
+    body: List[str], where: str, server: Tuple[str, ...], setup: bool = False
+) -> List[Example]:
     found: List[Example] = []
     i = 0
     while i < len(body):
@@ -129,7 +147,7 @@ def _shell(body: List[str], where: str, server: Tuple[str, ...]) -> List[Example
         while i < len(body) and body[i].startswith("# "):
             expected.append(body[i][2:])
             i += 1
-        found.append(Example("sh", command, expected, where, server))
+        found.append(Example("sh", command, expected, where, server, setup=setup))
     return found
 
 
@@ -186,28 +204,35 @@ class DocsExamplesTests(TestCase):
         found = examples(path)
         self.assertTrue(found, f"{path.name} has no examples")
         servers: Dict[Tuple[str, ...], ChatdProcess] = {}
+        folders: Dict[Tuple[str, ...], str] = {}
         for example in found:
-            server = servers.get(example.server)
-            if server is None:
-                server = servers[example.server] = await self.start(example.server)
-            output = await getattr(self, f"run_{example.kind}")(example, server)
+            folder = folders.get(example.server)
+            if folder is None:
+                folder = folders[example.server] = os.path.abspath(self.mktemp())
+                os.makedirs(folder)
+            if example.setup:
+                output = await self._sh(example.code, folder, example.where)
+            else:
+                server = servers.get(example.server)
+                if server is None:
+                    server = servers[example.server] = await self.start(example.server, folder)
+                output = await getattr(self, f"run_{example.kind}")(example, server)
             self.assertTrue(
                 matches(example.expected, output),
                 f"{example.where}: {example.code}\nexpected:\n" + "\n".join(example.expected)
                 + f"\ngot:\n{output}",
             )
 
-    async def start(self, args: Tuple[str, ...]) -> ChatdProcess:
+    async def start(self, args: Tuple[str, ...], folder: str) -> ChatdProcess:
         """
         chatd as the docs run it, in a folder of its own (the default
         store is ./chatd.sqlite3), with the default rate limit.
         """
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
         process = ChatdProcess.spawn(
             self, "--port", "tcp:0:interface=127.0.0.1", "--rate-limit", "10/5", *args, path=folder
         )
         await process.listening
+        process.folder = folder  # type: ignore[attr-defined]
         return process
 
     @staticmethod
@@ -217,10 +242,17 @@ class DocsExamplesTests(TestCase):
         )
 
     async def run_sh(self, example: Example, server: ChatdProcess) -> str:
+        folder = server.folder  # type: ignore[attr-defined]
+        return await self._sh(self._local(example.code, server), folder, example.where)
+
+    async def _sh(self, command: str, folder: str, where: str) -> str:
+        # The venv's commands (python, chatd-admin) first, as a reader's
+        # activated venv has them.
+        path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
         out, err, code = await getProcessOutputAndValue(
-            "bash", ["-c", self._local(example.code, server)], env=os.environ
+            "bash", ["-c", command], env={**os.environ, "PATH": path}, path=folder
         )
-        self.assertEqual(code, 0, f"{example.where}: {err.decode()}")
+        self.assertEqual(code, 0, f"{where}: {err.decode()}")
         return out.decode("utf-8")
 
     async def run_python(self, example: Example, server: ChatdProcess) -> str:
