@@ -143,8 +143,9 @@ function renderMessage(msg) {
   const li = document.createElement("li");
   li.className = "message";
   if (msg.seq !== undefined) li.dataset.seq = msg.seq;
+  li.dataset.nick = msg.nick;
   // Grouped by who sent them: a user by id, a guest by nick.
-  li.dataset.nick = msg.user ? `user:${msg.user.id}` : `guest:${msg.nick}`;
+  li.dataset.sender = msg.user ? `user:${msg.user.id}` : `guest:${msg.nick}`;
   li.dataset.ts = msg.ts;
   const nick = document.createElement("span");
   nick.className = "nick";
@@ -184,10 +185,10 @@ function renderMessage(msg) {
 
 function regroup(li) {
   // A message continues its group when the one before it is by the same
-  // nick and recent: the nick and time are then hidden.
+  // sender and recent: the nick and time are then hidden.
   const prev = li.previousElementSibling;
   const same = prev && prev.classList.contains("message")
-    && prev.dataset.nick === li.dataset.nick
+    && prev.dataset.sender === li.dataset.sender
     && (li.dataset.ts - prev.dataset.ts) * 1000 < GROUP_MS;
   li.classList.toggle("cont", Boolean(same));
 }

@@ -445,3 +445,127 @@ class OpenModeTests(TestCase):
         self.assertEqual(code, 401)
         code, _, body = await http.request("GET", "/account/signin")
         self.assertEqual(code, 404)
+
+
+class ServerAPITests(TestCase):
+    """
+    An application's backend, with an API key: every room, members, posts
+    as a user or a bot, signing users out; rate-limited per key.
+    """
+
+    async def setUp(self) -> None:
+        self.service, self.base = await _server(self, "--auth", "accounts", "--api-rate", "30/0.01")
+        self.http = HTTP(self, self.base)
+        self.key = await self.new_key()
+
+    async def new_key(self) -> str:
+        from chatd.auth import digest, new_key, split_key
+
+        key_id, key = new_key()
+        parts = split_key(key)
+        assert parts is not None
+        await self.service.store.add_key(key_id, digest(parts[1]), "test", 0)
+        return key
+
+    async def api(self, method: str, path: str, payload: Any = None, key: Optional[str] = None) -> Tuple[int, Any]:
+        headers = {"Authorization": [f"Bearer {key or self.key}"]}
+        data = None
+        if payload is not None:
+            headers["Content-Type"] = ["application/json"]
+            data = json.dumps(payload).encode("utf-8")
+        code, _, body = await self.http.request(method, path, data=data, headers=headers)
+        return code, json.loads(body)
+
+    async def test_rooms_members_and_posts(self) -> None:
+        """
+        A key creates a private room with an owner, adds and removes
+        members, posts as a bot and as a user, and sees every room.
+        """
+        code, room = await self.api(
+            "POST", "/api/rooms", {"name": "support", "private": True, "owner": {"id": "carol", "name": "Carol"}}
+        )
+        self.assertEqual((code, room["private"]), (201, True))
+        code, event = await self.api("POST", "/api/rooms/support/members", {"user": "dan", "name": "Dan", "role": "moderator"})
+        self.assertEqual((code, event["role"]), (201, "moderator"))
+        code, message = await self.api("POST", "/api/rooms/support/messages", {"body": "ticket", "bot": "helpdesk"})
+        self.assertEqual(message["user"], {"id": "bot:helpdesk", "name": "helpdesk"})
+        code, message = await self.api(
+            "POST", "/api/rooms/support/messages", {"body": "on it", "as": {"id": "dan", "name": "Dan"}}
+        )
+        self.assertEqual((message["nick"], message["user"]), ("Dan", {"id": "dan", "name": "Dan"}))
+        code, listing = await self.api("GET", "/api/rooms")
+        self.assertIn("support", [r["name"] for r in listing["rooms"]])
+        code, members = await self.api("GET", "/api/rooms/support/members")
+        self.assertEqual(
+            [(m["id"], m["role"]) for m in members["members"]], [("carol", "owner"), ("dan", "moderator")]
+        )
+        code, _ = await self.api("DELETE", "/api/rooms/support/members/dan")
+        self.assertEqual(code, 200)
+        code, answer = await self.api("DELETE", "/api/rooms/support/members/dan")
+        self.assertEqual((code, answer["error"]), (404, "user_not_found"))
+        # Dan's token no longer reads it.
+        code, _, _ = await self.http.request("GET", f"/api/rooms/support?token={token('dan', 'Dan')}")
+        self.assertEqual(code, 404)
+        code, _, _ = await self.http.request("GET", f"/api/rooms/support?token={token('carol', 'Carol')}")
+        self.assertEqual(code, 200)
+
+    async def test_bad_input(self) -> None:
+        """
+        Malformed requests get a specific 4xx and the error model.
+        """
+        for method, path, payload, status, error in [
+            ("POST", "/api/rooms/lobby/messages", {"body": "x", "as": "dan"}, 400, "invalid_user"),
+            ("POST", "/api/rooms/lobby/messages", {"body": "x", "as": {"id": "a\u202eb"}}, 400, "invalid_user"),
+            ("POST", "/api/rooms/lobby/messages", {"body": "x", "bot": "\u200b"}, 400, "invalid_name"),
+            ("POST", "/api/rooms/lobby/members", {"user": "dan", "role": "admin"}, 400, "invalid_role"),
+            ("POST", "/api/rooms/lobby/members", {"user": ""}, 400, "invalid_user"),
+            ("POST", "/api/rooms", {"name": "x", "private": "maybe"}, 400, "invalid_parameter"),
+            ("DELETE", "/api/rooms/lobby/members/nobody", None, 404, "user_not_found"),
+            ("DELETE", "/api/users/nobody/sessions", None, 200, None),
+        ]:
+            code, answer = await self.api(method, path, payload)
+            self.assertEqual(code, status, (path, payload, answer))
+            if error is not None:
+                self.assertEqual(answer["error"], error, (path, payload))
+                self.assertIsInstance(answer["detail"], str)
+
+    async def test_revoked_and_forged_keys(self) -> None:
+        """
+        A revoked key, a forged one and one of the wrong shape are 401.
+        """
+        revoked = await self.new_key()
+        key_id = revoked.split("_")[1]
+        self.assertTrue(await self.service.store.revoke_key(key_id, 0))
+        for key in (revoked, "ck_0000_forged", self.key[:-1] + ("A" if self.key[-1] != "A" else "B")):
+            code, answer = await self.api("GET", "/api/rooms", key=key)
+            self.assertEqual((code, answer["error"]), (401, "invalid_key"))
+
+    async def test_rate_limited_per_key(self) -> None:
+        """
+        Past its burst a key gets 429 with Retry-After; another key is
+        not held up by it.
+        """
+        codes = [(await self.api("GET", "/api/rooms"))[0] for _ in range(31)]
+        self.assertEqual(codes[:30], [200] * 30)
+        code, answer = await self.api("GET", "/api/rooms")
+        self.assertEqual((code, answer["error"]), (429, "rate_limited"))
+        other = await self.new_key()
+        self.assertEqual((await self.api("GET", "/api/rooms", key=other))[0], 200)
+
+    async def test_revoke_sessions(self) -> None:
+        """
+        Ending a user's sessions signs them out and closes the WebSockets
+        their sessions opened.
+        """
+        bob = Browser(self, self.base)
+        await bob.sign_up("bob", "Bob")
+        code, _ = await self.api("POST", "/api/rooms", {"name": "team", "private": True, "owner": {"id": "bob"}})
+        ws = await bob.websocket(self, "/ws/team")
+        await ws.opened
+        code, answer = await self.api("DELETE", "/api/users/bob/sessions")
+        self.assertEqual((code, answer), (200, {"user": "bob", "ended": 1}))
+        self.assertEqual(await ws.closed, chatd_ws.CLOSE_AUTH_EXPIRED)
+        code, me = await bob.json("GET", "/api/me")
+        self.assertEqual(me["user"], None)
+        code, _ = await bob.json("GET", "/api/rooms/team")
+        self.assertEqual(code, 404)

@@ -1714,10 +1714,6 @@ class IdentityStoreContractMixin:
         await store.create_room("r", 1)
         access = await store.room_access("r")
         self.assertEqual((access.private, access.guests, access.members), (False, True, {}))
-        self.assertTrue(await store.set_room("r", True, False))
-        access = await store.room_access("r")
-        self.assertEqual((access.private, access.guests), (True, False))
-        self.assertFalse(await store.set_room("nope", True, False))
 
     async def test_member_events(self) -> None:
         """

@@ -41,6 +41,7 @@ from twisted.python.threadpool import ThreadPool
 
 from chatd.model import (
     GUEST,
+    MAX_NICK,
     ChatError,
     Identity,
     User,
@@ -140,7 +141,14 @@ class TokenVerifier:
             not allowed, C{alg: none}, a wrong audience or issuer, a
             missing claim, a malformed token) or C{token_expired}.
         """
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
+        # A JWT is base64url and dots: anything else (lone surrogates,
+        # which PyJWT cannot even encode, included) is refused unread.
+        if (
+            not isinstance(token, str)
+            or not token
+            or len(token) > MAX_TOKEN
+            or not token.isascii()
+        ):
             raise invalid_token(f"A token is a JWT of at most {MAX_TOKEN} characters.")
         try:
             header = jwt.get_unverified_header(token)
@@ -185,13 +193,20 @@ class TokenVerifier:
 def _token_identity(claims: dict) -> Identity:
     try:
         user_id = validate_user_id(claims["sub"])
-        name = validate_display_name(claims.get("name", user_id))
+        # Without a name, the sub names the user: ids may be longer than
+        # names, so only its first MAX_NICK characters.
+        name = validate_display_name(
+            claims["name"] if "name" in claims else user_id[:MAX_NICK].strip()
+        )
     except ChatError as e:
         raise invalid_token(f"The token's claims are not usable: {e.detail}") from None
     expires = claims["exp"]
-    if not isinstance(expires, (int, float)):
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
         raise invalid_token("exp must be a number.")
-    return Identity(User(user_id, name), "token", expires=float(expires))
+    try:
+        return Identity(User(user_id, name), "token", expires=float(expires))
+    except OverflowError:
+        raise invalid_token("exp is out of range.") from None
 
 
 def mint(
@@ -229,7 +244,11 @@ def validate_password(password: object) -> str:
     """
     @raise ChatError: C{invalid_password}.
     """
-    if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+    if (
+        not isinstance(password, str)
+        or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD
+        or not _encodable(password)
+    ):
         raise ChatError(
             "invalid_password", f"A password is {MIN_PASSWORD} to {MAX_PASSWORD} characters."
         )
@@ -307,10 +326,23 @@ class Passwords:
         return self._run(check)
 
 
+def _encodable(text: str) -> bool:
+    """
+    Whether C{text} has a UTF-8 encoding (no lone surrogates).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _matches(hasher: PasswordHasher, stored: str, password: str) -> bool:
     try:
         return bool(hasher.verify(stored, password))
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
+    # ValueError: a stored hash argon2-cffi cannot even read as ASCII (or a
+    # password it cannot encode) is a mismatch too.
+    except (VerifyMismatchError, VerificationError, InvalidHashError, ValueError):
         return False
 
 
@@ -446,7 +478,13 @@ def check_csrf(identity: Identity, given: Optional[str]) -> None:
     if identity.via != "session":
         return
     expected = identity.csrf or ""
-    if not given or not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+    # (CSRF tokens are ASCII: anything else, or not a string, is wrong.)
+    if (
+        not isinstance(given, str)
+        or not given
+        or not given.isascii()
+        or not hmac.compare_digest(given.encode("ascii"), expected.encode("utf-8"))
+    ):
         raise ChatError(
             "csrf_failed",
             "This change needs the page's CSRF token (the X-CSRF-Token header or a csrf field).",
@@ -465,7 +503,8 @@ def split_key(key: str) -> Optional[Tuple[str, str]]:
     """
     An API key's id and secret, or None if it is not shaped like one.
     """
-    if not key.startswith(KEY_PREFIX) or len(key) > 128:
+    # Keys are ASCII (hex ids, base64url secrets).
+    if not key.startswith(KEY_PREFIX) or len(key) > 128 or not key.isascii():
         return None
     key_id, _, secret = key[len(KEY_PREFIX):].partition("_")
     if not key_id or not secret:
