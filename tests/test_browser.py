@@ -602,3 +602,81 @@ class TutorialClientTests(BrowserTestCase):
             )
 
         await self.in_browser(scenario)
+
+
+class AccountsInTheBrowserTests(BrowserTestCase):
+    """
+    --auth accounts, as people use it: sign up, sign in, a private room
+    for two, and a third person who cannot find it.
+    """
+
+    def chatd_args(self) -> List[str]:
+        return ["--data-dir", self.folder, "--auth", "accounts"]
+
+    async def test_private_room_for_two(self) -> None:
+        """
+        Alice and Bob sign up; Alice makes a private room and adds Bob on
+        its page; they chat; Carol sees no trace of it by any URL; once
+        Alice signs out, her browser can no longer read it.
+        """
+
+        def sign_up(b: Browser, user: str, name: str) -> Any:
+            page = b.open("/")
+            page.click("#signup_link")
+            page.fill("#user", user)
+            page.fill("#name", name)
+            page.fill("#password", "correct horse battery")
+            page.click("#signup button[type=submit]")
+            page.wait_for_selector("#me")
+            assert page.text_content("#me") == name
+            return page
+
+        def scenario(b: Browser) -> None:
+            alice = sign_up(b, "alice", "Alice")
+            bob = sign_up(b, "bob", "Bob")
+            carol = sign_up(b, "carol", "Carol")
+            self.screenshot(alice, "signed-in.png")
+            alice.fill("#room_name", "plans")
+            alice.check("#room_private")
+            alice.click("#create_room button[type=submit]")
+            alice.wait_for_url("**/rooms/plans")
+            b.wait_connected(alice)
+            assert alice.query_selector(".room-name + .lock") is not None
+            alice.click("#member_panel summary")
+            alice.fill("#member_user", "bob")
+            alice.click("#add_member button[type=submit]")
+            alice.wait_for_selector("#member_list li[data-user=bob]", state="attached")
+            b.wait_connected(alice)
+            bob.goto(b.base + "/")
+            bob.wait_for_selector("tr[data-room=plans] .lock")
+            bob.click("tr[data-room=plans] .room-link")
+            b.wait_connected(bob)
+            b.say(alice, "the plans are in the vault")
+            b.wait_messages(bob, 1)
+            b.say(bob, "got it")
+            b.wait_messages(alice, 2)
+            names = alice.eval_on_selector_all(
+                "#message_list li.message .nick", "els => els.map(e => e.firstChild.textContent)"
+            )
+            assert names == ["Alice", "Bob"], names
+            # Bob cannot pass for Alice: there is no nick to type.
+            assert bob.query_selector("#nick") is None
+            self.screenshot(alice, "private-room.png")
+            # Carol: not listed, and every URL of it is a 404.
+            carol.goto(b.base + "/")
+            assert carol.query_selector("tr[data-room=plans]") is None
+            for path in ("/rooms/plans", "/rooms/plans/longpoll", "/api/rooms/plans/messages?after=0"):
+                response = carol.goto(b.base + path)
+                assert response.status == 404, (path, response.status)
+                assert "vault" not in carol.content()
+            b.expected_errors.append("404")
+            # Alice signs out: her browser reads the room no more.
+            alice.goto(b.base + "/")
+            alice.click("#signout")
+            alice.wait_for_selector("#signin_link")
+            response = alice.goto(b.base + "/rooms/plans")
+            assert response.status == 404, response.status
+            assert "vault" not in alice.content()
+            self.screenshot(alice, "signed-out.png")
+
+        await self.in_browser(scenario)

@@ -1056,23 +1056,17 @@ class ChatWeb:
         """
         The sign-in form.
         """
-        accounts = self._accounts_on()
-        return self._account_form(
-            request, self._signin_page, next=_next(request), error=None, signup=accounts.signup
-        )
+        self._accounts_on()
+        return self._account_form(request, self._signin_page, next=_next(request), error=None)
 
     @app.route("/account/signup", methods=["GET"])
     def signup_page(self, request: IRequest) -> bytes:
         """
         The sign-up form (with an invitation's code from the link).
         """
-        accounts = self._accounts_on()
+        self._accounts_on()
         return self._account_form(
-            request,
-            self._signup_page,
-            invite=_query(request, "invite") or "",
-            error=None,
-            signup=accounts.signup,
+            request, self._signup_page, invite=_query(request, "invite") or "", error=None
         )
 
     def _signed_in(self, request: IRequest, fields: Dict[str, Any], is_form: bool) -> Callable[..., bytes]:
@@ -1101,9 +1095,8 @@ class ChatWeb:
             wait = retry_after(error)
             if wait is not None:
                 request.setHeader(b"retry-after", wait)
-            signup = self._accounts_on().signup
             return self._account_form(
-                request, template, http_status(error), error=error.detail, signup=signup, **context
+                request, template, http_status(error), error=error.detail, **context
             )
 
         return refused
