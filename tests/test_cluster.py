@@ -10,8 +10,10 @@ node it is on and whatever happens to the bus or to a node meanwhile.
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -203,6 +205,55 @@ class ClusterMixin:
         await client.wait_for_seq(2)
         self.assertEqual([m["body"] for m in client.messages], ["hi", "back"])  # type: ignore[attr-defined]
 
+    async def test_private_room_across_nodes(self) -> None:
+        """
+        A private room made on node A: a member reads it on node B, a
+        stranger gets 404 on every node, and once removed on A the member's
+        WebSocket on B closes (4003) and their long-poll on C is answered
+        at once, their next one refused.
+        """
+        from chatd.auth import mint
+        from chatd.ws import CLOSE_REVOKED
+
+        secret = b"cluster-secret-cluster-secret-0123"
+        path = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        with open(path, "wb") as f:
+            f.write(secret)
+        a, b, c = await self.nodes(3, ["--auth", "token", "--auth-secret-file", path])
+
+        def as_(user: str) -> Dict[str, List[str]]:
+            return {
+                "Authorization": [f"Bearer {mint(secret, user, user.title(), 600)}"],
+                "Content-Type": ["application/json"],
+            }
+
+        async def call(node: Node, method: str, path: str, user: str, payload: Any = None) -> Tuple[int, Any]:
+            data = None if payload is None else json.dumps(payload).encode("utf-8")
+            code, _, body = await HTTP(self, node.base).request(method, path, data=data, headers=as_(user))  # type: ignore[arg-type]
+            return code, json.loads(body)
+
+        code, _ = await call(a, "POST", "/api/rooms", "alice", {"name": "plans", "private": True})
+        self.assertEqual(code, 201)  # type: ignore[attr-defined]
+        code, _ = await call(a, "POST", "/api/rooms/plans/members", "alice", {"user": "bob"})
+        self.assertEqual(code, 201)  # type: ignore[attr-defined]
+        for node in (a, b, c):
+            code, _ = await call(node, "GET", "/api/rooms/plans/messages?after=0&timeout=0", "eve")
+            self.assertEqual(code, 404)  # type: ignore[attr-defined]
+        bob_ws = await WSClient.connect(self, b.base, f"/ws/plans?token={mint(secret, 'bob', 'Bob', 600)}")  # type: ignore[arg-type]
+        code, _ = await call(a, "POST", "/api/rooms/plans/messages", "alice", {"body": "the plans"})
+        self.assertEqual(code, 201)  # type: ignore[attr-defined]
+        await bob_ws.wait_for_seq(2)
+        poll = Deferred.fromCoroutine(call(c, "GET", "/api/rooms/plans/messages?after=2&timeout=50", "bob"))
+        # The poll waits on C once C has delivered seq 2.
+        await wait_until(lambda: _waiting(c) >= 1)
+        code, _ = await call(a, "DELETE", "/api/rooms/plans/members/bob", "alice")
+        self.assertEqual(code, 200)  # type: ignore[attr-defined]
+        self.assertEqual(await bob_ws.closed, CLOSE_REVOKED)  # type: ignore[attr-defined]
+        code, answer = await poll
+        self.assertEqual(code, 200)  # type: ignore[attr-defined]
+        code, _ = await call(c, "GET", "/api/rooms/plans/messages?after=0&timeout=0", "bob")
+        self.assertEqual(code, 404)  # type: ignore[attr-defined]
+
     async def test_killed_node(self) -> None:
         """
         kill -9 one of three nodes while messages flow through the
@@ -325,6 +376,13 @@ def _bus_state(node: AnyNode) -> Optional[str]:
         if metrics.get(f'chatd_bus_state{{chatd_bus_state="{state}"}}') == 1.0:
             return state
     return None
+
+
+def _waiting(node: AnyNode) -> float:
+    """
+    How many long-polls wait on the node.
+    """
+    return _metrics(node).get("chatd_longpoll_waiters", 0.0)
 
 
 def _connects(node: AnyNode) -> int:

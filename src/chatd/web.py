@@ -1293,7 +1293,9 @@ class ChatWeb:
         The CSRF check of a state change that needs no fields (a DELETE, a
         sign-out): a form's csrf field if it sends a body, else the header.
         """
-        if request.getHeader(b"content-type") is not None:
+        length = request.getHeader(b"content-length")
+        has_body = length is not None and length.strip() not in (b"", b"0")
+        if request.getHeader(b"content-type") is not None and has_body:
             self._fields(request, identity)
         elif identity.via == "session":
             header = request.getHeader(b"x-csrf-token")
