@@ -23,7 +23,16 @@ from twisted.web.resource import Resource
 
 from chatd._paths import find_data_dir
 from chatd.accounts import Accounts
-from chatd.auth import Authenticator, Keys, Sessions, TokenVerifier, digest, mint, new_key, split_key
+from chatd.auth import (
+    Authenticator,
+    Keys,
+    Sessions,
+    TokenVerifier,
+    digest,
+    mint,
+    new_key,
+    split_key,
+)
 from chatd.core import ChatCore
 from chatd.limits import RateLimiter
 from chatd.model import User
