@@ -569,3 +569,68 @@ class ServerAPITests(TestCase):
         self.assertEqual(me["user"], None)
         code, _ = await bob.json("GET", "/api/rooms/team")
         self.assertEqual(code, 404)
+
+
+class CookieTests(TestCase):
+    """
+    The session cookie's attributes, and what the log never holds.
+    """
+
+    async def test_cookie_attributes(self) -> None:
+        """
+        HttpOnly and SameSite=Lax always; Secure when clients reach chatd
+        over https (its --public-url says so).
+        """
+        for args, host, secure in [
+            ((), None, False),
+            (("--public-url", "https://chat.example"), "chat.example", True),
+        ]:
+            service, base = await _server(self, "--auth", "accounts", *args)
+            http = HTTP(self, base)
+            headers = {"Content-Type": ["application/json"]}
+            if host:
+                headers["Host"] = [host]
+            code, response_headers, _ = await http.request(
+                "POST", "/account/signup", headers=headers,
+                data=b'{"user": "ann", "password": "correct horse"}',
+            )
+            self.assertEqual(code, 200)
+            (cookie,) = response_headers.getRawHeaders(b"set-cookie")
+            attributes = [part.strip() for part in cookie.split(b";")[1:]]
+            self.assertIn(b"HttpOnly", attributes)
+            self.assertIn(b"SameSite=Lax", attributes)
+            self.assertIn(b"Path=/", attributes)
+            self.assertEqual(b"Secure" in attributes, secure, args)
+            await service.stopService()
+
+    async def test_passwords_and_tokens_are_not_logged(self) -> None:
+        """
+        With the access log on, sign-ups, sign-ins (right and wrong) and
+        token requests leave no password, token or cookie in the log.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        lines: List[str] = []
+
+        def observe(event: Dict[str, Any]) -> None:
+            lines.append(formatEvent(event) + repr(event.get("log_failure", "")))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        service, base = await _server(self, "--auth", "accounts", "--access-log", "on")
+        browser = Browser(self, base)
+        await browser.sign_up("ann", "Ann")
+        self.assertEqual(await browser.sign_in("ann", "a wrong password"), 401)
+        self.assertEqual(await browser.sign_in("ann"), 200)
+        secret_token = token("ann", "Ann")
+        code, _ = await browser.json("GET", "/api/rooms")
+        code, _, _ = await browser.http.request(
+            "GET", "/api/rooms", headers={"Authorization": [f"Bearer {secret_token}"]}
+        )
+        code, _, _ = await browser.http.request("GET", f"/api/rooms/lobby/messages?after=0&timeout=0&token={secret_token}")
+        self.assertEqual(code, 200)
+        text = "\n".join(lines)
+        self.assertIn("/account/signin", text)  # the access log is on
+        self.assertIn("/api/rooms/lobby/messages?after=0&timeout=0&token=REDACTED", text)
+        for secret in ("correct horse", "a wrong password", secret_token, browser.cookie or "?"):
+            self.assertNotIn(secret, text)

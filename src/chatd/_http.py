@@ -29,13 +29,16 @@ to its users, each written against the channel's public methods:
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from io import BytesIO
 from typing import Any, Callable, List, Optional, Sequence
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.python.components import proxyForInterface
+from twisted.web.http import RESPONSES, HTTPChannel, combinedLogFormatter
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 
 from chatd._wire import client_host, error_body, http_status, retry_after
@@ -408,6 +411,41 @@ def _refusal(error: ChatError) -> bytes:
     return head + body
 
 
+#: Query parameters the access log never shows: credentials.
+_SECRET_PARAMETERS = re.compile(rb"(?<=[?&;])(token)=[^&;#]*", re.IGNORECASE)
+
+
+class _Redacted(proxyForInterface(IRequest, "_request")):  # type: ignore[misc]
+    """
+    A request as the access log sees it: its URI without credentials
+    (C{?token=}, which browsers' WebSockets and JSONP must send there).
+    """
+
+    @property
+    def uri(self) -> bytes:
+        return _SECRET_PARAMETERS.sub(rb"\1=REDACTED", self._request.uri)
+
+    # Not in IRequest, which combinedLogFormatter reads too.
+    @property
+    def clientproto(self) -> bytes:
+        return self._request.clientproto  # type: ignore[no-any-return]
+
+    @property
+    def code(self) -> int:
+        return self._request.code  # type: ignore[no-any-return]
+
+    @property
+    def sentLength(self) -> int:
+        return self._request.sentLength  # type: ignore[no-any-return]
+
+
+def redacting_log_formatter(timestamp: str, request: Any) -> str:
+    """
+    Twisted's combined log format, without credentials in the URI.
+    """
+    return combinedLogFormatter(timestamp, _Redacted(request))  # type: ignore[no-any-return]
+
+
 class ChatSite(Site):
     """
     chatd's Site: connections are L{ChatChannel}s, requests
@@ -430,6 +468,7 @@ class ChatSite(Site):
         proxied: bool = False,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("logFormatter", redacting_log_formatter)
         super().__init__(resource, **kwargs)
         self.proxied = proxied
         self.access_log = access_log

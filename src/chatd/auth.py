@@ -436,6 +436,9 @@ class Sessions:
         session = digest(raw)
         cached = self._cache.get(session)
         if cached is not None:
+            if cached.expires is not None and cached.expires < self._clock.seconds():
+                self._cache.drop(lambda key, _: key == session)
+                return succeed(None)
             return succeed(cached)
 
         def found(row: Optional[Tuple[str, str, str, int]]) -> Optional[Identity]:
