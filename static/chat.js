@@ -3,8 +3,9 @@
 // seq; user content is only ever inserted as text.  Nothing here touches
 // built-in prototypes or globals.
 //
-// Tokens: a page opened as /rooms/NAME#token=JWT connects with that token
-// (the fragment never reaches a server or a log).  If the page defines
+// Tokens: a page opened as /rooms/NAME?token=JWT (or #token=JWT, for a
+// room open to guests: a fragment never reaches a server) connects with
+// that token.  If the page defines
 // window.chatdGetToken (a function returning a Promise of a fresh token),
 // it is asked for one before the current one expires and whenever the
 // server says it has.
@@ -44,10 +45,20 @@ let token = null;            // the token connections carry, if any
 let tokenExpires = null;     // its exp (seconds)
 let refreshTimer = null;
 
-if (location.hash.startsWith("#token=")) {
-  token = decodeURIComponent(location.hash.slice("#token=".length));
-  tokenExpires = expiryOf(token);
-  history.replaceState(null, "", location.pathname + location.search);
+{
+  // The page was opened with ?token=JWT (the server needed it to serve a
+  // room that is not open to guests) or #token=JWT: connect with it, and
+  // take it out of the address bar.
+  const query = new URLSearchParams(location.search);
+  const given = query.get("token")
+    || (location.hash.startsWith("#token=") ? decodeURIComponent(location.hash.slice(7)) : null);
+  if (given) {
+    token = given;
+    tokenExpires = expiryOf(token);
+    query.delete("token");
+    const rest = query.toString();
+    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : ""));
+  }
 }
 
 function expiryOf(jwt) {
@@ -350,11 +361,14 @@ class WebSocketTransport {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const after = lastSeq === null ? "" : `?after=${lastSeq}`;
     const url = withToken(`${scheme}://${location.host}/ws/${encodeURIComponent(room)}${after}`);
+    this.token = token;
     this.ws = new WebSocket(url);
     this.ws.onopen = () => {
       this.open = true;
       wsWorked = true;
       wsFailures = 0;
+      // A fresh token came while connecting: hand it over.
+      if (token !== this.token) this.reauth();
       connected();
     };
     this.ws.onmessage = (event) => this.receive(JSON.parse(event.data));
@@ -386,7 +400,10 @@ class WebSocketTransport {
   }
 
   reauth() {
-    if (this.open && token) this.ws.send(JSON.stringify({type: "auth", token}));
+    if (this.open && token) {
+      this.token = token;
+      this.ws.send(JSON.stringify({type: "auth", token}));
+    }
   }
 
   receive(frame) {

@@ -680,3 +680,68 @@ class AccountsInTheBrowserTests(BrowserTestCase):
             self.screenshot(alice, "signed-out.png")
 
         await self.in_browser(scenario)
+
+
+class TokenInTheBrowserTests(BrowserTestCase):
+    """
+    --auth token: the chat page takes its token from the URL's fragment,
+    and asks the embedding application's hook for fresh ones.
+    """
+
+    def chatd_args(self) -> List[str]:
+        self.secret = b"browser-secret-browser-secret-0123"
+        path = os.path.join(self.folder, "secret")
+        with open(path, "wb") as f:
+            f.write(self.secret)
+        return ["--data-dir", self.folder, "--auth", "token", "--auth-secret-file", path]
+
+    async def test_fragment_token_and_refresh_hook(self) -> None:
+        """
+        /rooms/lobby?token=JWT connects as that user (over WebSocket and
+        long-poll), the token leaves the address bar, and a token about
+        to expire is replaced through window.chatdGetToken with an auth
+        frame the server accepts.
+        """
+        from chatd.auth import mint
+
+        short = mint(self.secret, "u1", "Ann", 20)
+        fresh = mint(self.secret, "u1", "Ann", 3600)
+        other = mint(self.secret, "u2", "Ben", 3600)
+        hook = f"window.chatdGetToken = async () => {fresh!r};"
+
+        def scenario(b: Browser) -> None:
+            sent: List[str] = []
+            received: List[str] = []
+
+            def watch(ws: Any) -> None:
+                ws.on("framesent", lambda payload: sent.append(str(payload)))
+                ws.on("framereceived", lambda payload: received.append(str(payload)))
+
+            context = b.browser.new_context()
+            context.on("page", lambda page: page.on("websocket", watch))
+            ann = b.open(f"/rooms/lobby?token={short}", init=hook, context=context)
+            b.wait_connected(ann)
+            assert "token" not in ann.url, ann.url
+            ann.wait_for_function("() => true")
+            b.say(ann, "hello as Ann")
+            b.wait_messages(ann, 1)
+            ben = b.open(f"/rooms/lobby/longpoll?token={other}")
+            b.wait_connected(ben)
+            b.wait_messages(ben, 1)
+            b.say(ben, "hello from long-poll")
+            b.wait_messages(ann, 2)
+            names = ann.eval_on_selector_all(
+                "#message_list li.message .nick", "els => els.map(e => e.title)"
+            )
+            assert names == ["@u1", "@u2"], names
+            # The short token is within a minute of expiring: the page
+            # asked the hook at once and sent the fresh one.
+            ann.wait_for_function("() => true")
+            for _ in range(100):
+                if any('"type":"auth"' in frame.replace(" ", "") for frame in received):
+                    break
+                ann.wait_for_timeout(100)
+            assert any(fresh in frame for frame in sent), sent
+            assert any('"type":"auth"' in frame.replace(" ", "") for frame in received), received
+
+        await self.in_browser(scenario)
