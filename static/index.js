@@ -26,9 +26,10 @@ function check() {
   return "";
 }
 
-nameInput.addEventListener("input", () => showError(nameInput.value ? check() : ""));
+// The form is there for those who may create rooms.
+if (form) nameInput.addEventListener("input", () => showError(nameInput.value ? check() : ""));
 
-form.addEventListener("submit", async (event) => {
+if (form) form.addEventListener("submit", async (event) => {
   event.preventDefault();
   const problem = check();
   if (problem) {

@@ -199,6 +199,17 @@ class PrivateRoomTests(TestCase):
                 self.assertEqual(code, 200)
                 self.assertNotIn(b"secret", body, (who, listing))
 
+    async def test_guests_create_no_rooms(self) -> None:
+        """
+        Where rooms are for users, a guest creates none (and is not
+        offered the form).
+        """
+        code, answer = await self.guest.json("POST", "/api/rooms", {"name": "mine"})
+        self.assertEqual((code, answer["error"]), (401, "auth_required"))
+        code, _, page = await self.guest.request("GET", "/")
+        self.assertNotIn(b'id="create_room"', page)
+        self.assertIn(b"Sign in</a> to create rooms", page)
+
     async def test_metrics_name_no_room(self) -> None:
         """
         /metrics has no label naming a room.

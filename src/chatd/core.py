@@ -394,6 +394,8 @@ class ChatCore:
         try:
             if private and owner is None and identity.key is None:
                 raise auth_required("Sign in, or send a token, to create a private room.")
+            if identity.guest and not self.guests and peer is not None:
+                raise auth_required("Sign in, or send a token, to create a room.")
             name = validate_room_name(name)
             if name in self._rooms or name in self._creating:
                 raise room_exists(name)
