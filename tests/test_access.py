@@ -645,3 +645,21 @@ class CookieTests(TestCase):
         self.assertIn("/api/rooms/lobby/messages?after=0&timeout=0&token=REDACTED", text)
         for secret in ("correct horse", "a wrong password", secret_token, browser.cookie or "?"):
             self.assertNotIn(secret, text)
+
+
+class RedirectTests(TestCase):
+    """
+    Where a sign-in sends the browser next.
+    """
+
+    def test_no_open_redirect(self) -> None:
+        """
+        Only a path on this server: never another site, however written.
+        """
+        from chatd.web import _safe_next
+
+        self.assertEqual(_safe_next("/rooms/plans"), b"/rooms/plans")
+        self.assertEqual(_safe_next("/rooms/plans?x=1"), b"/rooms/plans?x=1")
+        for bad in ["//evil.example", "/\\evil.example", "https://evil.example", "evil", "",
+                    "/\x00", "/\u00e9", None, 5, "/" + "x" * 300]:
+            self.assertEqual(_safe_next(bad), b"/", bad)
