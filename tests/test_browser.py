@@ -698,7 +698,8 @@ class TokenInTheBrowserTests(BrowserTestCase):
     async def test_fragment_token_and_refresh_hook(self) -> None:
         """
         /rooms/lobby?token=JWT connects as that user (over WebSocket and
-        long-poll), the token leaves the address bar, and a token about
+        long-poll), the token leaves the address bar, two users of one
+        name are told apart, and a token about
         to expire is replaced through window.chatdGetToken with an auth
         frame the server accepts.
         """
@@ -706,7 +707,8 @@ class TokenInTheBrowserTests(BrowserTestCase):
 
         short = mint(self.secret, "u1", "Ann", 20)
         fresh = mint(self.secret, "u1", "Ann", 3600)
-        other = mint(self.secret, "u2", "Ben", 3600)
+        # Another user with the same display name.
+        other = mint(self.secret, "u2", "Ann", 3600)
         hook = f"window.chatdGetToken = async () => {fresh!r};"
 
         def scenario(b: Browser) -> None:
@@ -731,9 +733,10 @@ class TokenInTheBrowserTests(BrowserTestCase):
             b.say(ben, "hello from long-poll")
             b.wait_messages(ann, 2)
             names = ann.eval_on_selector_all(
-                "#message_list li.message .nick", "els => els.map(e => e.title)"
+                "#message_list li.message .nick", "els => els.map(e => e.textContent)"
             )
-            assert names == ["@u1", "@u2"], names
+            # Same name, told apart by their ids.
+            assert names == ["Ann @u1", "Ann @u2"], names
             # The short token is within a minute of expiring: the page
             # asked the hook at once and sent the fresh one.
             ann.wait_for_function("() => true")
