@@ -569,6 +569,41 @@ class SchemaUpgradeTests(TestCase):
             repr(old_shape).replace(old_schema, "S"), repr(new_shape).replace(new_schema, "S")
         )
 
+    def test_revisions_end_at_the_schema_version(self) -> None:
+        """
+        Alembic's revisions are v1 to the schema version, in one line.
+        """
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+
+        config = Config()
+        config.set_main_option("script_location", "chatd.store:migrations")
+        script = ScriptDirectory.from_config(config)
+        chain = [r.revision for r in script.walk_revisions()]
+        self.assertEqual(chain, [f"v{n}" for n in range(SCHEMA_VERSION, 0, -1)])
+
+    async def test_opened_at_once(self) -> None:
+        """
+        Two stores (two nodes starting together) opening one new database
+        at once migrate it once, one after the other, on each backend.
+        """
+        import psycopg
+
+        path = os.path.abspath(self.mktemp())
+        url = postgres_url(self)
+        for make in (lambda: SQLiteStore(path, reactor=reactor), lambda: PostgresStore(url, reactor=reactor)):
+            stores = [make(), make()]
+            for store in stores:
+                self.addCleanup(store.close)
+            versions = await gatherResults([store.open() for store in stores])
+            self.assertEqual(versions, [SCHEMA_VERSION, SCHEMA_VERSION])
+            self.assertEqual(stores[0].deployment, stores[1].deployment)
+            self.assertEqual(stores[0].secret, stores[1].secret)
+        schema = url.rsplit("schema=", 1)[1]
+        with psycopg.connect(POSTGRES_URL) as conn:
+            (revision,) = conn.execute(f'SELECT version_num FROM "{schema}".alembic_version').fetchone()
+        self.assertEqual(revision, f"v{SCHEMA_VERSION}")
+
     async def test_newer_schema_refused(self) -> None:
         """
         A database from a newer chatd is refused with a clear error.

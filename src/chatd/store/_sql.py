@@ -16,7 +16,6 @@ held until commit, seq N+1 can only become visible after seq N.
 
 from __future__ import annotations
 
-import importlib.resources
 import secrets
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd.model import Message, RoomAccess, RoomLimitReached, User
+from chatd.store._schema import schema_files, statements
 
 __all__ = ["SQLStore", "StoreError", "schema_files"]
 
@@ -45,22 +45,7 @@ class StoreError(Exception):
     """
 
 
-def schema_files(backend: str, name: str) -> str:
-    """
-    Read one of the schema files shipped with chatd.
-    """
-    return (
-        importlib.resources.files("chatd.store") / "schema" / backend / name
-    ).read_text(encoding="utf-8")
-
-
-def _statements(script: str) -> List[str]:
-    """
-    Split a schema file into statements (our files keep semicolons out of
-    strings and comments).
-    """
-    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+_statements = statements
 
 
 #: room, nick, body, ts_ms, client_id, user id, kind.
@@ -99,13 +84,6 @@ class SQLStore:
     def __init__(self, write_pool: adbapi.ConnectionPool, read_pool: adbapi.ConnectionPool) -> None:
         self._write = write_pool
         self._read = read_pool
-        # Read now, while twistd may still be root: after --uid the
-        # process may no longer be able to read its own installation.
-        self._schema = schema_files(self.backend, f"v{SCHEMA_VERSION}.sql")
-        self._upgrades = {
-            version: schema_files(self.backend, f"upgrade-to-v{version}.sql")
-            for version in range(2, SCHEMA_VERSION + 1)
-        }
         self._pending: List[Tuple[_Append, Deferred]] = []
         self._flushing = False
         self._idle: List[Deferred] = []
@@ -124,22 +102,32 @@ class SQLStore:
 
     # -- schema --------------------------------------------------------------
 
-    def _has_schema(self, conn: Any) -> bool:
+    def _sqlalchemy_url(self) -> str:
+        """
+        The database's URL as SQLAlchemy (and so Alembic) names it.
+        """
         raise NotImplementedError
 
-    def _lock_schema(self, conn: Any) -> None:
+    def _prepare_migration(self, engine: Any) -> None:
         """
-        Keep two processes from migrating the same database at once.
+        Set up C{engine} before it migrates (SQLite: its transactions).
+        """
+
+    def _lock_schema(self, connection: Any) -> None:
+        """
+        In the migration's transaction: keep two processes from migrating
+        the same database at once.
         """
 
     def open(self) -> Deferred:
         """
-        Connect, and create or upgrade the schema.
+        Connect, and create or upgrade the schema (Alembic, in a database
+        thread).
 
         @return: a Deferred firing with the schema version, or failing with
             L{StoreError}.
         """
-        d = self._write.runWithConnection(self._migrate)
+        d = self._write.runWithConnection(self._open)
 
         def explain(failure: Failure) -> Failure:
             if failure.check(StoreError):
@@ -150,8 +138,8 @@ class SQLStore:
 
         return d.addErrback(explain)
 
-    def _migrate(self, conn: Any) -> int:
-        version = self._create_or_upgrade(conn)
+    def _open(self, conn: Any) -> int:
+        version = self._migrate()
         # The deployment's secret (which signs session cookies): made here,
         # by the operating system's generator, once for every node.
         conn.execute(
@@ -160,29 +148,54 @@ class SQLStore:
         )
         conn.commit()
         self.deployment, self.secret = conn.execute("SELECT id, secret FROM deployment").fetchone()
+        conn.commit()
         return version
 
-    def _create_or_upgrade(self, conn: Any) -> int:
-        if self.begin:
-            conn.execute(self.begin)
-        self._lock_schema(conn)
-        if not self._has_schema(conn):
-            for statement in _statements(self._schema):
-                conn.execute(statement)
-            return SCHEMA_VERSION
-        (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"the database's schema is version {version}, newer than this "
-                f"chatd knows ({SCHEMA_VERSION}); upgrade chatd"
+    def _migrate(self) -> int:
+        """
+        In a database thread: bring the schema to L{SCHEMA_VERSION} with
+        Alembic, on a connection of its own, in one transaction under the
+        schema's lock.  A database made before chatd used Alembic (it has
+        only C{schema_version}) is first stamped with its version.
+        """
+        from alembic import command
+        from alembic.config import Config
+        from alembic.util.exc import CommandError
+        from sqlalchemy import create_engine, inspect, text
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(self._sqlalchemy_url(), poolclass=NullPool)
+        self._prepare_migration(engine)
+        config = Config()
+        config.set_main_option("script_location", "chatd.store:migrations")
+        try:
+            with engine.begin() as connection:
+                self._lock_schema(connection)
+                config.attributes["connection"] = connection
+                tables = set(inspect(connection).get_table_names())
+                version = 0
+                if "schema_version" in tables:
+                    version = int(connection.execute(text("SELECT version FROM schema_version")).scalar_one())
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the database's schema is version {version}, newer than this "
+                        f"chatd knows ({SCHEMA_VERSION}); upgrade chatd"
+                    )
+                if version and "alembic_version" not in tables:
+                    command.stamp(config, f"v{version}")
+                before = version
+                command.upgrade(config, "head")
+                (version,) = connection.execute(text("SELECT version FROM schema_version")).one()
+        except CommandError as e:
+            raise StoreError(f"cannot migrate the {self.description} store: {e}") from None
+        finally:
+            engine.dispose()
+        if before and before != version:
+            self.log.info(
+                "Upgraded the {store} schema from v{before} to v{version}",
+                store=self.description, before=before, version=version,
             )
-        while version < SCHEMA_VERSION:
-            version += 1
-            script = self._upgrades[version]
-            for statement in _statements(script):
-                conn.execute(statement)
-            self.log.info("Upgraded the {store} schema to v{version}", store=self.description, version=version)
-        return version
+        return int(version)
 
     # -- rooms ---------------------------------------------------------------
 

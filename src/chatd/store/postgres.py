@@ -141,8 +141,17 @@ class PostgresStore(SQLStore):
 
         super().__init__(pool(1), pool(3))
 
-    def _lock_schema(self, conn: Any) -> None:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('chatd-schema:' || current_schema()))")
+    def _sqlalchemy_url(self) -> str:
+        # psycopg 3, as SQLAlchemy names it; libpq's parameters as given.
+        return "postgresql+psycopg://" + self.conninfo.split("://", 1)[1]
+
+    def _lock_schema(self, connection: Any) -> None:
+        if self.schema is not None:
+            # (The pool's first connection has created it.)
+            connection.exec_driver_sql(f'SET search_path TO "{self.schema}"')
+        connection.exec_driver_sql(
+            "SELECT pg_advisory_xact_lock(hashtext('chatd-schema:' || current_schema()))"
+        )
 
     def _pipeline(self, conn: Any) -> Any:
         """
@@ -199,7 +208,3 @@ class PostgresStore(SQLStore):
             conn.rollback()
             conn.execute(f"SELECT pg_advisory_unlock({lock})")
             conn.commit()
-
-    def _has_schema(self, conn: Any) -> bool:
-        (found,) = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
-        return bool(found)

@@ -93,9 +93,23 @@ class SQLiteStore(SQLStore):
 
         return super().open().addErrback(failed)
 
-    def _has_schema(self, conn: Any) -> bool:
-        row = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-        ).fetchone()
-        return row is not None
+    def _sqlalchemy_url(self) -> str:
+        return f"sqlite:///{self.path.resolve()}"
 
+    def _prepare_migration(self, engine: Any) -> None:
+        """
+        SQLAlchemy's recipe for transactional DDL on SQLite: the driver
+        begins no transaction of its own, and each one begins IMMEDIATE,
+        so a migration holds the database's write lock from its first
+        statement (two processes starting at once migrate one at a time).
+        """
+        from sqlalchemy import event
+
+        @event.listens_for(engine, "connect")
+        def connect(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None
+            dbapi_connection.execute("PRAGMA busy_timeout = 10000")
+
+        @event.listens_for(engine, "begin")
+        def begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
