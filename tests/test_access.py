@@ -663,3 +663,38 @@ class RedirectTests(TestCase):
         for bad in ["//evil.example", "/\\evil.example", "https://evil.example", "evil", "",
                     "/\x00", "/\u00e9", None, 5, "/" + "x" * 300]:
             self.assertEqual(_safe_next(bad), b"/", bad)
+
+
+class MemberFormTests(TestCase):
+    """
+    The room page's member forms, as a browser posts them.
+    """
+
+    async def test_unknown_user_and_refusals_are_pages(self) -> None:
+        """
+        With accounts, a member is someone with an account: adding an
+        unknown user name is refused, and a refused form gets a page
+        saying why (with the way back), not JSON.
+        """
+        service, base = await _server(self, "--auth", "accounts")
+        alice, bob = Browser(self, base), Browser(self, base)
+        await alice.sign_up("alice", "Alice")
+        await bob.sign_up("bob", "Bob")
+        await alice.json("POST", "/api/rooms", {"name": "plans", "private": True})
+        code, answer = await alice.json("POST", "/api/rooms/plans/members", {"user": "nosuchuser"})
+        self.assertEqual((code, answer["error"]), (404, "user_not_found"))
+        code, answer = await alice.json("POST", "/api/rooms/plans/members", {"user": "BOB "})
+        self.assertEqual((code, answer["user"]), (201, {"id": "bob", "name": "Bob"}))
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        code, _, page = await bob.http.request(
+            "POST", "/api/rooms/plans/members", data=f"user=carol&csrf={bob.csrf}".encode(),
+            headers=bob.headers(form),
+        )
+        self.assertEqual(code, 403)
+        self.assertIn(b"Back to the room", page)
+        self.assertIn(b"Only the room", page)
+        code, headers, _ = await alice.http.request(
+            "POST", "/api/rooms/plans/members/bob/remove", data=f"csrf={alice.csrf}".encode(),
+            headers=alice.headers(form), allow_redirects=False,
+        )
+        self.assertEqual((code, headers.getRawHeaders(b"location")), (303, [b"/rooms/plans"]))

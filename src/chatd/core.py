@@ -302,7 +302,13 @@ class ChatCore:
         return room.access.members.get(identity.user.id)
 
     def set_member(
-        self, room_name: str, user_id: object, name: object, role: object, identity: Identity
+        self,
+        room_name: str,
+        user_id: object,
+        name: object,
+        role: object,
+        identity: Identity,
+        accounts_only: bool = False,
     ) -> Deferred:
         """
         Make C{user_id} (called C{name}: None for the name the room or the
@@ -310,7 +316,8 @@ class ChatCore:
         None no longer a member: an event of the room, so every node
         applies it in seq order.  An API key and the room's owners may
         change anyone; moderators may add and remove plain members; anyone
-        may leave.
+        may leave.  With C{accounts_only}, a new member must have an
+        account (their name is the account's).
 
         @return: a Deferred firing with the event's L{Message}, or failing
             with C{room_not_found}, C{not_allowed}, C{invalid_user},
@@ -335,6 +342,8 @@ class ChatCore:
                 member_name = room.access.names[member_id]
             else:
                 account = await cast(IIdentityStore, self._store).get_user(member_id)
+                if account is None and accounts_only:
+                    raise ChatError("user_not_found", f"There is no user named {member_id!r}.")
                 member_name = account[0] if account is not None else member_id
             user = User(member_id, member_name)
             now = self._clock.seconds()

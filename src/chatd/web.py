@@ -47,7 +47,7 @@ from werkzeug.routing import RequestRedirect
 
 from chatd._http import MAX_REQUEST_BODY, ChatSite
 from chatd._wire import REASONS, client_host, error_body, http_status, retry_after
-from chatd.accounts import Accounts
+from chatd.accounts import Accounts, validate_account_id
 from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, check_csrf
 from chatd.core import ChatCore
 from chatd.limits import Connections, RateLimiter
@@ -1253,11 +1253,24 @@ class ChatWeb:
         "member"|"moderator"|"owner", "name": optional}}.
         """
 
+        is_form = _is_form(request)
+
         def add(identity: Identity, found: Room) -> Deferred:
+            d = maybeDeferred(adding, identity, found)
+            return d.addErrback(self._member_refused, request, found.name, is_form, identity)
+
+        def adding(identity: Identity, found: Room) -> Deferred:
             fields = self._fields(request, identity)
             role = fields.get("role") or "member"
-            d = self._core.set_member(found.name, fields.get("user"), fields.get("name"), role, identity)
-            return d.addCallback(self._member_answer, request, found, 201, _is_form(request))
+            user, name = fields.get("user"), fields.get("name")
+            # Members are people with accounts here (an API key may name
+            # anyone: its application's users).
+            accounts_only = self._accounts is not None and identity.key is None
+            if accounts_only:
+                user = validate_account_id(user)
+                name = None
+            d = self._core.set_member(found.name, user, name, role, identity, accounts_only)
+            return d.addCallback(self._member_answer, request, found, 201, is_form)
 
         return self._in_room(request, room, add)
 
@@ -1281,10 +1294,16 @@ class ChatWeb:
         L{remove_member}, for the room page's form.
         """
 
+        is_form = _is_form(request)
+
         def remove(identity: Identity, found: Room) -> Deferred:
+            d = maybeDeferred(removing, identity, found)
+            return d.addErrback(self._member_refused, request, found.name, is_form, identity)
+
+        def removing(identity: Identity, found: Room) -> Deferred:
             self._fields(request, identity)
             d = self._core.set_member(found.name, user, None, None, identity)
-            return d.addCallback(self._member_answer, request, found, 200, _is_form(request))
+            return d.addCallback(self._member_answer, request, found, 200, is_form)
 
         return self._in_room(request, room, remove)
 
@@ -1300,6 +1319,26 @@ class ChatWeb:
         elif identity.via == "session":
             header = request.getHeader(b"x-csrf-token")
             check_csrf(identity, None if header is None else header.decode("latin-1"))
+
+    def _member_refused(
+        self, failure: Failure, request: IRequest, room: str, is_form: bool, identity: Identity
+    ) -> Any:
+        """
+        A refused membership change from the room page's form: a page
+        saying why, with the way back (an API client gets the JSON error).
+        """
+        if not is_form or not failure.check(ChatError):
+            return failure
+        error = cast(ChatError, failure.value)
+        return self._page(
+            request,
+            self._error_page,
+            http_status(error),
+            title="Not changed",
+            detail=error.detail,
+            back=f"/rooms/{room}",
+            **self._page_context(identity),
+        )
 
     def _member_answer(
         self, event: Message, request: IRequest, room: Room, status: int, is_form: bool
