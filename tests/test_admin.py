@@ -325,7 +325,8 @@ class UserTests(_AdminTestCase):
         data = await self.admin_json("user", "enable", "bob")
         self.assertEqual(data, {"user": "bob", "disabled": False, "sessions_ended": 0})
         self.assertEqual((await store.get_user("bob"))[2], False)
-        self.assertRefused(await self.admin("user", "enable", "nobody"), "user nobody is not known")
+        self.assertRefused(await self.admin("user", "enable", "nobody"), "user nobody has no account")
+        self.assertRefused(await self.admin("user", "disable", "nobody"), "user nobody has no account")
         self.assertIsNone(await store.get_user("nobody"))
 
     async def test_sessions_revoke(self) -> None:
@@ -352,14 +353,16 @@ class RoomTests(_AdminTestCase):
 
     async def test_create_public_and_private(self) -> None:
         """
-        room create makes a public room letting guests in by default; with
-        --private, --owner and --no-guests a private one, guests refused,
+        room create makes a public room for users only by default (with
+        --guests, guests too); with --private and --owner a private one
         whose owner is its first member; a name taken is refused.
         """
-        status, out, _ = await self.admin("room", "create", "pub")
-        self.assertEqual((status, out), (0, "pub created (public)\n"))
+        status, out, _ = await self.admin("room", "create", "pub", "--guests")
+        self.assertEqual((status, out), (0, "pub created (public, guests too)\n"))
+        status, out, _ = await self.admin("room", "create", "users")
+        self.assertEqual((status, out), (0, "users created (public, users only)\n"))
         await self.admin("user", "add", "alice", "--name", "Alice")
-        data = await self.admin_json("room", "create", "priv", "--private", "--owner", "alice", "--no-guests")
+        data = await self.admin_json("room", "create", "priv", "--private", "--owner", "alice")
         self.assertEqual(data, {"room": "priv", "private": True, "guests": False, "owner": "alice"})
         # A private room without an owner: API keys only, until it has members.
         self.assertEqual((await self.admin("room", "create", "keys-only", "--private"))[0], 0)
@@ -383,7 +386,10 @@ class RoomTests(_AdminTestCase):
         await self.admin("user", "add", "bob", "--name", "Bob B")
         status, out, _ = await self.admin("member", "add", "dev", "bob", "--role", "moderator")
         self.assertEqual((status, out), (0, "bob is moderator of dev (seq 1)\n"))
-        data = await self.admin_json("member", "add", "dev", "tok-user", "--name", "Tok")
+        self.assertRefused(
+            await self.admin("member", "add", "dev", "tok-user", "--name", "Tok"), "give --token-user"
+        )
+        data = await self.admin_json("member", "add", "dev", "tok-user", "--name", "Tok", "--token-user")
         self.assertEqual(
             data, {"room": "dev", "user": "tok-user", "name": "Tok", "role": "member", "seq": 2}
         )
@@ -419,7 +425,7 @@ class RoomTests(_AdminTestCase):
         self.assertRefused(await self.admin("member", "add", "nowhere", "bob"), "no room named 'nowhere'")
         self.assertRefused(await self.admin("member", "remove", "nowhere", "bob"), "no room named 'nowhere'")
         # An id that cannot be a name needs --name.
-        self.assertRefused(await self.admin("member", "add", "dev", "x" * 40), "give --name")
+        self.assertRefused(await self.admin("member", "add", "dev", "x" * 40, "--token-user"), "give --name")
         status, _, err = await self.admin("member", "add", "dev", "bob", "--role", "admin")
         self.assertEqual(status, 2)
         self.assertIn("invalid choice", err)
@@ -549,7 +555,7 @@ class CommandLineTests(_AdminTestCase):
         same store, with the same statuses and one-line errors.
         """
         status, out, err = await self.process("admin", "room", "create", "dev")
-        self.assertEqual((status, out), (0, "dev created (public)\n"), err)
+        self.assertEqual((status, out), (0, "dev created (public, users only)\n"), err)
         self.assertIn("Created a new store, sqlite:chatd.sqlite3.", err)
         status, out, err = await self.process("user", "add", "bob", script=True)
         self.assertEqual((status, out), (0, "bob added (no password: it cannot sign in yet)\n"), err)
@@ -597,7 +603,7 @@ class PostgresTests(_AdminTestCase):
         assert channel is not None
         conn = await deferToThread(_listen, channel)
         heard = deferToThread(_notifications, conn, 5.0)
-        status, out, err = await self.admin("member", "add", "dev", "bob", "--role", "owner")
+        status, out, err = await self.admin("member", "add", "dev", "bob", "--role", "owner", "--token-user")
         self.assertEqual((status, out), (0, "bob is owner of dev (seq 1)\n"), err)
         payloads = await heard
         self.assertEqual(len(payloads), 1, "no NOTIFY within 5 s")

@@ -367,7 +367,10 @@ def _parser(streams: _Streams, prog: str) -> _Parser:
         help="Members only (and API keys, until it has members).",
     )
     room_create.add_argument("--owner", metavar="USER_ID", help="Its first member, as owner.")
-    room_create.add_argument("--no-guests", action="store_true", help="Signed-in users only.")
+    room_create.add_argument(
+        "--guests", action="store_true",
+        help="Let people with no identity (guests) in too; by default only users may use it.",
+    )
     room_create.set_defaults(check=_check_room_create, act=_room_create)
 
     members = group("member", "Add and remove a room's members.")
@@ -377,6 +380,11 @@ def _parser(streams: _Streams, prog: str) -> _Parser:
     member_add.add_argument("--role", default="member", choices=ROLES, help="Default: member.")
     member_add.add_argument(
         "--name", metavar="NAME", help="Their display name in the event (default: the account's, or the id)."
+    )
+    member_add.add_argument(
+        "--token-user", action="store_true",
+        help="The user has no account here: your application's tokens name them (by default "
+        "a member must have an account, so that nobody can sign up as them later).",
     )
     member_add.set_defaults(check=_check_member, act=_member_add)
     member_remove = add(members, "remove", "Remove a member from a room.", epilog=_MEMBERS_EPILOG)
@@ -531,9 +539,10 @@ async def _user_add(args: argparse.Namespace, reactor: Any, store: Any) -> _Resu
 
 
 async def _user_disable(args: argparse.Namespace, reactor: Any, store: Any, disabled: bool) -> _Result:
-    if not disabled and await store.get_user(args.id) is None:
-        # (The store would make a row for an unknown id: nothing to enable.)
-        raise ChatError("user_not_found", f"user {args.id} is not known")
+    if await store.get_user(args.id) is None:
+        # (The store would make a row for an unknown id, and reserve the
+        # name; tokens are your application's to stop issuing.)
+        raise ChatError("user_not_found", f"user {args.id} has no account")
     ended = await store.disable_user(args.id, disabled, _now_ms(reactor))
     state = "disabled" if disabled else "enabled"
     data = {"user": args.id, "disabled": disabled, "sessions_ended": ended}
@@ -564,13 +573,12 @@ async def _room_create(args: argparse.Namespace, reactor: Any, store: Any) -> _R
     owner = None
     if args.owner is not None:
         owner = User(args.owner, await _account_name(store, args.owner))
-    guests = not args.no_guests
+    guests = bool(args.guests)
     created = await store.create_room(args.name, _now_ms(reactor), None, args.private, guests, owner)
     if not created:
         raise room_exists(args.name)
     details = ["private" if args.private else "public"]
-    if not guests:
-        details.append("no guests")
+    details.append("guests too" if guests else "users only")
     if owner is not None:
         details.append(f"owner {owner.id}")
     data = {"room": args.name, "private": args.private, "guests": guests, "owner": args.owner}
@@ -580,6 +588,12 @@ async def _room_create(args: argparse.Namespace, reactor: Any, store: Any) -> _R
 async def _member_add(args: argparse.Namespace, reactor: Any, store: Any) -> _Result:
     if await store.room_state(args.room) is None:
         raise room_not_found(args.room)
+    if not args.token_user and await store.get_user(args.user) is None:
+        raise ChatError(
+            "user_not_found",
+            f"user {args.user} has no account (if your application's tokens name them, "
+            "give --token-user)",
+        )
     name = args.name if args.name is not None else await _account_name(store, args.user)
     message = await _member_event(store, reactor, args.room, User(args.user, name), args.role)
     data = {"room": args.room, "user": args.user, "name": name, "role": args.role, "seq": message.seq}
