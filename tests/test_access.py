@@ -526,6 +526,8 @@ class ServerAPITests(TestCase):
         """
         for method, path, payload, status, error in [
             ("POST", "/api/rooms/lobby/messages", {"body": "x", "as": "dan"}, 400, "invalid_user"),
+            ("POST", "/api/rooms/lobby/messages", {"body": "x", "nick": "anon"}, 400, "invalid_user"),
+            ("POST", "/api/rooms/lobby/messages", {"body": "x", "bot": "b", "as": {"id": "u"}}, 400, "invalid_user"),
             ("POST", "/api/rooms/lobby/messages", {"body": "x", "as": {"id": "a\u202eb"}}, 400, "invalid_user"),
             ("POST", "/api/rooms/lobby/messages", {"body": "x", "bot": "\u200b"}, 400, "invalid_name"),
             ("POST", "/api/rooms/lobby/members", {"user": "dan", "role": "admin"}, 400, "invalid_role"),
@@ -692,7 +694,7 @@ class MemberFormTests(TestCase):
         )
         self.assertEqual(code, 403)
         self.assertIn(b"Back to the room", page)
-        self.assertIn(b"Only the room", page)
+        self.assertIn(b"You may not make this change", page)
         code, headers, _ = await alice.http.request(
             "POST", "/api/rooms/plans/members/bob/remove", data=f"csrf={alice.csrf}".encode(),
             headers=alice.headers(form), allow_redirects=False,

@@ -296,11 +296,12 @@ class UserTests(_AdminTestCase):
 
     async def test_bad_account_ids_refused(self) -> None:
         """
-        An account id is 1 to 32 of a-z, 0-9, _ . and -: others are
-        refused before the store is touched.
+        An account id is 1 to 32 of a-z, 0-9, _ . and - (typed in any
+        case), not starting with a dot: others are refused before the
+        store is touched.
         """
-        for user_id in ("Bob", "bob smith", "x" * 33, "b\u00f6b", "bob!"):
-            self.assertRefused(await self.admin("user", "add", user_id), "account id")
+        for user_id in (".", "..", ".bob", "bob smith", "x" * 33, "b\u00f6b", "bob!"):
+            self.assertRefused(await self.admin("user", "add", user_id), "user name")
         self.assertFalse(self.path.exists())
         self.assertEqual(admin.validate_account_id("a.b_c-9"), "a.b_c-9")
 

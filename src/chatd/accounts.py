@@ -26,7 +26,7 @@ __all__ = ["Accounts", "SIGNUP_MODES", "validate_account_id"]
 #: are made with C{chatd admin user add}).
 SIGNUP_MODES = ("open", "invite", "closed")
 
-_ACCOUNT_ID = re.compile(r"[a-z0-9_.-]{1,32}\Z")
+_ACCOUNT_ID = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,31}\Z")
 
 #: Sign-in attempts: a burst of this many per address and per account,
 #: then one every this many seconds.
@@ -45,7 +45,8 @@ def validate_account_id(user_id: object) -> str:
         user_id = user_id.strip().lower()
     if not isinstance(user_id, str) or not _ACCOUNT_ID.match(user_id):
         raise ChatError(
-            "invalid_user", "A user name is 1 to 32 of a-z, 0-9, '_', '.' and '-'."
+            "invalid_user",
+            "A user name is 1 to 32 of a-z, 0-9, '_', '.' and '-', starting with a letter, a digit or '_'.",
         )
     return user_id
 
@@ -95,6 +96,8 @@ class Accounts:
             account = validate_account_id(user_id)
             display = validate_display_name(name if name else account)
             secret = validate_password(password)
+            if not secret.strip():
+                raise ChatError("invalid_password", "A password is more than white space.")
             if self.signup == "invite" and not (isinstance(invite, str) and invite):
                 raise ChatError("invalid_invite", "Sign-up here needs an invitation link.")
             if await self._store.get_user(account) is not None:
@@ -148,7 +151,7 @@ class Accounts:
     def _limit(self, limiter: RateLimiter, key: str) -> None:
         wait = limiter.take(key)
         if wait:
-            raise rate_limited("Too many sign-in attempts", wait)
+            raise rate_limited("Too many attempts to sign in or up", wait)
 
 
 async def _nothing() -> None:

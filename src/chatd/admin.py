@@ -42,6 +42,7 @@ from twisted.internet.task import react
 from twisted.python.failure import Failure
 
 from chatd import auth
+from chatd.accounts import validate_account_id
 from chatd.model import (
     ROLES,
     ChatError,
@@ -63,7 +64,6 @@ __all__ = [
     "read_secret_file",
     "run",
     "store_url",
-    "validate_account_id",
 ]
 
 #: The longest-lived token C{token} mints, and invitation C{invite
@@ -75,27 +75,11 @@ MAX_INVITE_TTL = 30 * 24 * 3600
 #: line argparse refuses; interrupted (SIGINT).
 OK, REFUSED, USAGE, INTERRUPTED = 0, 1, 2, 130
 
-_ACCOUNT_ID = re.compile(r"[a-z0-9_.-]{1,32}\Z")
 _TTL = re.compile(r"([0-9]{1,9})([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 # -- rules the server may come to share ---------------------------------------
-
-
-def validate_account_id(user_id: object) -> str:
-    """
-    An account's id: 1 to 32 characters from a-z, 0-9, C{_}, C{.} and
-    C{-} (a token's C{sub} may be any L{validate_user_id}).
-
-    @raise ChatError: C{invalid_user}.
-    """
-    if not isinstance(user_id, str) or not _ACCOUNT_ID.match(user_id):
-        raise ChatError(
-            "invalid_user",
-            "An account id is 1 to 32 characters from a-z, 0-9, '_', '.' and '-'.",
-        )
-    return user_id
 
 
 def read_secret_file(path: str) -> bytes:

@@ -612,6 +612,8 @@ class Authenticator:
         @raise ChatError: for a bad token.
         """
         bearer, token, cookie, cross_site = credentials
+        if bearer is not None and token is not None:
+            raise invalid_token("Send one credential: Authorization or ?token=, not both.")
         if bearer is not None:
             if bearer.startswith(KEY_PREFIX):
                 return None

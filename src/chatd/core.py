@@ -333,7 +333,11 @@ class ChatCore:
             if not leaving and acting != "owner" and not (
                 acting == "moderator" and new in (None, "member") and current in (None, "member")
             ):
-                raise ChatError("not_allowed", "Only the room's owners may change this membership.")
+                raise ChatError(
+                    "not_allowed",
+                    "You may not make this change: owners may change any membership, "
+                    "moderators may add and remove plain members, anyone may leave.",
+                )
             if new is None and current is None:
                 raise ChatError("user_not_found", f"{member_id!r} is not a member of {room.name!r}.")
             if name is not None:
@@ -358,9 +362,9 @@ class ChatCore:
 
     def rooms(self) -> List[Room]:
         """
-        The rooms this node follows, by name.
+        The rooms this node follows, by name (case aside).
         """
-        return [self._rooms[name] for name in sorted(self._rooms)]
+        return [self._rooms[name] for name in sorted(self._rooms, key=lambda n: (n.lower(), n))]
 
     def list_rooms(self, identity: Identity = GUEST) -> Deferred:
         """

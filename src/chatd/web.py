@@ -495,6 +495,15 @@ class _Poll:
         self._web._finish_failed(failure, self._request)
 
 
+def _role(room: Room, identity: Identity) -> Optional[str]:
+    """
+    The identity's role in the room, as the room's answers show it (a
+    user's; an API key has none to show).
+    """
+    user_id = identity.user_id
+    return None if user_id is None else room.access.members.get(user_id)
+
+
 def _room_info(room: Room, role: Optional[str] = None) -> dict:
     access = room.access
     info = {
@@ -963,7 +972,7 @@ class ChatWeb:
 
         def listed(identity: Identity) -> Deferred:
             def render(rooms: Sequence[Room]) -> bytes:
-                infos = [_room_info(room, self._core.role(room, identity)) for room in rooms]
+                infos = [_room_info(room, _role(room, identity)) for room in rooms]
                 return self._page(request, self._index, rooms=infos, **self._page_context(identity))
 
             return self._core.list_rooms(identity).addCallback(render)
@@ -975,7 +984,7 @@ class ChatWeb:
             return self._page(
                 request,
                 self._room_page,
-                room=_room_info(room, self._core.role(room, identity)),
+                room=_room_info(room, _role(room, identity)),
                 members=_members(room) if room.access.private else [],
                 transport=transport,
                 **self._page_context(identity),
@@ -1181,7 +1190,7 @@ class ChatWeb:
 
         def listed(identity: Identity) -> Deferred:
             def render(rooms: Sequence[Room]) -> bytes:
-                infos = [_room_info(r, self._core.role(r, identity)) for r in rooms]
+                infos = [_room_info(r, _role(r, identity)) for r in rooms]
                 return self._json(request, encode_json({"rooms": infos}))
 
             return self._core.list_rooms(identity).addCallback(render)
@@ -1212,7 +1221,7 @@ class ChatWeb:
                     request.setHeader(b"location", location)
                     return b""
                 request.setHeader(b"location", b"/api/rooms/" + room.name.encode("ascii"))
-                info = _room_info(room, self._core.role(room, identity))
+                info = _room_info(room, _role(room, identity))
                 return self._json(request, encode_json(info), 201, jsonp=False)
 
             d = self._core.create_room(
@@ -1229,7 +1238,7 @@ class ChatWeb:
         """
 
         def render(identity: Identity, found: Room) -> bytes:
-            return self._json(request, encode_json(_room_info(found, self._core.role(found, identity))))
+            return self._json(request, encode_json(_room_info(found, _role(found, identity))))
 
         return self._in_room(request, room, render)
 
@@ -1784,18 +1793,23 @@ def _named_user(value: object) -> User:
     return User(user_id, validate_display_name(value.get("name") or user_id))
 
 
-def _speaker(fields: Dict[str, Any]) -> Optional[User]:
+def _speaker(fields: Dict[str, Any]) -> User:
     """
-    Who an API key posts as: C{as} (a user), C{bot} (a name), or nobody
-    (the C{nick} given, as a guest's).
+    Who an API key posts as: C{as} (a user) or C{bot} (a name), one of
+    them.
+
+    @raise ChatError: C{invalid_user} for neither or both.
     """
-    if fields.get("as") is not None:
-        return _named_user(fields["as"])
-    bot = fields.get("bot")
-    if bot is not None:
-        name = validate_display_name(bot)
-        return User(f"bot:{name}", name)
-    return None
+    speaker, bot = fields.get("as"), fields.get("bot")
+    if (speaker is None) == (bot is None):
+        raise ChatError(
+            "invalid_user",
+            'An API key posts as a user, {"as": {"id", "name"}}, or as a bot, {"bot": NAME}: one of them.',
+        )
+    if speaker is not None:
+        return _named_user(speaker)
+    name = validate_display_name(bot)
+    return User(f"bot:{name}", name)
 
 
 def _checked_origins(urls: Sequence[str]) -> List[str]:
