@@ -351,6 +351,59 @@ class PrivateRoomTests(TestCase):
         code, me = await self.alice.json("GET", "/api/me")
         self.assertEqual(me, {"user": None, "via": "guest"})
 
+    async def _waiting_poll(self, browser: Browser, ws: WSClient) -> Deferred:
+        """
+        A long-poll of C{browser}'s on the room, once it waits.
+        """
+        room = self.service.core.room("secret")
+        before = room.waiting
+        poll: Deferred = Deferred.fromCoroutine(
+            browser.json("GET", f"/api/rooms/secret/messages?after={room.last_seq}&timeout=50")
+        )
+        while room.waiting == before:
+            await ws.sync()
+        return poll
+
+    async def test_sign_out_ends_long_polls_at_once(self) -> None:
+        """
+        Signing out answers the session's waiting long-polls at once with
+        401: no message posted after it reaches them.
+        """
+        ws = await self.alice.websocket(self, "/ws/secret")
+        await ws.opened
+        poll = await self._waiting_poll(self.alice, ws)
+        other = Browser(self, self.base)
+        await other.sign_in("alice")
+        code, _ = await self.alice.json("POST", "/account/signout")
+        self.assertEqual(code, 200)
+        code, answer = await poll
+        self.assertEqual((code, answer["error"]), (401, "auth_required"))
+        # Her other session is still hers.
+        code, _ = await other.json("GET", "/api/rooms/secret")
+        self.assertEqual(code, 200)
+
+    async def test_session_ended_elsewhere(self) -> None:
+        """
+        A session ended on another node (or by chatd-admin) closes this
+        node's WebSockets and long-polls it authorised at the next check
+        (every few seconds; called here at once).
+        """
+        await self.alice.json("POST", "/api/rooms/secret/members", {"user": "bob"})
+        ws = await self.bob.websocket(self, "/ws/secret")
+        await ws.opened
+        poll = await self._waiting_poll(self.bob, ws)
+        watching = Browser(self, self.base)
+        await watching.sign_in("alice")
+        alice_ws = await watching.websocket(self, "/ws/secret")
+        await alice_ws.opened
+        self.assertEqual(await self.service.store.end_sessions(user_id="bob"), 1)
+        await self.service.web.sessions.recheck()
+        self.assertEqual(await ws.closed, chatd_ws.CLOSE_AUTH_EXPIRED)
+        code, answer = await poll
+        self.assertEqual((code, answer["error"]), (401, "auth_required"))
+        await alice_ws.sync()
+        self.assertIsNotNone(alice_ws.protocol)
+
     async def test_wrong_password_and_unknown_user_alike(self) -> None:
         """
         A wrong password and an unknown user get the same 401.

@@ -1791,6 +1791,24 @@ class IdentityStoreContractMixin:
         self.assertEqual((await store.room_access("r")).members, {})
 
 
+    async def test_live_sessions(self) -> None:
+        """
+        live_sessions names the sessions still live: not ended, not
+        expired, of an enabled user.
+        """
+        store = await self.open_store()
+        for user in ("ann", "bob"):
+            await store.add_user(user, user.title(), None, 0)
+        await store.create_session("s1", "ann", "c", 0, 10_000)
+        await store.create_session("s2", "ann", "c", 0, 500)
+        await store.create_session("s3", "bob", "c", 0, 10_000)
+        await store.create_session("s4", "ann", "c", 0, 10_000)
+        await store.end_sessions(session="s4")
+        await store.disable_user("bob", True, 0)
+        self.assertEqual(await store.live_sessions(["s1", "s2", "s3", "s4", "nope"], 1000), {"s1"})  # type: ignore[attr-defined]
+        self.assertEqual(await store.live_sessions([], 1000), set())  # type: ignore[attr-defined]
+
+
 class MemoryIdentityStoreTests(IdentityStoreContractMixin, TestCase):
     """
     The identity contract for the memory store.

@@ -27,7 +27,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import jwt
 from argon2 import PasswordHasher
@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from itsdangerous import BadSignature, Signer
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from chatd.model import (
@@ -56,11 +57,14 @@ __all__ = [
     "Keys",
     "Passwords",
     "SESSION_COOKIE",
+    "SessionWatch",
     "Sessions",
     "TokenVerifier",
     "check_csrf",
     "digest",
 ]
+
+_log = Logger(namespace="chatd.auth")
 
 #: What --auth may be.
 AUTH_MODES = ("open", "token", "accounts")
@@ -468,6 +472,88 @@ class Sessions:
         """
         self._cache.drop(lambda _, identity: identity.user_id == user_id)
         return self._store.end_sessions(user_id=user_id)
+
+
+class SessionWatch:
+    """
+    Who relies on a session right now (a WebSocket opened with it, a
+    long-poll it authorised), and telling them once it ends: at once when
+    it ends on this node (signing out, revoked here), and within
+    L{CACHE_TTL} seconds when it ends elsewhere (L{recheck}: one query for
+    every session watched).
+    """
+
+    def __init__(self, store: Any, clock: Any) -> None:
+        self._store = store
+        self._clock = clock
+        #: session: {watcher: (user_id, on_end)}
+        self._watchers: Dict[str, Dict[object, Tuple[Optional[str], Callable[[], None]]]] = {}
+
+    def watch(self, identity: Identity, on_end: Callable[[], None]) -> Callable[[], None]:
+        """
+        Call C{on_end} once C{identity}'s session ends (nothing for other
+        identities).
+
+        @return: the function that stops watching.
+        """
+        session = identity.session
+        if identity.via != "session" or session is None:
+            return _nothing
+        key = object()
+        self._watchers.setdefault(session, {})[key] = (identity.user_id, on_end)
+
+        def unwatch() -> None:
+            held = self._watchers.get(session)
+            if held is not None:
+                held.pop(key, None)
+                if not held:
+                    del self._watchers[session]
+
+        return unwatch
+
+    @property
+    def watched(self) -> int:
+        return sum(len(held) for held in self._watchers.values())
+
+    def ended(self, session: Optional[str] = None, user_id: Optional[str] = None) -> None:
+        """
+        A session (or every session of C{user_id}) ended.
+        """
+        if session is not None:
+            sessions = [session] if session in self._watchers else []
+        else:
+            sessions = [
+                s for s, held in self._watchers.items() if any(u == user_id for u, _ in held.values())
+            ]
+        for ending in sessions:
+            for _, on_end in list(self._watchers.pop(ending, {}).values()):
+                try:
+                    on_end()
+                except Exception:
+                    _log.failure("Telling a client its session ended failed")
+
+    def recheck(self) -> Deferred:
+        """
+        Ask the store which watched sessions still live; end the others.
+        """
+        sessions = sorted(self._watchers)
+        if not sessions:
+            return succeed(None)
+        now_ms = int(self._clock.seconds() * 1000)
+
+        def compare(live: Set[str]) -> None:
+            for session in sessions:
+                if session not in live:
+                    self.ended(session=session)
+
+        def failed(failure: Any) -> None:
+            _log.failure("Could not check the sessions in use", failure)
+
+        return self._store.live_sessions(sessions, now_ms).addCallbacks(compare, failed)
+
+
+def _nothing() -> None:
+    pass
 
 
 def check_csrf(identity: Identity, given: Optional[str]) -> None:

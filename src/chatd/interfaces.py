@@ -180,6 +180,12 @@ class IIdentityStore(Interface):
             of a live session of an enabled user, or None.
         """
 
+    def live_sessions(sessions, now_ms):
+        """
+        @return: Deferred firing with the set of those C{sessions} that are
+            live (not ended or expired, of an enabled user).
+        """
+
     def end_sessions(session=None, user_id=None):
         """
         End one session, or all of a user's.

@@ -30,11 +30,13 @@ from chatd._version import __version__
 from chatd.accounts import SIGNUP_MODES, Accounts
 from chatd.auth import (
     AUTH_MODES,
+    CACHE_TTL,
     SESSION_TTL,
     Authenticator,
     Keys,
     Passwords,
     Sessions,
+    SessionWatch,
     TokenVerifier,
 )
 from chatd.core import ChatCore
@@ -637,7 +639,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     passwords = Passwords(reactor)
     accounts = None
     sessions = None
+    watch = None
     if options["auth"] == "accounts":
+        watch = SessionWatch(store, reactor)
         # The deployment's secret signs the cookies: read from the store
         # once it is open.
         sessions = Sessions(
@@ -654,7 +658,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
     connections = Connections(limits)
     factory = ChatWebSocketFactory(
-        core, metrics=metrics, clock=reactor, connections=connections, auth=auth
+        core, metrics=metrics, clock=reactor, connections=connections, auth=auth, sessions=watch
     )
     burst, per_second = options["api-rate"]
     web = ChatWeb(
@@ -671,7 +675,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         auth=auth,
         accounts=accounts,
         key_limiter=RateLimiter(reactor, burst, per_second),
-        on_sessions_ended=factory.sessions_ended,
+        sessions=watch,
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and every request must come within REQUEST_TIMEOUT.
@@ -702,6 +706,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         lease = options["presence-lease"]
         Presence(core, node, lease / 3, lease, reactor).setServiceParent(service)
     _Stopping(passwords.stop).setServiceParent(service)
+    if watch is not None:
+        # Sessions ended on other nodes (or by chatd-admin) end here too.
+        recheck = TimerService(CACHE_TTL, watch.recheck)
+        recheck.clock = reactor
+        recheck.setServiceParent(service)
     if not IService.providedBy(bus) and not options["store"].startswith("memory:"):
         # One node on a store others may write to (chatd-admin, or a node
         # on another bus): catch up with it every little while.

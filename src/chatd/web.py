@@ -48,7 +48,7 @@ from werkzeug.routing import RequestRedirect
 from chatd._http import MAX_REQUEST_BODY, ChatSite
 from chatd._wire import REASONS, client_host, error_body, http_status, retry_after
 from chatd.accounts import Accounts, validate_account_id
-from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, check_csrf
+from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, SessionWatch, check_csrf
 from chatd.core import ChatCore
 from chatd.limits import Connections, RateLimiter
 from chatd.metrics import CONTENT_TYPE, Metrics
@@ -419,7 +419,7 @@ class _Poll:
     away, and then no more, once.
     """
 
-    __slots__ = ("_web", "_request", "_waiting", "_forget", "_timeout")
+    __slots__ = ("_web", "_request", "_waiting", "_forget", "_timeout", "_failed", "_unwatch")
 
     def __init__(self, web: "ChatWeb", request: Any, timeout: float) -> None:
         self._web = web
@@ -427,6 +427,8 @@ class _Poll:
         self._timeout = timeout
         self._waiting = False
         self._forget: Optional[Callable[[], None]] = None
+        self._failed: Optional[Callable[[Failure], None]] = None
+        self._unwatch: Optional[Callable[[], None]] = None
 
     def wait(
         self,
@@ -464,15 +466,34 @@ class _Poll:
         )
         if self._waiting:
             self._forget = forget
+            self._failed = failed
+            if web.sessions is not None:
+                self._unwatch = web.sessions.watch(identity, self.session_ended)
 
     def _done(self) -> bool:
         waiting, self._waiting = self._waiting, False
         # Dropping the forget function breaks the cycle through the
         # waiter's closures, so a finished poll is freed at once.
         self._forget = None
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         if waiting:
             self._web._end_poll()
         return waiting
+
+    def session_ended(self) -> None:
+        """
+        The session that authorised this poll ended (signed out, revoked):
+        it waits no more, and is answered 401.
+        """
+        forget, failed = self._forget, self._failed
+        self._failed = None
+        if self._done():
+            if forget is not None:
+                forget()
+            if failed is not None:
+                failed(Failure(ChatError("auth_required", "You were signed out; sign in again.")))
 
     def cancel(self) -> None:
         """
@@ -681,7 +702,7 @@ class ChatWeb:
         auth: Optional[Authenticator] = None,
         accounts: Optional[Accounts] = None,
         key_limiter: Optional[RateLimiter] = None,
-        on_sessions_ended: Optional[Callable[[str], None]] = None,
+        sessions: Optional[SessionWatch] = None,
     ) -> None:
         self._core = core
         self._bus = bus
@@ -690,9 +711,9 @@ class ChatWeb:
         self._accounts = accounts
         #: The server API's limit per key.
         self._key_limiter = key_limiter
-        #: Told the user id whose sessions were all ended (so their open
-        #: WebSockets close).
-        self._on_sessions_ended = on_sessions_ended
+        #: Tells the WebSockets and long-polls a session authorised when
+        #: it ends.
+        self.sessions = sessions
         self._metrics = metrics
         #: Long-polls in progress, read by the metrics at each scrape.
         self.long_polls = 0
@@ -1154,8 +1175,8 @@ class ChatWeb:
 
             def done(_: object) -> bytes:
                 self._set_session(request, None, 0)
-                if identity.session is not None and self._on_sessions_ended is not None:
-                    self._on_sessions_ended(identity.session)
+                if identity.session is not None and self.sessions is not None:
+                    self.sessions.ended(session=identity.session)
                 if _is_form(request):
                     request.setResponseCode(303)
                     request.setHeader(b"location", b"/")
@@ -1375,8 +1396,8 @@ class ChatWeb:
             user_id = validate_user_id(user)
 
             def done(count: int) -> bytes:
-                if self._on_sessions_ended is not None:
-                    self._on_sessions_ended("user:" + user_id)
+                if self.sessions is not None:
+                    self.sessions.ended(user_id=user_id)
                 return self._json(request, encode_json({"user": user_id, "ended": count}), jsonp=False)
 
             return accounts.sessions.end_all(user_id).addCallback(done)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, Dict, Optional, Set, cast
+from typing import Any, Optional, Set, cast
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import (
@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from chatd._send import FrameWriter, Ticks
 from chatd._wire import client_host, http_status
-from chatd.auth import SESSION_COOKIE, Authenticator, Credentials
+from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, SessionWatch
 from chatd.core import ChatCore
 from chatd.limits import Connections, RateLimiter
 from chatd.model import (
@@ -156,6 +156,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _identity: Identity = GUEST
     #: Closes the connection once its token has expired.
     _expiry: Any = None
+    #: Stops watching its session (L{SessionWatch}).
+    _unwatch: Any = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
@@ -234,7 +236,8 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         transport.resumeProducing()
         self._writer = FrameWriter(transport, self.factory.ticks)
         self._sending = True
-        self.factory.track(self)
+        if self.factory.sessions is not None:
+            self._unwatch = self.factory.sessions.watch(self._identity, self.end_session)
         self._watch_expiry()
         try:
             self._subscription = self.factory.core.subscribe(
@@ -584,7 +587,9 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
-        self.factory.untrack(self)
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
@@ -653,15 +658,15 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         slow_consumer_limit: int = SLOW_CONSUMER_LIMIT,
         connections: Optional[Connections] = None,
         auth: Optional[Authenticator] = None,
+        sessions: Optional[SessionWatch] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.core = core
         #: Who clients are (None: every client is a guest).
         self.auth = auth
-        #: Connections opened with a session, by session and by
-        #: C{"user:" + id} (L{sessions_ended}).
-        self._by_session: Dict[str, Set[ChatWebSocketProtocol]] = {}
+        #: Closes connections whose session ends.
+        self.sessions = sessions
         self._connections = connections
         self.metrics = metrics
         #: With a clock, frames may be sent at once (L{chatd._send}), reads
@@ -712,30 +717,6 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         return self.prepared(message).payloadHybi
 
     # -- bookkeeping -----------------------------------------------------------
-
-    def track(self, protocol: ChatWebSocketProtocol) -> None:
-        identity = protocol._identity
-        if identity.via == "session" and identity.session is not None:
-            for key in (identity.session, f"user:{identity.user_id}"):
-                self._by_session.setdefault(key, set()).add(protocol)
-
-    def untrack(self, protocol: ChatWebSocketProtocol) -> None:
-        identity = protocol._identity
-        if identity.via == "session" and identity.session is not None:
-            for key in (identity.session, f"user:{identity.user_id}"):
-                held = self._by_session.get(key)
-                if held is not None:
-                    held.discard(protocol)
-                    if not held:
-                        del self._by_session[key]
-
-    def sessions_ended(self, key: str) -> None:
-        """
-        A session (C{key}: its id) or all of a user's (C{"user:" + id})
-        ended on this node: close the connections they opened.
-        """
-        for protocol in list(self._by_session.get(key, ())):
-            protocol.end_session()
 
     def opened(self, protocol: ChatWebSocketProtocol) -> None:
         self.connections.add(protocol)

@@ -701,6 +701,27 @@ class SQLStore:
 
         return self._read.runWithConnection(read)
 
+    def live_sessions(self, sessions: Sequence[str], now_ms: int) -> Deferred:
+        """
+        @return: a Deferred firing with the set of C{sessions} that live
+            (not ended, not expired, of an enabled user).
+        """
+
+        def read(conn: Any) -> set:
+            live: set = set()
+            for chunk in _chunks(sorted(set(sessions))):
+                rows = conn.execute(
+                    self._sql(
+                        "SELECT s.id FROM sessions s JOIN users u ON u.id = s.user_id "
+                        f"WHERE s.id IN ({_marks(chunk)}) AND s.expires_ms >= ? AND u.disabled = ?"
+                    ),
+                    [*chunk, now_ms, False],
+                ).fetchall()
+                live.update(row[0] for row in rows)
+            return live
+
+        return self._read.runWithConnection(read)
+
     def end_sessions(self, session: Optional[str] = None, user_id: Optional[str] = None) -> Deferred:
         """
         End one session, or every session of C{user_id}.

@@ -220,6 +220,15 @@ class MemoryStore:
             return succeed(None)
         return succeed((row[0], user[0], row[1], row[2]))
 
+    def live_sessions(self, sessions: Sequence[str], now_ms: int) -> Deferred:
+        live = set()
+        for session in sessions:
+            row = self._sessions.get(session)
+            user = None if row is None else self._users.get(row[0])
+            if row is not None and row[2] >= now_ms and user is not None and not user[2]:
+                live.add(session)
+        return succeed(live)
+
     def end_sessions(self, session: Optional[str] = None, user_id: Optional[str] = None) -> Deferred:
         if session is not None:
             return succeed(1 if self._sessions.pop(session, None) is not None else 0)
