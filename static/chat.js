@@ -142,12 +142,44 @@ function renderMember(msg) {
   li.className = "notice member";
   li.dataset.seq = msg.seq;
   const who = msg.user ? msg.user.name : "someone";
-  li.textContent = msg.role ? `${who} is now a ${msg.role} of this room` : `${who} left this room`;
+  li.textContent = msg.role ? `${who} is now a ${msg.role} of this room` : `${who} is no longer a member of this room`;
   return li;
 }
 
 function render(msg) {
   return msg.type === "member" ? renderMember(msg) : renderMessage(msg);
+}
+
+const memberList = document.getElementById("member_list");
+const membersSummary = document.getElementById("members_summary");
+
+function memberChanged(msg) {
+  // Keep the members panel as the events say (the page's own list was
+  // right when it was served).
+  if (!memberList || !msg.user) return;
+  let li = memberList.querySelector(`li[data-user="${CSS.escape(msg.user.id)}"]`);
+  if (!msg.role) {
+    if (li) li.remove();
+  } else if (!li) {
+    li = document.createElement("li");
+    li.dataset.user = msg.user.id;
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = msg.user.name;
+    const uid = document.createElement("span");
+    uid.className = "uid";
+    uid.textContent = `@${msg.user.id}`;
+    const role = document.createElement("span");
+    role.className = "role";
+    role.textContent = msg.role;
+    li.append(name, " ", uid, " ", role);
+    memberList.append(li);
+  } else {
+    const role = li.querySelector(".role");
+    if (role) role.textContent = msg.role;
+  }
+  const count = memberList.children.length;
+  membersSummary.textContent = `${count} member${count === 1 ? "" : "s"}`;
 }
 
 function renderMessage(msg) {
@@ -215,6 +247,7 @@ function show(msg) {
     mine.li.remove();
   }
   const li = render(msg);
+  if (msg.type === "member") memberChanged(msg);
   list.insertBefore(li, list.querySelector("li.pending"));
   regroup(li);
   if (li.nextElementSibling) regroup(li.nextElementSibling);
@@ -319,6 +352,21 @@ function stop(text) {
   setStatus("stopped", "disconnected");
   notice(text, "error");
   input.disabled = true;
+  for (const button of sendForm.querySelectorAll("button")) button.disabled = true;
+}
+
+async function whyRefused(status) {
+  // A 404 is a room this page may no longer read; whether because its
+  // reader was removed or signed out, /api/me says.
+  if (myId && !token) {
+    try {
+      const me = await getJSON("/api/me");
+      if (!me.user) return "You were signed out; sign in again to keep chatting.";
+    } catch (err) {
+      // fall through
+    }
+  }
+  return status === 404 ? "You are no longer a member of this room." : "You were signed out; sign in again to keep chatting.";
 }
 
 function disconnected(retryNow = false) {
@@ -447,10 +495,8 @@ class LongPollTransport {
       }
     } catch (err) {
       this.open = false;
-      if (err.status === 404) {
-        stop("You are no longer a member of this room.");
-      } else if (err.status === 401 && !(await freshToken())) {
-        stop("You were signed out; sign in again to keep chatting.");
+      if (err.status === 404 || (err.status === 401 && !(await freshToken()))) {
+        stop(await whyRefused(err.status));
       } else {
         disconnected(err.status === 401);
       }
@@ -503,6 +549,10 @@ sendForm.addEventListener("submit", (event) => {
 });
 
 olderButton.addEventListener("click", loadOlder);
+
+// Back from adding or removing a member: the panel stays open.
+const panel = document.getElementById("member_panel");
+if (panel && location.hash === "#members") panel.open = true;
 
 window.addEventListener("offline", () => setStatus("offline", "offline"));
 window.addEventListener("online", () => {

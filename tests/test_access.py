@@ -752,4 +752,4 @@ class MemberFormTests(TestCase):
             "POST", "/api/rooms/plans/members/bob/remove", data=f"csrf={alice.csrf}".encode(),
             headers=alice.headers(form), allow_redirects=False,
         )
-        self.assertEqual((code, headers.getRawHeaders(b"location")), (303, [b"/rooms/plans"]))
+        self.assertEqual((code, headers.getRawHeaders(b"location")), (303, [b"/rooms/plans#members"]))

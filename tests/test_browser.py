@@ -616,8 +616,9 @@ class AccountsInTheBrowserTests(BrowserTestCase):
     async def test_private_room_for_two(self) -> None:
         """
         Alice and Bob sign up; Alice makes a private room and adds Bob on
-        its page; they chat; Carol sees no trace of it by any URL; once
-        Alice signs out, her browser can no longer read it.
+        its page; they chat; Carol sees no trace of it by any URL; Alice
+        removes Bob, whose page stops; once Alice signs out (in another
+        tab) her long-poll page stops and her browser reads it no more.
         """
 
         def sign_up(b: Browser, user: str, name: str) -> Any:
@@ -670,9 +671,25 @@ class AccountsInTheBrowserTests(BrowserTestCase):
                 assert response.status == 404, (path, response.status)
                 assert "vault" not in carol.content()
             b.expected_errors.append("404")
-            # Alice signs out: her browser reads the room no more.
+            b.expected_errors.append("401")
+            # Alice removes Bob: his page stops, saying why.
+            alice.evaluate("document.getElementById('member_panel').open = true")
+            alice.click("#member_list li[data-user=bob] .remove button")
+            alice.wait_for_url("**/rooms/plans#members")
+            bob.wait_for_function(
+                "() => document.getElementById('status').dataset.state === 'stopped'"
+            )
+            assert "no longer a member" in bob.text_content("#message_list"), bob.text_content("#message_list")
+            assert bob.is_disabled("#send button")
+            self.screenshot(bob, "removed.png")
+            assert alice.query_selector("#member_list li[data-user=bob]") is None
+            # Alice signs out in one tab: her long-poll tab stops too, at once.
+            lp = b.open("/rooms/plans/longpoll", context=alice.context)
+            b.wait_connected(lp)
             alice.goto(b.base + "/")
             alice.click("#signout")
+            lp.wait_for_function("() => document.getElementById('status').dataset.state === 'stopped'")
+            assert "signed out" in lp.text_content("#message_list"), lp.text_content("#message_list")
             alice.wait_for_selector("#signin_link")
             response = alice.goto(b.base + "/rooms/plans")
             assert response.status == 404, response.status

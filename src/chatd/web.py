@@ -1011,22 +1011,31 @@ class ChatWeb:
                 **self._page_context(identity),
             )
 
-        def refused(failure: Failure) -> bytes:
+        def refused(failure: Failure, identity: Identity) -> bytes:
             failure.trap(ChatError)
             error = cast(ChatError, failure.value)
             if error.code == "auth_required" and self._accounts is not None:
                 request.setResponseCode(303)
                 request.setHeader(b"location", b"/account/signin?next=" + request.path)
                 return b""
-            title = "Sign in first" if error.code == "auth_required" else "No such room"
-            if error.code not in ("auth_required", "room_not_found"):
-                title = "Not available"
+            title = {"auth_required": "Sign in first", "room_not_found": "No such room"}.get(
+                error.code, "Not available"
+            )
+            # The reader is shown as who they are, the same way whether
+            # the room does not exist or is private and not theirs.
             return self._page(
                 request, self._error_page, http_status(error), title=title, detail=error.detail,
-                **self._page_context(GUEST),
+                **self._page_context(identity),
             )
 
-        return self._in_room(request, name, render).addErrback(refused)
+        def entered(identity: Identity) -> Deferred:
+            d = self._core.enter(name, identity)
+            return d.addCallback(lambda room: render(identity, room)).addErrback(refused, identity)
+
+        def unidentified(failure: Failure) -> bytes:
+            return refused(failure, GUEST)
+
+        return self.identify(request).addCallbacks(entered, unidentified)
 
     @app.route("/rooms/<room>", methods=["GET"])
     def room_page(self, request: IRequest, room: str) -> Deferred:
@@ -1143,7 +1152,9 @@ class ChatWeb:
         d = accounts.sign_in(fields.get("user"), fields.get("password"), _ip(request))
         d.addCallback(self._signed_in(request, fields, is_form))
         next_ = fields.get("next") if isinstance(fields.get("next"), str) else "/"
-        return d.addErrback(self._form_refused(request, self._signin_page, is_form, next=next_))
+        user = str(fields.get("user") or "")[:32]
+        refused = self._form_refused(request, self._signin_page, is_form, next=next_, user=user)
+        return d.addErrback(lambda failure: refused(failure))
 
     @app.route("/account/signup", methods=["POST"])
     def signup(self, request: IRequest) -> Deferred:
@@ -1160,7 +1171,12 @@ class ChatWeb:
         )
         d.addCallback(self._signed_in(request, fields, is_form))
         invite = fields.get("invite") if isinstance(fields.get("invite"), str) else ""
-        return d.addErrback(self._form_refused(request, self._signup_page, is_form, invite=invite))
+        user = str(fields.get("user") or "")[:32]
+        name = str(fields.get("name") or "")[:32]
+        refused = self._form_refused(
+            request, self._signup_page, is_form, invite=invite, user=user, name=name
+        )
+        return d.addErrback(lambda failure: refused(failure))
 
     @app.route("/account/signout", methods=["POST"])
     def signout(self, request: IRequest) -> Deferred:
@@ -1333,7 +1349,7 @@ class ChatWeb:
         def removing(identity: Identity, found: Room) -> Deferred:
             self._fields(request, identity)
             d = self._core.set_member(found.name, user, None, None, identity)
-            return d.addCallback(self._member_answer, request, found, 200, is_form)
+            return d.addCallback(self._member_answer, request, found, 200, is_form, identity)
 
         return self._in_room(request, room, remove)
 
@@ -1371,11 +1387,19 @@ class ChatWeb:
         )
 
     def _member_answer(
-        self, event: Message, request: IRequest, room: Room, status: int, is_form: bool
+        self,
+        event: Message,
+        request: IRequest,
+        room: Room,
+        status: int,
+        is_form: bool,
+        identity: Identity = GUEST,
     ) -> bytes:
         if is_form:
             request.setResponseCode(303)
-            request.setHeader(b"location", f"/rooms/{room.name}".encode("ascii"))
+            gone = event.body == "" and event.user is not None and event.user.id == identity.user_id
+            target = "/" if gone else f"/rooms/{room.name}#members"
+            request.setHeader(b"location", target.encode("ascii"))
             return b""
         return self._json(request, event.json, status, jsonp=False)
 
