@@ -753,3 +753,48 @@ class MemberFormTests(TestCase):
             headers=alice.headers(form), allow_redirects=False,
         )
         self.assertEqual((code, headers.getRawHeaders(b"location")), (303, [b"/rooms/plans#members"]))
+
+
+class SignUpModeTests(TestCase):
+    """
+    --signup invite and --signup closed.
+    """
+
+    async def test_invite_only(self) -> None:
+        """
+        With --signup invite, sign-up needs an invitation's code, and each
+        code signs up one account.
+        """
+        from chatd.auth import digest
+
+        service, base = await _server(self, "--auth", "accounts", "--signup", "invite")
+        await service.store.add_invite(digest("the-code"), 0, 2**62)
+        payload = {"user": "ann", "password": "correct horse"}
+        browser = Browser(self, base)
+        code, answer = await browser.json("POST", "/account/signup", payload)
+        self.assertEqual((code, answer["error"]), (403, "invalid_invite"))
+        code, answer = await browser.json("POST", "/account/signup", {**payload, "invite": "wrong"})
+        self.assertEqual((code, answer["error"]), (403, "invalid_invite"))
+        code, answer = await browser.json("POST", "/account/signup", {**payload, "invite": "the-code"})
+        self.assertEqual((code, answer["user"]["id"]), (200, "ann"))
+        code, answer = await browser.json(
+            "POST", "/account/signup", {"user": "bob", "password": "correct horse", "invite": "the-code"}
+        )
+        self.assertEqual((code, answer["error"]), (403, "invalid_invite"))
+        code, _, page = await browser.request("GET", "/account/signup?invite=the-code")
+        self.assertIn(b'name="invite" value="the-code"', page)
+        code, _, page = await browser.request("GET", "/account/signup")
+        self.assertIn(b"needs an invitation link", page)
+
+    async def test_closed(self) -> None:
+        """
+        With --signup closed nobody signs up (accounts come from
+        chatd-admin), and the pages offer no sign-up.
+        """
+        service, base = await _server(self, "--auth", "accounts", "--signup", "closed")
+        browser = Browser(self, base)
+        code, answer = await browser.json("POST", "/account/signup", {"user": "ann", "password": "correct horse"})
+        self.assertEqual((code, answer["error"]), (403, "signup_closed"))
+        code, _, page = await browser.request("GET", "/")
+        self.assertIn(b"signin_link", page)
+        self.assertNotIn(b"signup_link", page)
