@@ -20,6 +20,7 @@ delivered at once, a later one is held and the gap filled from the store
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -864,17 +865,7 @@ class ChatCore:
                 return None
             return self._wait_in(room, after, limit, timeout, answer, failed, user_id)
         call = _Call(answer, failed)
-
-        def wait_in(
-            room: Room,
-            after: Optional[int],
-            limit: int,
-            timeout: Optional[float],
-            answer: Answer,
-            failed: Failed,
-        ) -> Optional[Callable[[], None]]:
-            return self._wait_in(room, after, limit, timeout, answer, failed, user_id)
-
+        wait_in = partial(self._wait_in, user_id=user_id)
         self.enter(room_name, identity).addCallbacks(
             call.then, call.fail, (wait_in, after, limit, timeout)
         )
