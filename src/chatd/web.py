@@ -472,9 +472,11 @@ class _Poll:
 
     def _done(self) -> bool:
         waiting, self._waiting = self._waiting, False
-        # Dropping the forget function breaks the cycle through the
-        # waiter's closures, so a finished poll is freed at once.
+        # Dropping the forget and failed functions breaks the cycles
+        # through the waiter's closures and this poll's own methods, so a
+        # finished poll is freed at once.
         self._forget = None
+        self._failed = None
         unwatch, self._unwatch = self._unwatch, None
         if unwatch is not None:
             unwatch()
