@@ -1,5 +1,5 @@
-// chatd chat page: WebSocket first, long-poll as fallback (or when the page
-// asks for it).  Events are ordered and de-duplicated by their per-room
+// chatd chat page: WebSocket first, then Server-Sent Events, then long-poll
+// as fallbacks (or the one the page asks for).  Events are ordered and de-duplicated by their per-room
 // seq; user content is only ever inserted as text.  Nothing here touches
 // built-in prototypes or globals.
 //
@@ -12,7 +12,8 @@
 
 const chat = document.getElementById("chat");
 const room = chat.dataset.room;
-const forcedLongPoll = chat.dataset.transport === "longpoll";
+// "websocket" (the default order), "sse" or "longpoll" (that one only).
+const forced = chat.dataset.transport;
 const list = document.querySelector("#message_list ul");
 const scroller = document.getElementById("message_list");
 const input = document.getElementById("inputbox");
@@ -38,6 +39,8 @@ let transport = null;        // the live transport object
 let attempts = 0;            // failed connections in a row
 let wsFailures = 0;          // WebSocket opens that failed before one worked
 let wsWorked = false;
+let sseFailures = 0;         // event streams that failed before one worked
+let sseWorked = false;
 let retryTimer = null;
 let retryTicker = null;
 let stopped = false;         // the server said this page may no longer read the room
@@ -503,22 +506,95 @@ class LongPollTransport {
     }
   }
 
-  async send(item) {
-    try {
-      const headers = {"Content-Type": "application/json", "X-CSRF-Token": csrf};
-      if (token) headers.Authorization = `Bearer ${token}`;
-      const response = await fetch(`${api}/messages`, {
-        method: "POST",
-        headers,
-        body: JSON.stringify(payload(item)),
-      });
-      const answer = await response.json();
-      if (!response.ok) failed(item.client_id, answer.detail);
-      // Success shows up through the poll, in seq order, like anyone else's.
-    } catch (err) {
-      // Still pending: it is sent again on reconnect, and client_id
-      // makes the retry safe.
+  send(item) {
+    post(item);
+  }
+}
+
+async function post(item) {
+  // Long-poll and SSE pages post over HTTP.
+  try {
+    const headers = {"Content-Type": "application/json", "X-CSRF-Token": csrf};
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await fetch(`${api}/messages`, {
+      method: "POST",
+      headers,
+      body: JSON.stringify(payload(item)),
+    });
+    const answer = await response.json();
+    if (!response.ok) failed(item.client_id, answer.detail);
+    // Success shows up through the stream, in seq order, like anyone else's.
+  } catch (err) {
+    // Still pending: it is sent again on reconnect, and client_id
+    // makes the retry safe.
+  }
+}
+
+class EventStreamTransport {
+  // Server-Sent Events: every event carries its seq as its id, so the
+  // browser's own reconnects (after the server ends a stream, or a blip)
+  // resume with Last-Event-ID, exactly once.
+  constructor() {
+    this.name = "sse";
+    this.open = false;
+    const after = lastSeq === null ? "" : `?after=${lastSeq}`;
+    this.es = new EventSource(withToken(`${api}/events${after}`));
+    this.dropped = null;
+    this.es.onopen = () => {
+      clearTimeout(this.dropped);
+      this.dropped = null;
+      this.open = true;
+      sseWorked = true;
+      sseFailures = 0;
+      connected();
+    };
+    this.es.onmessage = (event) => show(JSON.parse(event.data));
+    this.es.addEventListener("reset", (event) => reset(JSON.parse(event.data).first_seq));
+    this.es.addEventListener("revoked", () => {
+      this.es.close();
+      stop("You are no longer a member of this room.");
+    });
+    this.es.onerror = () => this.failed();
+  }
+
+  async failed() {
+    if (this.es.readyState !== EventSource.CLOSED) {
+      // The browser reconnects by itself (the server ends every stream
+      // after a minute): "reconnecting" only if that takes a while.
+      if (this.dropped === null) {
+        this.dropped = setTimeout(() => {
+          this.dropped = null;
+          if (transport === this && this.es.readyState !== EventSource.OPEN) {
+            setStatus("reconnecting", "reconnecting…");
+          }
+        }, 2000);
+      }
+      return;
     }
+    clearTimeout(this.dropped);
+    const wasOpen = this.open;
+    this.open = false;
+    if (transport !== this) return;
+    if (!wasOpen && !sseWorked && !wsWorked && forced !== "sse") {
+      // It never opened: once more, then long-poll.
+      sseFailures += 1;
+      disconnected(true);
+      return;
+    }
+    // Refused: say why, or try again later.
+    try {
+      await getJSON(withToken(api));
+    } catch (err) {
+      if (err.status === 404 || (err.status === 401 && !(await freshToken()))) {
+        stop(await whyRefused(err.status));
+        return;
+      }
+    }
+    disconnected();
+  }
+
+  send(item) {
+    post(item);
   }
 }
 
@@ -535,8 +611,17 @@ async function getJSON(url) {
 function connect() {
   if (stopped) return;
   setStatus("connecting", "connecting…");
-  const useWebSocket = !forcedLongPoll && "WebSocket" in window && wsFailures < 2;
-  transport = useWebSocket ? new WebSocketTransport() : new LongPollTransport();
+  if (forced === "longpoll") {
+    transport = new LongPollTransport();
+  } else if (forced === "sse") {
+    transport = new EventStreamTransport();
+  } else if ("WebSocket" in window && wsFailures < 2) {
+    transport = new WebSocketTransport();
+  } else if (typeof window.EventSource === "function" && sseFailures < 2) {
+    transport = new EventStreamTransport();
+  } else {
+    transport = new LongPollTransport();
+  }
 }
 
 sendForm.addEventListener("submit", (event) => {

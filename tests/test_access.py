@@ -167,6 +167,9 @@ class PrivateRoomTests(TestCase):
         paths = [
             ("GET", "/rooms/secret"),
             ("GET", "/rooms/secret/longpoll"),
+            ("GET", "/rooms/secret/sse"),
+            ("GET", "/api/rooms/secret/events"),
+            ("GET", "/api/rooms/secret/events?after=0"),
             ("GET", "/api/rooms/secret"),
             ("GET", "/api/rooms/secret/members"),
             ("GET", "/api/rooms/secret/messages?after=0&timeout=0"),

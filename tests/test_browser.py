@@ -477,25 +477,35 @@ class ResilienceTests(BrowserTestCase):
 
     async def test_server_restart_mid_conversation(self) -> None:
         """
-        When the server restarts, both pages show "reconnecting", a message
-        typed meanwhile waits as "sending", and afterwards the conversation
-        continues with no gap and no duplicate.
+        When the server restarts, the WebSocket, long-poll and SSE pages
+        show "reconnecting", a message typed meanwhile waits as "sending",
+        and afterwards the conversation continues with no gap and no
+        duplicate on each (the event stream resuming by itself, with
+        Last-Event-ID).
         """
 
         def scenario(b: Browser) -> None:
             # While the server is down the browser logs refused connections.
-            b.expected_errors += [r"ERR_CONNECTION_REFUSED", r"WebSocket connection to .* failed"]
+            # (and an event stream that reconnects while the server shuts
+            # down is refused with 503).
+            b.expected_errors += [
+                r"ERR_CONNECTION_REFUSED", r"WebSocket connection to .* failed", r"status of 503",
+            ]
             ws, lp = b.open("/rooms/lobby"), b.open("/rooms/lobby/longpoll")
-            b.wait_connected(ws)
-            b.wait_connected(lp)
+            sse = b.open("/rooms/lobby/sse")
+            for page in (ws, lp, sse):
+                b.wait_connected(page)
+            self.assertEqual(sse.text_content("#transport"), "sse")
             for i in range(3):
                 b.say(ws if i % 2 == 0 else lp, f"before {i}")
                 b.wait_messages(ws, i + 1)
             b.wait_messages(lp, 3)
+            b.wait_messages(sse, 3)
             port = self.server.port
             blockingCallFromThread(reactor, lambda: self.server.stop("TERM"))
-            for page in (ws, lp):
+            for page in (ws, lp, sse):
                 page.wait_for_function("() => document.getElementById('status').dataset.state === 'reconnecting'")
+            for page in (ws, lp):
                 self.assertRegex(page.text_content("#status"), r"reconnecting in \d+ s")
             b.say(ws, "typed while the server was down")
             ws.wait_for_selector("#message_list li.pending")
@@ -503,15 +513,16 @@ class ResilienceTests(BrowserTestCase):
                 reactor,
                 lambda: ensureDeferred(ChatdProcess.start(self, *self.chatd_args(), port=port)),
             )
-            for page in (ws, lp):
+            for page in (ws, lp, sse):
                 b.wait_connected(page)
             b.wait_messages(ws, 4)
             b.wait_messages(lp, 4)
-            b.say(lp, "after the restart")
-            b.wait_messages(ws, 5)
-            b.wait_messages(lp, 5)
+            b.say(sse, "after the restart")
+            for page in (ws, lp, sse):
+                b.wait_messages(page, 5)
             self.assertEqual(ws.locator("#message_list li.pending").count(), 0)
-            for page in (ws, lp):
+            # The event stream resumed by itself, with Last-Event-ID.
+            for page in (ws, lp, sse):
                 seen = b.messages(page)
                 self.assertEqual([m["seq"] for m in seen], [1, 2, 3, 4, 5])
                 self.assertEqual(
@@ -524,8 +535,9 @@ class ResilienceTests(BrowserTestCase):
     async def test_websocket_blocked_falls_back_to_longpoll(self) -> None:
         """
         When WebSocket connections never open (a proxy that blocks them),
-        the chat page switches to long-poll by itself and chats with a
-        WebSocket page.
+        the chat page switches to Server-Sent Events by itself, and where
+        there are none either, to long-poll; all chat with a WebSocket
+        page.
         """
         blocked = """
         window.WebSocket = class {
@@ -534,18 +546,24 @@ class ResilienceTests(BrowserTestCase):
         };
         """
 
+        no_streams = "window.EventSource = undefined;"
+
         def scenario(b: Browser) -> None:
             stuck = b.open("/rooms/lobby", init=blocked)
+            stuck_more = b.open("/rooms/lobby", init=blocked + no_streams)
             normal = b.open("/rooms/lobby")
-            b.wait_connected(stuck)
-            b.wait_connected(normal)
-            self.assertEqual(stuck.text_content("#transport"), "long-poll")
+            for page in (stuck, stuck_more, normal):
+                b.wait_connected(page)
+            self.assertEqual(stuck.text_content("#transport"), "sse")
+            self.assertEqual(stuck_more.text_content("#transport"), "long-poll")
             self.assertEqual(normal.text_content("#transport"), "websocket")
-            b.say(stuck, "through long-poll")
+            b.say(stuck, "through sse")
+            b.say(stuck_more, "through long-poll")
             b.say(normal, "through websocket")
-            b.wait_messages(stuck, 2)
-            b.wait_messages(normal, 2)
+            for page in (stuck, stuck_more, normal):
+                b.wait_messages(page, 3)
             self.assertEqual(b.messages(stuck), b.messages(normal))
+            self.assertEqual(b.messages(stuck_more), b.messages(normal))
 
         await self.in_browser(scenario)
 

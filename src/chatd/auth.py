@@ -59,6 +59,7 @@ __all__ = [
     "SESSION_COOKIE",
     "SessionWatch",
     "Sessions",
+    "TOKEN_GRACE",
     "TokenVerifier",
     "check_csrf",
     "digest",
@@ -72,6 +73,9 @@ AUTH_MODES = ("open", "token", "accounts")
 TOKEN_LEEWAY = 30.0
 #: The longest token read (a longer one is refused before it is decoded).
 MAX_TOKEN = 8 * 1024
+#: How long past its token's C{exp} a connection (a WebSocket, an event
+#: stream) stays open, for the client to bring a fresh token.
+TOKEN_GRACE = 30.0
 #: The session cookie's name.
 SESSION_COOKIE = b"chatd_session"
 #: How long a session lasts.

@@ -95,7 +95,7 @@ class Metrics:
             "a full queue makes every announcing commit fail).",
             registry=r,
         )
-        for transport in ("websocket", "longpoll"):
+        for transport in ("websocket", "longpoll", "sse"):
             self.connections.labels(transport)
             self.posted.labels(transport)
             self.delivered.labels(transport)

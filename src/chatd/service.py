@@ -421,11 +421,13 @@ class ChatService(MultiService):
         fires when it is over (or ended early, L{_install_sigterm}).
         """
         polls = self.core.release_waiters()
+        streams = self.web.end_streams() if self.web is not None else 0
         self.log.info(
             "Draining for {seconds:g} s: /readyz answers 503, {polls} waiting "
-            "long-polls answered; still serving",
+            "long-polls answered, {streams} event streams ended; still serving",
             seconds=self._drain,
             polls=polls,
+            streams=streams,
         )
         over: Deferred = Deferred()
         call = self._reactor.callLater(self._drain, over.callback, None)
@@ -483,6 +485,8 @@ class ChatService(MultiService):
             )
             self.core.stop()
             released = self.core.release_waiters()
+            if self.web is not None:
+                self.web.end_streams()
             closing = len(self.websockets.connections)
             await self.websockets.shutdown(SHUTDOWN_TIMEOUT / 2, self._reactor)
             self.log.info(

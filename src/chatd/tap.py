@@ -676,6 +676,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         accounts=accounts,
         key_limiter=RateLimiter(reactor, burst, per_second),
         sessions=watch,
+        clock=reactor,
     )
     # Idle connections are closed after IDLE_TIMEOUT (longer than any
     # long-poll), and every request must come within REQUEST_TIMEOUT.

@@ -30,7 +30,19 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    cast,
+)
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -48,7 +60,14 @@ from werkzeug.routing import RequestRedirect
 from chatd._http import MAX_REQUEST_BODY, ChatSite
 from chatd._wire import REASONS, client_host, error_body, http_status, retry_after
 from chatd.accounts import Accounts, validate_account_id
-from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, SessionWatch, check_csrf
+from chatd.auth import (
+    SESSION_COOKIE,
+    TOKEN_GRACE,
+    Authenticator,
+    Credentials,
+    SessionWatch,
+    check_csrf,
+)
 from chatd.core import ChatCore
 from chatd.limits import Connections, RateLimiter
 from chatd.metrics import CONTENT_TYPE, Metrics
@@ -67,6 +86,7 @@ from chatd.model import (
     validate_user_id,
 )
 from chatd.room import Room
+from chatd.sse import EventStream
 
 __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "canonical_origin", "make_environment"]
 
@@ -705,7 +725,11 @@ class ChatWeb:
         accounts: Optional[Accounts] = None,
         key_limiter: Optional[RateLimiter] = None,
         sessions: Optional[SessionWatch] = None,
+        clock: Any = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
         self._core = core
         self._bus = bus
         #: Who requests are from (None: everyone is a guest).
@@ -719,8 +743,11 @@ class ChatWeb:
         self._metrics = metrics
         #: Long-polls in progress, read by the metrics at each scrape.
         self.long_polls = 0
+        #: Event streams (SSE) in progress.
+        self._streams: Set[EventStream] = set()
         if metrics is not None:
             metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
+            metrics.connections.labels("sse").set_function(lambda: len(self._streams))
             metrics.watch_waiters(core.waiting)
         self._allow_origins = frozenset(_checked_origins(allow_origins))
         self._public_origins = frozenset(_checked_origins(public_urls))
@@ -1052,6 +1079,13 @@ class ChatWeb:
         A room's chat page, over long-poll.
         """
         return self._chat_page(request, room, "longpoll")
+
+    @app.route("/rooms/<room>/sse", methods=["GET"])
+    def sse_page(self, request: IRequest, room: str) -> Deferred:
+        """
+        A room's chat page, over Server-Sent Events.
+        """
+        return self._chat_page(request, room, "sse")
 
     @app.route("/static/", branch=True, methods=["GET"])
     def static(self, request: IRequest) -> IResource:
@@ -1555,6 +1589,60 @@ class ChatWeb:
             return self._json(request, message.json, 201, jsonp=False)
 
         return d.addCallback(respond)
+
+    # -- Server-Sent Events ----------------------------------------------------
+
+    @app.route("/api/rooms/<room>/events", methods=["GET"])
+    def events(self, request: IRequest, room: str) -> Deferred:
+        """
+        The room's events as C{text/event-stream} (L{chatd.sse}): after
+        C{Last-Event-ID} (a reconnecting C{EventSource}'s) or C{?after=},
+        else the room's cached history, then live.
+        """
+        return self._in_room(request, room, self._event_stream, request)
+
+    def _event_stream(self, identity: Identity, room: Room, request: IRequest) -> Deferred:
+        resumed = request.getHeader(b"last-event-id")
+        if resumed is not None:
+            after = parse_cursor(resumed.decode("latin-1").strip(), "Last-Event-ID")
+        else:
+            after = parse_cursor(_query(request, "after"), "after")
+        expires = None
+        if identity.via == "token" and identity.expires is not None:
+            expires = identity.expires + TOKEN_GRACE
+        if self.shutting_down:
+            raise ChatError("not_ready", "The server is shutting down; try another.")
+        stream = EventStream(request, self._clock, expires, self._slow_stream)
+        self._streams.add(stream)
+        unwatch = None if self.sessions is None else self.sessions.watch(identity, stream.session_ended)
+
+        def subscribe(deliver: Any, on_reset: Any, on_revoked: Any) -> Any:
+            return self._core.subscribe(room.name, after, deliver, on_reset, identity, on_revoked)
+
+        def over(result: object) -> object:
+            self._streams.discard(stream)
+            if unwatch is not None:
+                unwatch()
+            return result
+
+        return stream.start(subscribe).addBoth(over)
+
+    def _slow_stream(self) -> None:
+        self.log.info("Dropped an event stream that was not being read")
+        if self._metrics is not None:
+            self._metrics.rejected.labels("slow_consumer").inc()
+
+    def end_streams(self) -> int:
+        """
+        Shutting down (or draining): end every event stream (their clients
+        resume elsewhere, with Last-Event-ID).
+
+        @return: how many there were.
+        """
+        streams = list(self._streams)
+        for stream in streams:
+            stream.end()
+        return len(streams)
 
     # -- WebSocket -----------------------------------------------------------
 

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from chatd._send import FrameWriter, Ticks
 from chatd._wire import client_host, http_status
 from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, SessionWatch
+from chatd.auth import TOKEN_GRACE as AUTH_TOKEN_GRACE
 from chatd.core import ChatCore
 from chatd.limits import Connections, RateLimiter
 from chatd.model import (
@@ -66,7 +67,7 @@ CLOSE_REVOKED = 4003
 
 #: How long past its token's C{exp} a connection stays open, for the
 #: client to send a fresh token (an C{auth} frame).
-TOKEN_GRACE = 30.0
+TOKEN_GRACE = AUTH_TOKEN_GRACE
 
 #: Rate-limited frames in a row after which a connection is closed (1008).
 FLOOD_CLOSE_AFTER = 20
