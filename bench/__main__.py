@@ -2,7 +2,7 @@
 chatd's benchmark: chatd and its peers side by side, driven by one load
 generator (Node.js, bench/loadgen), in one run.
 
-    python -m bench [--runs 3] [--only fanout,latency,idle,longpoll,getcost,store]
+    python -m bench [--runs 3] [--only fanout,sse,latency,idle,longpoll,getcost,store]
                     [--servers chatd-sqlite,chatd,autobahn,websockets,tornado,socketio]
                     [--out bench/results.jsonl]
     python -m bench --only multinode,notify
@@ -183,6 +183,22 @@ def fanout(name: str, receivers: int) -> Dict[str, Any]:
         server.stop()
     r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
     return {"bench": "fanout", "server": name, "receivers": receivers, **r}
+
+
+def sse_fanout(name: str, receivers: int) -> Dict[str, Any]:
+    """
+    The fan-out cell with chatd's Server-Sent Events receivers (bare
+    sockets reading /api/rooms/<room>/events); the sender is the same
+    WebSocket client.
+    """
+    server = Server(name)
+    try:
+        r = measured(server, node({"mode": "fanout", "url": server.url, "receivers": receivers,
+                                   "window": 100, "duration": 5, "protocol": "ws", "sse": True}))
+    finally:
+        server.stop()
+    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
+    return {"bench": "sse", "server": name, "receivers": receivers, **r}
 
 
 def latency(name: str, receivers: int) -> Dict[str, Any]:
@@ -487,7 +503,7 @@ def store() -> List[Dict[str, Any]]:
 def main(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="fanout,latency,idle,longpoll,getcost,store")
+    parser.add_argument("--only", default="fanout,sse,latency,idle,longpoll,getcost,store")
     parser.add_argument("--servers", default="chatd-sqlite,chatd,autobahn,websockets,tornado,socketio")
     parser.add_argument("--out", default=str(HERE / "results.jsonl"))
     parser.add_argument("--idle-connections", type=int, default=5000)
@@ -522,6 +538,11 @@ def main(argv: List[str]) -> None:
                 for receivers in (100, 1000):
                     for name in servers:
                         emit(fanout(name, receivers), run)
+            if "sse" in only:
+                for receivers in (100, 1000):
+                    for name in servers:
+                        if name.startswith("chatd"):
+                            emit(sse_fanout(name, receivers), run)
             if "latency" in only:
                 for name in servers:
                     emit(latency(name, 1000), run)

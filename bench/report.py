@@ -440,6 +440,31 @@ def report(rows: List[Dict[str, Any]]) -> str:
                 f"{fmt(cell(g, 'server_us_per_delivery'), 2)} | {fmt(cell(g, 'server_cpu_s'), 2)} | "
                 f"{fmt(cell(g, 'loadgen_cpu_s'), 2)} |"
             )
+    if any(r["bench"] == "sse" for r in rows):
+        out += [
+            "",
+            "## Fan-out over Server-Sent Events",
+            "",
+            "The same cell with chatd's SSE receivers (bare sockets reading "
+            "`/api/rooms/<room>/events`, counting its `id:` lines) beside its "
+            "WebSocket receivers, from the same run; the sender is the same "
+            "WebSocket client.",
+            "",
+            "| server | R | SSE deliveries/s | WebSocket deliveries/s | SSE / WebSocket | SSE server µs/delivery | not delivered or doubled |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for receivers in (100, 1000):
+            for server in SERVERS:
+                g = group(rows, "sse", server=server, receivers=receivers)
+                if not g:
+                    continue
+                sse_cell = cell(g, "deliveries_per_s")
+                ws_cell = cell(group(rows, "fanout", server=server, receivers=receivers), "deliveries_per_s")
+                lost = sum(r["undelivered"] + r["duplicates"] for r in g)
+                out.append(
+                    f"| {NAMES[server]} | {receivers} | {fmt(sse_cell)} | {fmt(ws_cell)} | "
+                    f"{ratio(sse_cell, ws_cell)} | {fmt(cell(g, 'server_us_per_delivery'), 2)} | {lost:,} |"
+                )
     out += [
         "",
         "## Latency",

@@ -82,6 +82,24 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("Autobahn spends 20 µs.", text)
         self.assertIn("20.0 (20.0-20.0) µs of server CPU per cycle that is 40% of the server's", text)
 
+    def test_sse_beside_websocket(self) -> None:
+        """
+        The SSE fan-out cells are shown beside the WebSocket ones of the
+        same run, with their ratio and what was lost (nothing); without
+        SSE rows there is no such section.
+        """
+        rows = [
+            row(bench="fanout", server="chatd", receivers=100, deliveries_per_s=400,
+                server_us_per_delivery=1.0, server_cpu_s=5.0, loadgen_cpu_s=1.0),
+            row(bench="sse", server="chatd", receivers=100, deliveries_per_s=600,
+                server_us_per_delivery=0.8, server_cpu_s=5.0, loadgen_cpu_s=1.0,
+                undelivered=0, duplicates=0),
+        ]
+        text = report.report(rows)
+        self.assertIn("## Fan-out over Server-Sent Events", text)
+        self.assertIn("| chatd (--store memory:) | 100 | 600 (600-600) | 400 (400-400) | 1.50x | 0.80 (0.80-0.80) | 0 |", text)
+        self.assertNotIn("Server-Sent Events", report.report(rows[:1]))
+
     def test_load_newest_session(self) -> None:
         """
         Without --session, the newest session in the file is used.

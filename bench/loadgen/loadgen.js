@@ -3,8 +3,9 @@
 //
 //   node loadgen.js '{"mode": "fanout", ...}'   -> prints one JSON line
 //
-// Modes: fanout, latency, idle (WebSocket or Socket.IO), longpoll (chatd's
-// HTTP API).  All clients share this process's clock, so latencies are
+// Modes: fanout (receivers on WebSocket, Socket.IO, or with "sse": chatd's
+// Server-Sent Events), latency, idle (WebSocket or Socket.IO), longpoll
+// (chatd's HTTP API).  All clients share this process's clock, so latencies are
 // send-to-receive on one clock.
 
 "use strict";
@@ -76,13 +77,54 @@ function connectRaw(url) {
   });
 }
 
+// A receive-only Server-Sent Events client on a bare TCP socket (chatd's
+// GET /api/rooms/<room>/events for the WebSocket URL's room): each chunk
+// is handed over as the number of events in it (one "id: " line each),
+// without parsing the rest, as the raw WebSocket client does.
+function connectSSE(url) {
+  const net = require("net");
+  const u = new URL(url);
+  const room = u.pathname.split("/").pop();
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(Number(u.port), u.hostname);
+    sock.setNoDelay(true);
+    const client = {onmessage: null, send: () => { throw new Error("receive-only"); }, close: () => sock.destroy()};
+    let started = false;
+    let head = "";
+    let tail = "";  // an "id: " split across two reads is counted once
+    const count = (text) => {
+      const joined = tail + text;
+      const n = (joined.match(/\nid: /g) || []).length;
+      tail = joined.slice(-4);
+      if (n && client.onmessage) client.onmessage(n);
+    };
+    sock.on("connect", () => {
+      sock.write(`GET /api/rooms/${room}/events HTTP/1.1\r\nHost: ${u.host}\r\n\r\n`);
+    });
+    sock.on("data", (data) => {
+      if (!started) {
+        head += data.toString("latin1");
+        const end = head.indexOf("\r\n\r\n");
+        if (end < 0) return;
+        if (!head.startsWith("HTTP/1.1 200")) { reject(new Error(head)); return; }
+        started = true;
+        resolve(client);
+        count(head.slice(end + 2));
+        return;
+      }
+      count(data.toString("latin1"));
+    });
+    sock.on("error", reject);
+  });
+}
+
 // The servers to spread clients over, round-robin: cfg.urls (several chatd
 // nodes sharing one store) or cfg.url.  Senders talk to the first.
 const urls = cfg.urls || [cfg.url];
 
 async function connectMany(count) {
   const clients = [];
-  const open = cfg.raw ? connectRaw : connect;
+  const open = cfg.sse ? connectSSE : cfg.raw ? connectRaw : connect;
   for (let start = 0; start < count; start += 100) {
     const batch = [];
     for (let i = start; i < Math.min(count, start + 100); i++) batch.push(open(urls[i % urls.length]));
@@ -135,7 +177,9 @@ async function fanout() {
   const sender = await connect(urls[0]);
   let delivered = 0;
   const counts = receivers.map(() => 0);
-  receivers.forEach((r, i) => { r.onmessage = () => { delivered += 1; counts[i] += 1; }; });
+  // (An SSE receiver is told how many events a chunk held.)
+  const many = (n) => (typeof n === "number" ? n : 1);
+  receivers.forEach((r, i) => { r.onmessage = (n) => { delivered += many(n); counts[i] += many(n); }; });
   let sent = 0, echoed = 0, stop = false;
   const started = now();
   const send = () => { sender.send(message(`f${sent}`)); sent += 1; };

@@ -14,12 +14,15 @@ by itself after the C{retry:} it was told, from where it was.  Comments
 Like a WebSocket, a stream is one subscription of the core's
 (L{chatd.core.ChatCore.subscribe}); the request's transport pauses it when
 its buffer is full, and a client that stops reading is dropped once
-L{SLOW_CONSUMER_LIMIT} bytes wait for it.
+L{SLOW_CONSUMER_LIMIT} bytes wait for it.  Each event is encoded once for
+every stream (L{event_bytes}), and a stream's events of one reactor
+iteration go out in one write at the start of the next
+(L{chatd._send.Ticks}), as a WebSocket's do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -54,6 +57,20 @@ SLOW_CONSUMER_LIMIT = 1024 * 1024
 #: chatd's Content-Type for event streams.
 CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 
+_last: List[Any] = [None, b""]
+
+
+def event_bytes(message: Message) -> bytes:
+    """
+    C{message} as an event: its seq as the id, its JSON (which holds no
+    line break) as the data.  The last one made is kept: the core offers
+    each message to every stream of its room before the next one.
+    """
+    if _last[0] is not message:
+        _last[0], _last[1] = message, b"id: %d\ndata: %s\n\n" % (message.seq, message.json)
+    return _last[1]  # type: ignore[no-any-return]
+
+
 Subscribe = Callable[
     [Callable[[Message], None], Callable[[int], None], Callable[[], None]], Subscription
 ]
@@ -69,6 +86,8 @@ class EventStream:
     @param expires: when the credentials it was opened with expire (a
         token's C{exp}, plus a grace period), or None.
     @param dropped: called if the client is dropped for not reading.
+    @param ticks: the reactor iterations (L{chatd._send.Ticks}) a
+        stream's events are gathered by; None: each is written at once.
     """
 
     log = Logger()
@@ -79,9 +98,13 @@ class EventStream:
         clock: Any,
         expires: Optional[float] = None,
         dropped: Optional[Callable[[], None]] = None,
+        ticks: Any = None,
     ) -> None:
         self._request = request
         self._dropped = dropped
+        self._ticks = ticks
+        #: Events held until the next reactor iteration (with ticks).
+        self._held: Optional[List[bytes]] = None
         self._clock = clock
         self._expires = expires
         self._subscription: Optional[Subscription] = None
@@ -127,15 +150,35 @@ class EventStream:
         A log event (a message, a membership change): its JSON (which
         holds no line break) with its seq as the event's id.
         """
-        self._write(b"id: %d\ndata: %s\n\n" % (message.seq, message.json))
-        if self._sent > MAX_STREAM_BYTES:
-            self.end()
+        event = event_bytes(message)
+        held = self._held
+        if held is not None:
+            held.append(event)
+            return
+        if self._ticks is None:
+            self._write(event)
+            if self._sent > MAX_STREAM_BYTES:
+                self.end()
+            return
+        self._held = [event]
+        self._ticks.flush_later(self)
+
+    def flush(self) -> None:
+        """
+        Write the events held back, in one piece (L{chatd._send.Ticks}).
+        """
+        held, self._held = self._held, None
+        if held and not self._over:
+            self._write(held[0] if len(held) == 1 else b"".join(held))
+            if self._sent > MAX_STREAM_BYTES:
+                self.end()
 
     def reset(self, first_seq: int) -> None:
         """
         The cursor was older than what the store holds: say so, with the
         id the stream resumes from.
         """
+        self.flush()
         body = encode_json({"type": "reset", "first_seq": first_seq})
         self._write(b"id: %d\nevent: reset\ndata: %s\n\n" % (first_seq - 1, body))
 
@@ -144,6 +187,7 @@ class EventStream:
         The user may no longer read the room: say so, and end.
         """
         self._subscription = None
+        self.flush()
         self._write(b"event: revoked\ndata: %s\n\n" % encode_json({"type": "revoked"}))
         self.end()
 
@@ -155,6 +199,7 @@ class EventStream:
         self.end()
 
     def _heartbeat(self) -> None:
+        self.flush()
         self._write(b": heartbeat\n\n")
         self._timers.append(self._clock.callLater(HEARTBEAT, self._heartbeat))
 
@@ -198,6 +243,9 @@ class EventStream:
         """
         if self._over:
             return
+        held, self._held = self._held, None
+        if held:
+            self._write(b"".join(held))
         self._over = True
         self._stop()
         self.done.callback(b"")

@@ -58,6 +58,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
 from chatd._http import MAX_REQUEST_BODY, ChatSite
+from chatd._send import Ticks
 from chatd._wire import REASONS, client_host, error_body, http_status, retry_after
 from chatd.accounts import Accounts, validate_account_id
 from chatd.auth import (
@@ -743,8 +744,10 @@ class ChatWeb:
         self._metrics = metrics
         #: Long-polls in progress, read by the metrics at each scrape.
         self.long_polls = 0
-        #: Event streams (SSE) in progress.
+        #: Event streams (SSE) in progress, and the reactor iterations
+        #: their events are gathered by.
         self._streams: Set[EventStream] = set()
+        self._ticks = Ticks(clock)
         if metrics is not None:
             metrics.connections.labels("longpoll").set_function(lambda: self.long_polls)
             metrics.connections.labels("sse").set_function(lambda: len(self._streams))
@@ -1612,7 +1615,7 @@ class ChatWeb:
             expires = identity.expires + TOKEN_GRACE
         if self.shutting_down:
             raise ChatError("not_ready", "The server is shutting down; try another.")
-        stream = EventStream(request, self._clock, expires, self._slow_stream)
+        stream = EventStream(request, self._clock, expires, self._slow_stream, self._ticks)
         self._streams.add(stream)
         unwatch = None if self.sessions is None else self.sessions.watch(identity, stream.session_ended)
 
