@@ -480,9 +480,11 @@ class LongPollTransport {
 
   async run() {
     try {
+      // Connected only once the server has answered (so that an outage
+      // keeps backing off instead of looking connected between tries).
+      const info = await getJSON(withToken(api));
       if (lastSeq === null) {
         // First visit: the newest page of history, then follow from there.
-        const info = await getJSON(withToken(api));
         const newest = await getJSON(withToken(`${api}/messages?before=${info.last_seq + 1}&limit=${PAGE}`));
         for (const msg of newest.messages) show(msg);
         lastSeq = Math.max(lastSeq ?? 0, info.last_seq);

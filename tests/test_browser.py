@@ -11,6 +11,7 @@ CI=true they fail instead.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Callable, Dict, List, Optional
@@ -783,3 +784,52 @@ class TokenInTheBrowserTests(BrowserTestCase):
             assert any('"type":"auth"' in frame.replace(" ", "") for frame in received), received
 
         await self.in_browser(scenario)
+
+
+class PageDefectTests(BrowserTestCase):
+    """
+    Defects people met on the pages, each pinned.
+    """
+
+    async def test_long_poll_backs_off_during_an_outage(self) -> None:
+        """
+        While the server is down, the long-poll page tries again less and
+        less often, and never says "connected" before the server answers.
+        """
+
+        def scenario(b: Browser) -> None:
+            b.expected_errors += [r"ERR_CONNECTION_REFUSED"]
+            page = b.open("/rooms/lobby/longpoll")
+            b.wait_connected(page)
+            blockingCallFromThread(reactor, lambda: self.server.stop("TERM"))
+            page.wait_for_function("() => document.getElementById('status').dataset.state === 'reconnecting'")
+            b.requests.clear()
+            states = []
+            for _ in range(40):
+                page.wait_for_timeout(250)
+                states.append(page.evaluate("document.getElementById('status').dataset.state"))
+            tries = [url for url in b.requests if "/api/rooms/lobby" in url]
+            # Backing off from 1 s (with jitter), ten seconds hold a handful
+            # of tries, not one a second or more.
+            assert len(tries) <= 6, tries
+            assert "connected" not in states, states
+
+        await self.in_browser(scenario)
+
+    async def test_a_bad_link_gets_a_page(self) -> None:
+        """
+        A page URL that is not one (a trailing slash, a typo) gets chatd's
+        404 page, not JSON; the API still answers JSON.
+        """
+
+        def scenario(b: Browser) -> None:
+            for path in ("/rooms/lobby/", "/room/lobby"):
+                page = b.open(path)
+                assert page.response.status == 404, (path, page.response.status)
+                assert page.text_content("h1") == "No such page"
+                assert page.query_selector("#who") is not None
+            b.expected_errors.append("404")
+
+        await self.in_browser(scenario)
+        code, _, body = await self.http.request("GET", "/api/nope")
+        self.assertEqual((code, json.loads(body)["error"]), (404, "not_found"))

@@ -874,8 +874,18 @@ class ChatWeb:
             self._metrics.rejected.labels(reason).inc()
 
     @app.handle_errors(HTTPException)
-    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+    def _http_error(self, request: IRequest, failure: Failure) -> Any:
         error = cast(HTTPException, failure.value)
+        if (error.code == 404 or isinstance(error, RequestRedirect)) and _wants_page(request):
+            # A browser that followed a bad link (/rooms/lobby/, a typo):
+            # chatd's page, showing who is reading, not JSON.
+            def page(identity: Identity) -> bytes:
+                return self._page(
+                    request, self._error_page, 404, title="No such page",
+                    detail="There is no page at this address.", **self._page_context(identity),
+                )
+
+            return self.identify(request).addCallbacks(page, lambda _: page(GUEST))
         if isinstance(error, RequestRedirect):
             # werkzeug redirects a path missing a rule's trailing slash
             # (/static); its exception carries no Location for Klein to
@@ -1889,6 +1899,19 @@ def _tutorial_text(message: Message) -> str:
     if message.body:
         return f"{message.user.name} is now a {message.body} of this room."
     return f"{message.user.name} left this room."
+
+
+def _wants_page(request: IRequest) -> bool:
+    """
+    Whether a request is a browser's for a page (not the API's, a
+    WebSocket's or a static file's).
+    """
+    path = request.path
+    return (
+        request.method in (b"GET", b"HEAD")
+        and not path.startswith((b"/api/", b"/ws/", b"/static/"))
+        and b"text/html" in (request.getHeader(b"accept") or b"")
+    )
 
 
 def _is_form(request: IRequest) -> bool:
