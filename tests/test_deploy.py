@@ -275,15 +275,19 @@ class HAProxyTests(TestCase):
     async def test_longpoll_and_websocket_through_haproxy(self) -> None:
         """
         Through the balancer: a WebSocket opened with the page's Origin
-        (the Host check passes: the Host header arrives unchanged) and a
-        long-poll both receive a message posted through it.  (One node:
+        (the Host check passes: the Host header arrives unchanged), a
+        long-poll and an event stream all receive a message posted through
+        it.  (One node:
         delivery across nodes is the bus's, tested with it.)
         """
+        from tests.test_sse import EventClient
+
         cluster = await Cluster.start(self, nodes=1)
         base = cluster.haproxy_base
         ws = await WSClient.connect(self, base, "/ws/lobby", origin=base)
         http = HTTP(self, base)
         waiting = Deferred.fromCoroutine(http.get_json("/api/rooms/lobby/messages?after=0&timeout=20"))
+        stream = await EventClient.open(self, base + "/api/rooms/lobby/events?after=0")
         await ws.sync()
         code, posted = await http.post_json(
             "/api/rooms/lobby/messages", {"nick": "a", "body": "hello", "client_id": "c1"}
@@ -293,6 +297,9 @@ class HAProxyTests(TestCase):
         self.assertEqual([m["body"] for m in ws.messages], ["hello"])
         code, body = await waiting
         self.assertEqual((code, [m["body"] for m in body["messages"]]), (200, ["hello"]))
+        # The event stream too, event by event (HAProxy buffers nothing).
+        await stream.wait_for_ids(1)
+        self.assertEqual(stream.events[0]["json"]["body"], "hello")
         # Another site's page is refused, through the balancer too.
         with self.assertRaises(ConnectionError):
             await WSClient.connect(self, base, "/ws/lobby", origin="http://evil.example")
