@@ -101,6 +101,13 @@ function withToken(url) {
   return `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
 }
 
+// Opening a room shows its newest page of history, on every transport
+// ("load older" pages back): the page says where the room was when it was
+// served, and the first connection starts a page before that.
+if (chat.dataset.lastSeq !== undefined && chat.dataset.lastSeq !== "") {
+  lastSeq = Math.max(0, Number(chat.dataset.lastSeq) - PAGE);
+}
+
 if (nickInput) {
   nickInput.value = localStorage.getItem(NICK_KEY) || "";
   nickInput.addEventListener("change", () => {

@@ -833,3 +833,35 @@ class PageDefectTests(BrowserTestCase):
         await self.in_browser(scenario)
         code, _, body = await self.http.request("GET", "/api/nope")
         self.assertEqual((code, json.loads(body)["error"]), (404, "not_found"))
+
+
+class NewestPageTests(BrowserTestCase):
+    """
+    Opening a room shows its newest page of history, whatever the cache
+    holds, on every transport.
+    """
+
+    async def test_newest_page_on_every_transport(self) -> None:
+        """
+        With 120 messages and the default cache (500), the WebSocket, SSE
+        and long-poll pages all open on the newest 50, with "load older";
+        a new message follows them.
+        """
+        for i in range(120):
+            await self.http.post_json("/api/rooms/lobby/messages", {"nick": "ann", "body": f"m{i}"})
+
+        def scenario(b: Browser) -> None:
+            pages = [b.open(path) for path in ("/rooms/lobby", "/rooms/lobby/sse", "/rooms/lobby/longpoll")]
+            for page in pages:
+                b.wait_connected(page)
+                b.wait_messages(page, 50)
+                assert [m["seq"] for m in b.messages(page)] == list(range(71, 121)), page.url
+                assert page.is_visible("#load_older")
+            b.say(pages[0], "new")
+            for page in pages:
+                b.wait_messages(page, 51)
+                assert b.messages(page)[-1]["seq"] == 121
+            pages[1].click("#load_older")
+            b.wait_messages(pages[1], 101)
+
+        await self.in_browser(scenario)
