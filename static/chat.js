@@ -130,19 +130,36 @@ function toBottom() {
 
 const URL_RE = /\bhttps?:\/\/[^\s<>"']+/g;
 
+function trimUrl(url) {
+  // Punctuation that ends a sentence is not part of the link, nor is a
+  // closing bracket the link did not open: "(see https://x.org/docs)."
+  for (;;) {
+    const end = url[url.length - 1];
+    if (".,;:!?'".includes(end)) {
+      url = url.slice(0, -1);
+    } else if (end === ")" && (url.match(/\(/g) || []).length < (url.match(/\)/g) || []).length) {
+      url = url.slice(0, -1);
+    } else {
+      return url;
+    }
+  }
+}
+
 function appendText(parent, text) {
   // Links become <a> elements whose text and href are set as data, never
-  // parsed as HTML; only http(s) URLs match.
+  // parsed as HTML; only http(s) URLs match.  Line breaks are kept (the
+  // body's white-space is pre-wrap).
   let last = 0;
   for (const match of text.matchAll(URL_RE)) {
+    const url = trimUrl(match[0]);
     parent.append(document.createTextNode(text.slice(last, match.index)));
     const a = document.createElement("a");
-    a.href = match[0];
-    a.textContent = match[0];
+    a.href = url;
+    a.textContent = url;
     a.rel = "noopener noreferrer nofollow";
     a.target = "_blank";
     parent.append(a);
-    last = match.index + match[0].length;
+    last = match.index + url.length;
   }
   parent.append(document.createTextNode(text.slice(last)));
 }
@@ -246,6 +263,11 @@ function regroup(li) {
   li.classList.toggle("cont", Boolean(same));
 }
 
+const emptyRoom = document.getElementById("empty_room");
+const newMessages = document.getElementById("new_messages");
+const sentByMe = new Set();  // client_ids this page sent (its own messages)
+if (chat.dataset.lastSeq === "0") emptyRoom.hidden = false;
+
 function show(msg) {
   if (lastSeq !== null && msg.seq <= lastSeq) return;  // seen already
   const stick = nearBottom();
@@ -256,7 +278,11 @@ function show(msg) {
     pending.delete(msg.client_id);
     mine.li.remove();
   }
+  emptyRoom.hidden = true;
   const li = render(msg);
+  if (msg.client_id && sentByMe.has(msg.client_id)) li.classList.add("mine");
+  // Scrolled up to read while messages arrive: a button to come back.
+  if (!stick && !mine && msg.type === "message") newMessages.hidden = false;
   if (msg.type === "member") memberChanged(msg);
   list.insertBefore(li, list.querySelector("li.pending"));
   regroup(li);
@@ -314,6 +340,7 @@ function newClientId() {
 function queue(body) {
   const nick = nickInput ? nickInput.value.trim() || undefined : undefined;
   const item = {client_id: newClientId(), nick, body};
+  sentByMe.add(item.client_id);
   const me = myId ? {id: myId, name: document.getElementById("me")?.textContent || myId} : null;
   const li = renderMessage({nick: item.nick || "anonymous", user: me, body, ts: Date.now() / 1000});
   li.classList.add("pending");
@@ -633,11 +660,33 @@ function connect() {
   }
 }
 
+input.addEventListener("keydown", (event) => {
+  // Enter sends; Shift+Enter starts a new line.
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    sendForm.requestSubmit();
+  }
+});
+input.addEventListener("input", () => {
+  // The box grows with what is typed, up to a few lines.
+  input.style.height = "auto";
+  input.style.height = `${Math.min(input.scrollHeight, 160)}px`;
+});
+
+newMessages.addEventListener("click", () => {
+  toBottom();
+  newMessages.hidden = true;
+});
+scroller.addEventListener("scroll", () => {
+  if (nearBottom()) newMessages.hidden = true;
+});
+
 sendForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const body = input.value.trim();
   if (!body) return;
   input.value = "";
+  input.style.height = "auto";
   if (nickInput) localStorage.setItem(NICK_KEY, nickInput.value.trim());
   queue(body);
 });

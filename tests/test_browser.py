@@ -865,3 +865,60 @@ class NewestPageTests(BrowserTestCase):
             b.wait_messages(pages[1], 101)
 
         await self.in_browser(scenario)
+
+
+class ComposeTests(BrowserTestCase):
+    """
+    Writing and reading messages as in every chat client.
+    """
+
+    async def test_lines_links_own_messages_and_new_below(self) -> None:
+        """
+        An empty room says so; Shift+Enter starts a new line and Enter
+        sends, and the line break is kept; a link stops before the
+        sentence's punctuation; the page's own messages are marked; when
+        scrolled up, a "new messages" button brings the reader down.
+        """
+
+        def scenario(b: Browser) -> None:
+            page = b.open("/rooms/lobby")
+            b.wait_connected(page)
+            assert page.is_visible("#empty_room")
+            page.fill("#inputbox", "line one")
+            page.press("#inputbox", "Shift+Enter")
+            page.type("#inputbox", "line two")
+            page.press("#inputbox", "Enter")
+            b.wait_messages(page, 1)
+            assert not page.is_visible("#empty_room")
+            body = page.text_content("#message_list li.message .body")
+            assert body == "line one\nline two", repr(body)
+            assert page.eval_on_selector("#message_list li.message", "e => e.classList.contains('mine')")
+            blockingCallFromThread(reactor, lambda: ensureDeferred(self.http.post_json(
+                "/api/rooms/lobby/messages", {"nick": "bob", "body": "(see https://x.org/docs)."}
+            )))
+            b.wait_messages(page, 2)
+            last = "#message_list li.message:last-child"
+            assert page.get_attribute(f"{last} .body a", "href") == "https://x.org/docs"
+            assert page.text_content(f"{last} .body") == "(see https://x.org/docs)."
+            assert not page.eval_on_selector(last, "e => e.classList.contains('mine')")
+            for i in range(40):
+                blockingCallFromThread(reactor, lambda i=i: ensureDeferred(self.http.post_json(
+                    "/api/rooms/lobby/messages", {"nick": "bob", "body": f"filler {i}"}
+                )))
+            b.wait_messages(page, 42)
+            page.evaluate("document.getElementById('message_list').scrollTop = 0")
+            assert page.is_hidden("#new_messages")
+            blockingCallFromThread(reactor, lambda: ensureDeferred(self.http.post_json(
+                "/api/rooms/lobby/messages", {"nick": "bob", "body": "while you were reading"}
+            )))
+            page.wait_for_selector("#new_messages", state="visible")
+            page.click("#new_messages")
+            page.wait_for_selector("#new_messages", state="hidden")
+            at_bottom = page.evaluate(
+                "(() => { const s = document.getElementById('message_list');"
+                " return s.scrollHeight - s.scrollTop - s.clientHeight < 40; })()"
+            )
+            assert at_bottom
+            self.screenshot(page, "compose.png")
+
+        await self.in_browser(scenario)
