@@ -40,8 +40,15 @@ import socket
 from typing import Any, List, Optional
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
-__all__ = ["FrameWriter", "Ticks", "direct_writes_available"]
+__all__ = [
+    "Backpressure",
+    "FrameWriter",
+    "Ticks",
+    "direct_writes_available",
+]
 
 
 class Ticks:
@@ -181,3 +188,30 @@ class FrameWriter:
         if sent < len(data):
             self._write(data[sent:])
         return True
+
+
+@implementer(IPushProducer)
+class Backpressure:
+    """
+    Registered with a connection's transport (or a streaming request),
+    which pauses it when its write buffer is full: while paused, what the
+    connection is sent accumulates there (C{backlog}, counted by the
+    writer), and past a limit the reader is too slow.  Shared by the
+    WebSocket and event-stream writers.
+    """
+
+    __slots__ = ("paused", "backlog")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False

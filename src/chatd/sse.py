@@ -25,10 +25,9 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from zope.interface import implementer
 
+from chatd._send import Backpressure
 from chatd.model import Message, encode_json
 from chatd.room import Subscription
 
@@ -76,7 +75,6 @@ Subscribe = Callable[
 ]
 
 
-@implementer(IPushProducer)
 class EventStream:
     """
     One client's stream of a room's events.
@@ -109,8 +107,8 @@ class EventStream:
         self._expires = expires
         self._subscription: Optional[Subscription] = None
         self._timers: list = []
-        self._paused = False
-        self._backlog = 0
+        #: Paused by the request's transport while its buffer is full.
+        self._backpressure = Backpressure()
         self._sent = 0
         #: Fires (with C{b""}: the answer is whole) when the stream ends;
         #: cancelling it (the client went away) stops the stream.
@@ -129,7 +127,7 @@ class EventStream:
         request.setHeader(b"x-content-type-options", b"nosniff")
         # nginx, and proxies like it, pass the events on at once.
         request.setHeader(b"x-accel-buffering", b"no")
-        request.registerProducer(self, True)
+        request.registerProducer(self._backpressure, True)
         self._write(b"retry: %d\n\n" % (RETRY_MS,))
         lifetime = MAX_STREAM_SECONDS
         if self._expires is not None:
@@ -208,9 +206,10 @@ class EventStream:
     def _write(self, data: bytes) -> None:
         if self._over:
             return
-        if self._paused:
-            self._backlog += len(data)
-            if self._backlog > SLOW_CONSUMER_LIMIT:
+        backpressure = self._backpressure
+        if backpressure.paused:
+            backpressure.backlog += len(data)
+            if backpressure.backlog > SLOW_CONSUMER_LIMIT:
                 self.log.info("Dropping an event stream that was not being read")
                 self._over = True
                 self._stop()
@@ -223,16 +222,6 @@ class EventStream:
                 return
         self._sent += len(data)
         self._request.write(data)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._backlog = 0
-
-    def stopProducing(self) -> None:
-        self._stop()
 
     # -- the end -------------------------------------------------------------
 
@@ -259,5 +248,5 @@ class EventStream:
             if timer.active():
                 timer.cancel()
         request = self._request
-        if request.channel is not None and request.producer is self:
+        if request.channel is not None and request.producer is self._backpressure:
             request.unregisterProducer()

@@ -28,12 +28,10 @@ from autobahn.twisted.websocket import (
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from chatd._send import FrameWriter, Ticks
+from chatd._send import Backpressure, FrameWriter, Ticks
 from chatd._wire import client_host, http_status
 from chatd.auth import SESSION_COOKIE, Authenticator, Credentials, SessionWatch
 from chatd.auth import TOKEN_GRACE as AUTH_TOKEN_GRACE
@@ -103,31 +101,6 @@ def frame_limit(max_body: int) -> int:
     return max(64 * 1024, 6 * max_body + 4096)
 
 
-@implementer(IPushProducer)
-class _Backpressure:
-    """
-    Registered with the connection's transport, which pauses it when its
-    write buffer is full: while paused, what the connection is sent
-    accumulates there, and past the limit the reader is too slow.
-    """
-
-    __slots__ = ("paused", "backlog")
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.backlog = 0
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.backlog = 0
-
-    def stopProducing(self) -> None:
-        self.paused = False
-
-
 class ChatWebSocketProtocol(WebSocketServerProtocol):
     """
     One WebSocket client following one room.
@@ -143,7 +116,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _subscription: Optional[Subscription] = None
     #: The handshake was accepted: the connection is counted as open.
     _admitted = False
-    _backpressure: Optional[_Backpressure] = None
+    _backpressure: Optional[Backpressure] = None
     _closed = False
     # Live messages may be written (open, and no close frame sent yet).
     _sending = False
@@ -224,7 +197,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         self._admitted = True
         self.factory.opened(self)
         self._log.info("WebSocket open: {ip} in {room}", ip=self._ip, room=self._room)
-        self._backpressure = _Backpressure()
+        self._backpressure = Backpressure()
         # The HTTP channel that carried the handshake registered itself as
         # the transport's producer; the connection is ours now.
         transport: Any = self.transport
