@@ -352,14 +352,39 @@ function queue(body) {
   if (transport && transport.open) transport.send(item);
 }
 
-function failed(clientId, detail) {
+function failed(clientId, detail, retryAfter) {
+  // A refused send keeps its text, with a "retry" button; one refused
+  // for coming too fast is sent again by itself once the server says.
   const item = pending.get(clientId);
   if (item) {
     pending.delete(clientId);
     item.li.classList.replace("pending", "failed");
     item.li.title = detail;
+    if (!item.li.querySelector("button.retry")) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "retry";
+      button.textContent = "retry";
+      button.addEventListener("click", () => retry(item));
+      item.li.append(" ", button);
+    }
+    const wait = Number(retryAfter);
+    if (wait > 0) item.timer = setTimeout(() => retry(item), wait * 1000);
   }
   notice(detail, "error");
+}
+
+function retry(item) {
+  // The same client_id: if the first try was stored after all, the
+  // server answers with it, and nothing is stored twice.
+  clearTimeout(item.timer);
+  if (stopped || pending.has(item.client_id)) return;
+  item.li.classList.replace("failed", "pending");
+  item.li.title = "sending…";
+  const button = item.li.querySelector("button.retry");
+  if (button) button.remove();
+  pending.set(item.client_id, item);
+  if (transport && transport.open) transport.send(item);
 }
 
 async function refreshMembers() {
@@ -374,6 +399,7 @@ async function refreshMembers() {
 
 function connected() {
   attempts = 0;
+  reconnectNow.hidden = true;
   setStatus("connected", "connected");
   transportEl.textContent = transport.name;
   for (const item of pending.values()) transport.send(item);
@@ -385,6 +411,7 @@ function stop(text) {
   // it, signed out): no more reconnecting.
   stopped = true;
   transport = null;
+  reconnectNow.hidden = true;
   clearTimeout(refreshTimer);
   setStatus("stopped", "disconnected");
   notice(text, "error");
@@ -427,6 +454,7 @@ function disconnected(retryNow = false) {
     }
   };
   tick();
+  reconnectNow.hidden = false;
   retryTicker = setInterval(tick, 1000);
   retryTimer = setTimeout(() => {
     clearInterval(retryTicker);
@@ -434,6 +462,16 @@ function disconnected(retryNow = false) {
     connect();
   }, wait);
 }
+
+const reconnectNow = document.getElementById("reconnect_now");
+reconnectNow.addEventListener("click", () => {
+  // Not waiting out the backoff.
+  if (retryTimer === null) return;
+  clearTimeout(retryTimer);
+  clearInterval(retryTicker);
+  retryTimer = null;
+  connect();
+});
 
 function payload(item) {
   return {type: "message", nick: item.nick, body: item.body, client_id: item.client_id};
@@ -495,7 +533,7 @@ class WebSocketTransport {
     if (frame.type === "message" || frame.type === "member") show(frame);
     else if (frame.type === "reset") reset(frame.first_seq);
     else if (frame.type === "error") {
-      if (frame.client_id) failed(frame.client_id, frame.detail);
+      if (frame.client_id) failed(frame.client_id, frame.detail, frame.retry_after);
       else notice(frame.detail, "error");
     }
   }
@@ -558,7 +596,7 @@ async function post(item) {
       body: JSON.stringify(payload(item)),
     });
     const answer = await response.json();
-    if (!response.ok) failed(item.client_id, answer.detail);
+    if (!response.ok) failed(item.client_id, answer.detail, response.headers.get("Retry-After"));
     // Success shows up through the stream, in seq order, like anyone else's.
   } catch (err) {
     // Still pending: it is sent again on reconnect, and client_id

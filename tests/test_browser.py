@@ -924,3 +924,62 @@ class ComposeTests(BrowserTestCase):
             self.screenshot(page, "compose.png")
 
         await self.in_browser(scenario)
+
+
+class FailedSendTests(BrowserTestCase):
+    """
+    Sends the server refuses, and a reconnect the reader asks for.
+    """
+
+    def chatd_args(self) -> List[str]:
+        return ["--data-dir", self.folder, "--rate-limit", "2/1"]
+
+    async def test_refused_sends_keep_their_text_and_retry(self) -> None:
+        """
+        Messages refused for coming too fast keep their text, marked with
+        a "retry" button, and go out by themselves after the Retry-After
+        the server gave; each is stored once.
+        """
+
+        def scenario(b: Browser) -> None:
+            for path in ("/rooms/lobby", "/rooms/lobby/longpoll"):
+                page = b.open(path)
+                b.wait_connected(page)
+                before = len(b.messages(page))
+                for i in range(4):
+                    b.say(page, f"{path} quick {i}")
+                page.wait_for_selector("#message_list li.failed button.retry")
+                b.wait_messages(page, before + 4)
+                page.wait_for_selector("#message_list li.failed", state="detached")
+                bodies = [m["body"] for m in b.messages(page)][before:]
+                assert sorted(bodies) == [f"{path} quick {i}" for i in range(4)], bodies
+            b.expected_errors.append("429")
+
+        await self.in_browser(scenario)
+
+    async def test_reconnect_now(self) -> None:
+        """
+        While the page waits to reconnect, "reconnect now" does it at once.
+        """
+
+        def scenario(b: Browser) -> None:
+            b.expected_errors += [r"ERR_CONNECTION_REFUSED", r"WebSocket connection to .* failed",
+                                  r"ERR_EMPTY_RESPONSE", r"status of 503"]
+            page = b.open("/rooms/lobby")
+            b.wait_connected(page)
+            assert page.is_hidden("#reconnect_now")
+            port = self.server.port
+            blockingCallFromThread(reactor, lambda: self.server.stop("TERM"))
+            page.wait_for_selector("#reconnect_now", state="visible")
+            # Back off far: the next try would be many seconds away.
+            for _ in range(3):
+                page.click("#reconnect_now")
+                page.wait_for_function("() => document.getElementById('status').dataset.state === 'reconnecting'")
+            blockingCallFromThread(
+                reactor, lambda: ensureDeferred(ChatdProcess.start(self, *self.chatd_args(), port=port))
+            )
+            page.click("#reconnect_now")
+            b.wait_connected(page)
+            assert page.is_hidden("#reconnect_now")
+
+        await self.in_browser(scenario)
