@@ -515,10 +515,6 @@ class SessionWatch:
 
         return unwatch
 
-    @property
-    def watched(self) -> int:
-        return sum(len(held) for held in self._watchers.values())
-
     def ended(self, session: Optional[str] = None, user_id: Optional[str] = None) -> None:
         """
         A session (or every session of C{user_id}) ended.
