@@ -800,7 +800,7 @@ class PageDefectTests(BrowserTestCase):
         def scenario(b: Browser) -> None:
             # A poll in flight when the server stops gets no answer, and
             # the tries after it are refused.
-            b.expected_errors += [r"ERR_CONNECTION_REFUSED", r"ERR_EMPTY_RESPONSE"]
+            b.expected_errors += [r"ERR_CONNECTION_REFUSED", r"ERR_EMPTY_RESPONSE", r"ERR_CONNECTION_RESET"]
             page = b.open("/rooms/lobby/longpoll")
             b.wait_connected(page)
             blockingCallFromThread(reactor, lambda: self.server.stop("TERM"))

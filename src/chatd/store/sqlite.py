@@ -23,6 +23,10 @@ from chatd.store._sql import SQLStore, StoreError
 __all__ = ["SQLiteStore"]
 
 
+#: How long a connection waits for another's lock before giving up.
+BUSY_SECONDS = 10.0
+
+
 def _configure(conn: Any) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL: a commit is on disk before it is acknowledged, so an
@@ -32,7 +36,7 @@ def _configure(conn: Any) -> None:
     # 1 MiB of page cache per connection (SQLite's default is 2 MiB): the
     # newest pages are what chatd reads, and the OS caches the file anyway.
     conn.execute("PRAGMA cache_size = -1024")
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
 
 
 @implementer(IMessageStore, IIdentityStore)
@@ -63,6 +67,10 @@ class SQLiteStore(SQLStore):
                 isolation_level=None,
                 # adbapi closes connections from the reactor thread.
                 check_same_thread=False,
+                # Wait for another connection's lock (another node opening
+                # the same file) from the very first statement, the
+                # journal mode's included, as busy_timeout does after.
+                timeout=BUSY_SECONDS,
                 cp_min=threads,
                 cp_max=threads,
                 cp_openfun=_configure,
@@ -94,7 +102,7 @@ class SQLiteStore(SQLStore):
         return super().open().addErrback(failed)
 
     def _sqlalchemy_url(self) -> str:
-        return f"sqlite:///{self.path.resolve()}"
+        return f"sqlite:///{self.path.resolve()}?timeout={BUSY_SECONDS:g}"
 
     def _prepare_migration(self, engine: Any) -> None:
         """
@@ -108,7 +116,7 @@ class SQLiteStore(SQLStore):
         @event.listens_for(engine, "connect")
         def connect(dbapi_connection: Any, record: Any) -> None:
             dbapi_connection.isolation_level = None
-            dbapi_connection.execute("PRAGMA busy_timeout = 10000")
+            dbapi_connection.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
 
         @event.listens_for(engine, "begin")
         def begin(connection: Any) -> None:
