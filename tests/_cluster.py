@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import random
 import re
 import shlex
 import shutil
@@ -87,14 +88,34 @@ def doc_block(name: str, path: Path = DEPLOY_MD) -> List[str]:
     return found
 
 
+#: Ports L{free_port} chooses from: below Linux's default ephemeral range
+#: (32768-60999), so no listener bound to port 0 (every node here) and no
+#: outgoing connection can take one between the choice and HAProxy's bind.
+#: A port the kernel handed out in that gap once failed CI with
+#: "cannot bind socket (Address already in use)".
+CHOSEN_PORTS = range(20000, 32768)
+_chosen: set = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """
-    A TCP port free on C{host} now (HAProxy needs its ports in its
+    A TCP port free on C{host} now, outside the kernel's ephemeral range
+    and not chosen before by this process (HAProxy needs its ports in its
     configuration; it cannot report one the kernel chose).
     """
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.choice(CHOSEN_PORTS)
+        if port in _chosen:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _chosen.add(port)
+        return port
+    raise AssertionError(f"no free port in {CHOSEN_PORTS}")
 
 
 def haproxy_config(frontend: int, nodes: Sequence[int]) -> str:
