@@ -32,7 +32,7 @@ __all__ = ["SQLStore", "StoreError", "schema_files"]
 
 #: The schema version this chatd writes; databases at an older version are
 #: upgraded in place with the upgrade-to-vN.sql steps.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: The most messages one transaction commits.
 MAX_BATCH = 2000
