@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from chatd.interfaces import IMessageStore
-from chatd.model import Message, RoomLimitReached
+from chatd.model import ChatError, Message, RoomLimitReached, User
 from chatd.store._sql import SCHEMA_VERSION, StoreError, _statements, schema_files
 from chatd.store.memory import MemoryStore
 from chatd.store.postgres import PostgresStore, redact
@@ -252,6 +252,167 @@ class StoreContractMixin:
             await store.append("a", "n", "late", 1, None)
         store = await self.open_store()
         self.assertEqual(await store.load_rooms(), [("a", 50)])
+
+
+    # -- the live room's events ---------------------------------------------
+
+    async def reopen(self, store: Any) -> Any:
+        await store.close()
+        return await self.open_store()
+
+    async def _room_with_message(self, store: Any) -> Message:
+        await store.create_room("r", 0)
+        message, _ = await store.append("r", "Ann", "first words", 1000, "c1", User("ann", "Ann"))
+        return message
+
+    async def test_edit_changes_the_message(self) -> None:
+        """
+        An edit is an event with its own seq and target; the message, as
+        every later read shows it, has the new body and when it changed.
+        """
+        store = await self.open_store()
+        await self._room_with_message(store)
+        edit, created = await store.append("r", "Ann", "better words", 2000, None, User("ann", "Ann"), "edit", 1)
+        self.assertTrue(created)
+        self.assertEqual((edit.seq, edit.kind, edit.target, edit.body), (2, "edit", 1, "better words"))
+        messages, _ = await store.read_after("r", 0, 10)
+        self.assertEqual([m.as_dict() for m in messages], [
+            {"type": "message", "room": "r", "seq": 1, "nick": "Ann", "user": {"id": "ann", "name": "Ann"},
+             "body": "better words", "ts": 1.0, "client_id": "c1", "edited": 2.0},
+            edit.as_dict(),
+        ])
+        self.assertEqual(await store.read_before("r", 3, 10), messages)
+        # The client_id's original is the message as it is now.
+        again, created = await store.append("r", "Ann", "first words", 3000, "c1", User("ann", "Ann"))
+        self.assertEqual((again.seq, again.body, created), (1, "better words", False))
+
+    async def test_delete_blanks_the_message_and_its_edits(self) -> None:
+        """
+        A deletion blanks the message and every edit of it (who and when
+        stay), so no read shows the deleted text; the message cannot be
+        edited or deleted again, and a refusal takes no seq.
+        """
+        store = await self.open_store()
+        await self._room_with_message(store)
+        await store.append("r", "Ann", "second thoughts", 2000, None, User("ann", "Ann"), "edit", 1)
+        delete, _ = await store.append("r", "Mod", "", 3000, None, User("mod", "Mod"), "delete", 1)
+        self.assertEqual(delete.as_dict(), {
+            "type": "delete", "room": "r", "seq": 3, "target_seq": 1,
+            "by": {"id": "mod", "name": "Mod"}, "ts": 3.0,
+        })
+        messages, _ = await store.read_after("r", 0, 10)
+        self.assertEqual([(m.seq, m.kind, m.body) for m in messages],
+                         [(1, "message", ""), (2, "edit", ""), (3, "delete", "")])
+        self.assertEqual((messages[0].deleted_ms, messages[0].user), (3000, User("ann", "Ann")))
+        self.assertEqual(messages[0].as_dict()["deleted"], 3.0)
+        for kind in ("edit", "delete"):
+            with self.assertRaises(ChatError) as caught:
+                await store.append("r", "Ann", "again", 4000, None, User("ann", "Ann"), kind, 1)
+            self.assertEqual(caught.exception.code, "message_deleted")
+        following, _ = await store.append("r", "Ann", "next", 5000, None, User("ann", "Ann"))
+        self.assertEqual(following.seq, 4)
+        if self.durable:
+            reopened = await self.reopen(store)
+            messages, _ = await reopened.read_after("r", 0, 10)
+            self.assertEqual([m.body for m in messages], ["", "", "", "next"])
+
+    async def test_edit_needs_a_message(self) -> None:
+        """
+        An edit or deletion of a seq that is not a message (none, or a
+        membership change) is refused with message_not_found.
+        """
+        store = await self.open_store()
+        await self._room_with_message(store)
+        await store.append("r", "Bob", "member", 2000, None, User("bob", "Bob"), "member")
+        for target in (2, 99):
+            with self.assertRaises(ChatError) as caught:
+                await store.append("r", "Ann", "x", 3000, None, User("ann", "Ann"), "edit", target)
+            self.assertEqual(caught.exception.code, "message_not_found")
+        self.assertEqual(sorted(await store.load_rooms()), [("r", 2)])
+
+    async def test_edit_after_delete_in_one_batch(self) -> None:
+        """
+        A deletion and an edit of one message committed together (group
+        commit): the edit, after the deletion, is refused; the others of
+        the batch are stored, with consecutive seqs.
+        """
+        store = await self.open_store()
+        await self._room_with_message(store)
+        ann = User("ann", "Ann")
+        results = await DeferredList([
+            store.append("r", "Ann", "", 2000, None, ann, "delete", 1),
+            store.append("r", "Ann", "too late", 2001, None, ann, "edit", 1),
+            store.append("r", "Ann", "after", 2002, None, ann),
+        ], consumeErrors=True)
+        self.assertTrue(results[0][0] and results[2][0])
+        self.assertFalse(results[1][0])
+        self.assertEqual(results[1][1].value.code, "message_deleted")
+        self.assertEqual((results[0][1][0].seq, results[2][1][0].seq), (2, 3))
+        messages, _ = await store.read_after("r", 0, 10)
+        self.assertEqual([(m.seq, m.kind, m.body) for m in messages],
+                         [(1, "message", ""), (2, "delete", ""), (3, "message", "after")])
+
+    async def test_moderation_and_settings(self) -> None:
+        """
+        Bans and mutes (with their end), their lifting, a kick from a
+        private room and the room's settings are events whose effects
+        room_access shows; meta comes back as stored.
+        """
+        store = await self.open_store()
+        await store.create_room("p", 0, private=True, owner=User("own", "Owner"))
+        by = {"id": "own", "name": "Owner"}
+        await store.append("p", "Bob", "member", 1000, None, User("bob", "Bob"), "member")
+        await store.append("p", "Cy", "member", 1001, None, User("cy", "Cy"), "member")
+        ban, _ = await store.append(
+            "p", "Bob", "", 1002, None, User("bob", "Bob"), "moderation",
+            meta={"action": "ban", "by": by, "until": 90_000, "reason": "spam"},
+        )
+        self.assertEqual(ban.as_dict()["until"], 90.0)
+        await store.append("p", "Cy", "", 1003, None, User("cy", "Cy"), "moderation",
+                           meta={"action": "mute", "by": by, "until": None, "reason": None})
+        await store.append("p", "Owner", "Be nice", 1004, None, User("own", "Owner"), "room",
+                           meta={"edits": False})
+        access = await store.room_access("p")
+        self.assertEqual((access.bans, access.mutes, access.topic, access.edits, access.last_seq),
+                         ({"bob": 90_000}, {"cy": None}, "Be nice", False, 5))
+        self.assertEqual(access.restricted("ban", "bob", 89_999), (90_000,))
+        self.assertIsNone(access.restricted("ban", "bob", 90_000))
+        await store.append("p", "Cy", "", 1005, None, User("cy", "Cy"), "moderation",
+                           meta={"action": "unmute", "by": by, "until": None, "reason": None})
+        await store.append("p", "Bob", "", 1006, None, User("bob", "Bob"), "moderation",
+                           meta={"action": "kick", "by": by, "until": None, "reason": None})
+        access = await store.room_access("p")
+        self.assertEqual((access.mutes, access.bans, sorted(access.members)), ({}, {"bob": 90_000}, ["cy", "own"]))
+        messages, _ = await store.read_after("p", 2, 10)
+        self.assertEqual([m.meta["action"] for m in messages if m.kind == "moderation"],
+                         ["ban", "mute", "unmute", "kick"])
+        self.assertEqual(messages[0], ban)
+
+    async def test_kick_from_public_room_keeps_membership(self) -> None:
+        """
+        A kick from a public room closes connections, nothing more: a
+        member stays a member.
+        """
+        store = await self.open_store()
+        await store.create_room("pub", 0, owner=User("own", "Owner"))
+        await store.append("pub", "Bob", "member", 1000, None, User("bob", "Bob"), "member")
+        await store.append("pub", "Bob", "", 1001, None, User("bob", "Bob"), "moderation",
+                           meta={"action": "kick", "by": None, "until": None, "reason": None})
+        self.assertEqual((await store.room_access("pub")).members, {"own": "owner", "bob": "member"})
+
+    async def test_read_markers(self) -> None:
+        """
+        Read markers are kept per user and room, never move back, and a
+        room that does not exist is ignored.
+        """
+        store = await self.open_store()
+        await store.create_room("a", 0)
+        await store.create_room("b", 0)
+        await store.set_read_markers({("ann", "a"): 5, ("ann", "b"): 2, ("bob", "a"): 1, ("ann", "nope"): 3})
+        await store.set_read_markers({("ann", "a"): 4, ("ann", "b"): 7})
+        self.assertEqual(await store.read_markers("ann"), {"a": 5, "b": 7})
+        self.assertEqual(await store.read_markers("bob"), {"a": 1})
+        self.assertEqual(await store.read_markers("cy"), {})
 
 
 class MemoryStoreTests(StoreContractMixin, TestCase):
@@ -522,6 +683,40 @@ class SchemaUpgradeTests(TestCase):
         conn.execute("INSERT INTO messages VALUES (1, 1, 'n', 'kept', 0, NULL)")
         conn.commit()
         conn.close()
+
+    async def test_sqlite_v4_takes_the_live_room_events(self) -> None:
+        """
+        A v4 database (before edits, moderation and read markers) keeps its
+        messages and members through the upgrade, and its rooms then take
+        every new kind of event.
+        """
+        path = os.path.abspath(self.mktemp())
+        conn = sqlite3.connect(path)
+        for name in ["v1.sql", "upgrade-to-v2.sql", "upgrade-to-v3.sql", "upgrade-to-v4.sql"]:
+            for statement in _statements(schema_files("sqlite", name)):
+                conn.execute(statement)
+        conn.execute("INSERT INTO rooms (name, last_seq, created_ms) VALUES ('old', 1, 0)")
+        conn.execute(
+            "INSERT INTO messages (room_id, seq, nick, body, ts_ms, client_id, user_id, kind) "
+            "VALUES (1, 1, 'Ann', 'kept', 0, NULL, 'ann', 'message')"
+        )
+        conn.execute("INSERT INTO members VALUES (1, 'ann', 'owner', 'Ann')")
+        conn.commit()
+        conn.close()
+        store = SQLiteStore(path, reactor=reactor)
+        self.addCleanup(store.close)
+        self.assertEqual(await store.open(), SCHEMA_VERSION)
+        access = await store.room_access("old")
+        self.assertEqual((access.members, access.topic, access.edits, access.bans), ({"ann": "owner"}, "", True, {}))
+        ann = User("ann", "Ann")
+        await store.append("old", "Ann", "edited", 1000, None, ann, "edit", 1)
+        await store.append("old", "Ann", "", 2000, None, ann, "moderation",
+                           meta={"action": "mute", "by": None, "until": None, "reason": None})
+        messages, _ = await store.read_after("old", 0, 10)
+        self.assertEqual([(m.kind, m.body, m.edited_ms) for m in messages],
+                         [("message", "edited", 1000), ("edit", "edited", None), ("moderation", "", None)])
+        await store.set_read_markers({("ann", "old"): 3})
+        self.assertEqual(await store.read_markers("ann"), {"old": 3})
 
     async def test_sqlite_upgrade_equals_fresh(self) -> None:
         """

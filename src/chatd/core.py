@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, ca
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -44,20 +44,28 @@ from chatd.model import (
     RoomLimitReached,
     User,
     auth_required,
+    banned,
+    check_target,
+    muted,
     room_exists,
     room_not_found,
     too_many_rooms,
+    validate_action,
     validate_body,
     validate_client_id,
     validate_display_name,
+    validate_duration,
     validate_nick,
+    validate_reason,
     validate_role,
     validate_room_name,
+    validate_seq,
+    validate_topic,
     validate_user_id,
 )
 from chatd.room import Answer, Deliver, OnReset, Room, Subscription
 
-__all__ = ["ChatCore", "FILL_RETRY", "CATCH_UP_TIMEOUT"]
+__all__ = ["ChatCore", "CATCH_UP_TIMEOUT", "EDIT_WINDOW", "FILL_RETRY", "READ_FLUSH"]
 
 #: How long a fill that found nothing new waits before it tries again
 #: (doubling up to ten times as long while it keeps finding nothing).
@@ -69,6 +77,15 @@ CATCH_UP_TIMEOUT = 5.0
 #: mean the bus did not carry them: said in the log (at most once a
 #: minute), since it may be a misconfiguration (nodes on different buses).
 LATE_WARNING = 3.0
+
+#: How long after sending a message its author may edit it, by default.
+EDIT_WINDOW = 3600.0
+#: How long a read marker waits before it is written (markers set
+#: meanwhile go in the same write).
+READ_FLUSH = 2.0
+#: Read markers remembered here (past it, only unwritten ones are kept;
+#: the others are read from the store again).
+MAX_READ_MARKS = 100_000
 
 Failed = Callable[[Failure], object]
 
@@ -119,6 +136,7 @@ class ChatCore:
         bus: Optional[IBus] = None,
         observer: Any = None,
         guests: bool = True,
+        edit_window: Optional[float] = EDIT_WINDOW,
     ) -> None:
         if history < 1:
             raise ValueError("history must be at least 1")
@@ -139,6 +157,13 @@ class ChatCore:
         self._warned_late_at: Optional[float] = None
         #: Whether rooms let guests in unless created saying otherwise.
         self.guests = guests
+        #: Seconds after sending that a message may be edited (None: ever).
+        self.edit_window = edit_window
+        #: Read markers known here, and those not yet written to the store:
+        #: C{{(user_id, room): seq}}.
+        self._read_marks: Dict[Tuple[str, str], int] = {}
+        self._unwritten: Dict[Tuple[str, str], int] = {}
+        self._flush_call: Optional[IDelayedCall] = None
 
     # -- start and stop ------------------------------------------------------
 
@@ -258,17 +283,40 @@ class ChatCore:
         use every room; a private room is members only, and does not exist
         for anyone else; a public room may refuse guests.
 
-        @raise ChatError: C{room_not_found}, C{auth_required}.
+        A user a moderator banned may do neither until the ban ends.
+
+        @raise ChatError: C{room_not_found}, C{auth_required}, C{banned}.
         """
         if identity.key is not None:
             return room
         access = room.access
+        user = identity.user
         if access.private:
-            user = identity.user
             if user is None or user.id not in access.members:
                 raise room_not_found(room.name)
-        elif identity.user is None and not access.guests:
+        elif user is None and not access.guests:
             raise auth_required(f"Room {room.name!r} is for signed-in users; sign in, or send a token.")
+        if user is not None and access.bans:
+            ban = access.restricted("ban", user.id, self._now_ms())
+            if ban is not None:
+                raise banned(room.name, ban[0])
+        return room
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def _speak(self, room: Room, identity: Identity) -> Room:
+        """
+        L{admit}, and check C{identity} may post (is not muted).
+
+        @raise ChatError: as L{admit}, and C{muted}.
+        """
+        self.admit(room, identity)
+        user = identity.user
+        if user is not None and room.access.mutes:
+            mute = room.access.restricted("mute", user.id, self._now_ms())
+            if mute is not None:
+                raise muted(room.name, mute[0])
         return room
 
     def visible(self, room: Room, identity: Identity) -> bool:
@@ -351,15 +399,292 @@ class ChatCore:
                     raise ChatError("user_not_found", f"There is no user named {member_id!r}.")
                 member_name = account[0] if account is not None else member_id
             user = User(member_id, member_name)
-            now = self._clock.seconds()
-            stored = await self._store.append(
-                room.name, user.name, new or "", int(now * 1000), None, user, "member"
-            )
-            return self._committed(stored, room, now)
+            meta = None
+            if identity.user_id != member_id:
+                meta = {"by": None if identity.user is None else identity.user.as_dict()}
+            return await self._event(room, user, "member", new or "", meta=meta)
 
         return self.enter(room_name, identity).addCallback(
             lambda room: Deferred.fromCoroutine(change(room))
         )
+
+    async def _event(
+        self,
+        room: Room,
+        user: Optional[User],
+        kind: str,
+        body: str = "",
+        target: Optional[int] = None,
+        meta: Optional[dict] = None,
+    ) -> Message:
+        """
+        Store one event of C{room} that is not a chat message, then
+        deliver it like one.
+        """
+        now = self._clock.seconds()
+        nick = "" if user is None else user.name
+        stored = await self._store.append(room.name, nick, body, int(now * 1000), None, user, kind, target, meta)
+        return self._committed(stored, room, now)
+
+    async def _target(self, room: Room, seq: int) -> Message:
+        """
+        Message C{seq} of C{room}, as it is now (from memory, or the
+        store).
+
+        @raise ChatError: C{message_not_found}, C{message_deleted}.
+        """
+        held = room.cached_after(seq - 1, 1) if seq <= room.last_seq else []
+        if held is None:
+            messages, _ = await self._store.read_after(room.name, seq - 1, 1)
+            held = messages
+        found = held[0] if held and held[0].seq == seq else None
+        return check_target(found, seq)
+
+    def edit(
+        self,
+        room_name: str,
+        target_seq: object,
+        body: object,
+        identity: Identity,
+        peer: Optional[Peer] = None,
+    ) -> Deferred:
+        """
+        Change the body of message C{target_seq}: an C{edit} event of the
+        room.  Only its author may, within L{edit_window} seconds of
+        sending it, in a room whose settings allow edits, and not while
+        muted.
+
+        @return: a Deferred firing with the event's L{Message}, or failing
+            with C{invalid_parameter}, C{invalid_body}, C{body_too_long},
+            C{auth_required}, C{not_allowed}, C{edits_disabled},
+            C{edit_window_closed}, C{message_not_found},
+            C{message_deleted}, C{muted}, C{rate_limited}, ...
+        """
+
+        async def edit(room: Room) -> Message:
+            user = identity.user
+            if user is None:
+                raise auth_required("Sign in, or send a token, to edit your messages.")
+            if not room.access.edits:
+                raise ChatError("edits_disabled", f"Messages in {room.name!r} cannot be edited.")
+            target = await self._target(room, seq)
+            if target.user is None or target.user.id != user.id:
+                raise ChatError("not_allowed", "Only a message's author may edit it.")
+            age = self._clock.seconds() - target.ts_ms / 1000.0
+            if self.edit_window is not None and age > self.edit_window:
+                raise ChatError(
+                    "edit_window_closed",
+                    f"Messages can be edited for {self.edit_window:.0f} s after they are sent.",
+                )
+            return await self._event(room, user, "edit", text, target=seq)
+
+        try:
+            if peer is not None and self._limits is not None:
+                self._limits.check_post(peer)
+            seq = validate_seq(target_seq)
+            text = validate_body(body, self.max_body)
+        except ChatError as e:
+            return _fail(e)
+        d = self.enter(room_name, identity).addCallback(self._speak, identity)
+        return d.addCallback(lambda room: Deferred.fromCoroutine(edit(room)))
+
+    def delete(
+        self, room_name: str, target_seq: object, identity: Identity, peer: Optional[Peer] = None
+    ) -> Deferred:
+        """
+        Delete message C{target_seq}: a C{delete} event of the room, and
+        the store blanks the message's body (and its edits').  Its author
+        may, and so may the room's owners and moderators and an API key.
+
+        @return: a Deferred firing with the event's L{Message}, or failing
+            with C{invalid_parameter}, C{auth_required}, C{not_allowed},
+            C{message_not_found}, C{message_deleted}, C{rate_limited}, ...
+        """
+
+        async def delete(room: Room) -> Message:
+            user = identity.user
+            if user is None and identity.key is None:
+                raise auth_required("Sign in, or send a token, to delete your messages.")
+            target = await self._target(room, seq)
+            mine = user is not None and target.user is not None and target.user.id == user.id
+            if not mine and self.role(room, identity) not in ("owner", "moderator"):
+                raise ChatError("not_allowed", "Only a message's author or a moderator may delete it.")
+            return await self._event(room, user, "delete", target=seq)
+
+        try:
+            if peer is not None and self._limits is not None:
+                self._limits.check_post(peer)
+            seq = validate_seq(target_seq)
+        except ChatError as e:
+            return _fail(e)
+        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(delete(room)))
+
+    def moderate(
+        self,
+        room_name: str,
+        user_id: object,
+        action: object,
+        identity: Identity,
+        duration: object = None,
+        reason: object = None,
+    ) -> Deferred:
+        """
+        A moderation action (L{chatd.model.ACTIONS}) on C{user_id}: an
+        event of the room, applied by every node in seq order.  The room's
+        owners may act on anyone but owners, its moderators on plain
+        members and people who are not members, an API key on anyone; no
+        one on themselves.  C{kick} closes the user's connections to the
+        room (and ends a private room's membership); C{ban} closes them and
+        keeps the user out, C{mute} lets them read but not post, each for
+        C{duration} seconds or until lifted (C{unban}, C{unmute}).
+
+        @return: a Deferred firing with the event's L{Message}, or failing
+            with C{invalid_user}, C{invalid_action}, C{invalid_duration},
+            C{invalid_reason}, C{not_allowed}, C{user_not_found},
+            C{not_restricted}.
+        """
+
+        async def moderate(room: Room) -> Message:
+            acting = self.role(room, identity)
+            target_role = room.access.members.get(target_id)
+            rank = {"owner": 3, "moderator": 2, "member": 1}
+            allowed = acting in ("owner", "moderator") and (
+                identity.key is not None or rank[acting] > rank.get(target_role or "", 0)
+            )
+            if identity.user_id == target_id or not allowed:
+                raise ChatError(
+                    "not_allowed",
+                    "You may not do this: owners moderate anyone but owners, moderators "
+                    "plain members and visitors, and nobody themselves.",
+                )
+            now_ms = self._now_ms()
+            if what in ("unban", "unmute"):
+                if room.access.restricted(what[2:], target_id, now_ms) is None:
+                    state = "banned" if what == "unban" else "muted"
+                    raise ChatError("not_restricted", f"{target_id!r} is not {state} in {room.name!r}.")
+            name = room.access.names.get(target_id) or room.name_of(target_id)
+            if name is None:
+                account = await cast(IIdentityStore, self._store).get_user(target_id)
+                name = account[0] if account is not None else target_id
+            until = None
+            if what in ("ban", "mute") and seconds is not None:
+                until = now_ms + seconds * 1000
+            meta = {
+                "action": what,
+                "by": None if identity.user is None else identity.user.as_dict(),
+                "until": until,
+                "reason": why,
+            }
+            return await self._event(room, User(target_id, name), "moderation", meta=meta)
+
+        try:
+            target_id = validate_user_id(user_id)
+            what = validate_action(action)
+            seconds = validate_duration(duration) if what in ("ban", "mute") else None
+            why = validate_reason(reason)
+        except ChatError as e:
+            return _fail(e)
+        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(moderate(room)))
+
+    def configure_room(
+        self, room_name: str, identity: Identity, topic: object = None, edits: object = None
+    ) -> Deferred:
+        """
+        Change a room's topic (its owners and moderators may) or whether
+        its messages may be edited (its owners may): a C{room} event.
+        C{None} keeps a setting as it is.
+
+        @return: a Deferred firing with the event's L{Message}, or failing
+            with C{invalid_topic}, C{invalid_parameter}, C{not_allowed}.
+        """
+
+        async def configure(room: Room) -> Message:
+            acting = self.role(room, identity)
+            if acting not in ("owner", "moderator") or (edits is not None and acting != "owner"):
+                raise ChatError(
+                    "not_allowed",
+                    "Owners and moderators may set the topic; owners whether messages may be edited.",
+                )
+            new_topic = room.access.topic if text is None else text
+            new_edits = room.access.edits if edits is None else bool(edits)
+            return await self._event(room, identity.user, "room", new_topic, meta={"edits": new_edits})
+
+        try:
+            text = None if topic is None else validate_topic(topic)
+            if edits is not None and not isinstance(edits, bool):
+                raise ChatError("invalid_parameter", "edits must be true or false.")
+            if topic is None and edits is None:
+                raise ChatError("invalid_parameter", "Give a topic, edits, or both.")
+        except ChatError as e:
+            return _fail(e)
+        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(configure(room)))
+
+    # -- read markers --------------------------------------------------------
+
+    def mark_read(self, room_name: str, seq: object, identity: Identity) -> Deferred:
+        """
+        C{identity}'s user has read C{room_name} up to C{seq} (at most its
+        last seq; a marker never moves back).  Kept here and written to the
+        store at most every L{READ_FLUSH} seconds.
+
+        @return: a Deferred firing with C{(read, unread)}.
+        """
+        user = identity.user
+        try:
+            if user is None:
+                raise auth_required("Sign in, or send a token, to keep read markers.")
+            upto = validate_seq(seq, "seq") if seq != 0 else 0
+        except ChatError as e:
+            return _fail(e)
+
+        def mark(room: Room) -> Tuple[int, int]:
+            assert user is not None
+            key = (user.id, room.name)
+            read = max(min(upto, room.last_seq), self._read_marks.get(key, 0))
+            if read > self._read_marks.get(key, -1):
+                self._read_marks[key] = read
+                self._unwritten[key] = read
+                if self._flush_call is None or not self._flush_call.active():
+                    self._flush_call = self._clock.callLater(READ_FLUSH, self.flush_read_markers)
+            return read, max(0, room.last_seq - read)
+
+        return self.enter(room_name, identity).addCallback(mark)
+
+    def read_markers(self, identity: Identity) -> Deferred:
+        """
+        C{identity}'s read markers: C{{room: seq}} (none for a guest).
+        """
+        user = identity.user
+        if user is None:
+            return succeed({})
+
+        def merge(stored: Dict[str, int]) -> Dict[str, int]:
+            for (user_id, room), seq in self._read_marks.items():
+                if user_id == user.id and seq > stored.get(room, -1):
+                    stored[room] = seq
+            for room, seq in stored.items():
+                self._read_marks.setdefault((user.id, room), seq)
+            return stored
+
+        return self._store.read_markers(user.id).addCallback(merge)
+
+    def flush_read_markers(self) -> Deferred:
+        """
+        Write the read markers set since the last write.
+        """
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        marks, self._unwritten = self._unwritten, {}
+        if not marks:
+            return succeed(None)
+        if len(self._read_marks) > MAX_READ_MARKS:
+            self._read_marks = dict(marks)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Writing {count} read markers failed", failure, count=len(marks))
+
+        return self._store.set_read_markers(marks).addErrback(failed)
 
     def rooms(self) -> List[Room]:
         """
@@ -485,11 +810,12 @@ class ChatCore:
         room = self._rooms.get(room_name)
         if room is not None:
             try:
-                self.admit(room, identity)
+                self._speak(room, identity)
             except ChatError as e:
                 return _fail(e)
             return self._append(room, nick, body, client_id, user)
-        return self.enter(room_name, identity).addCallback(self._append, nick, body, client_id, user)
+        d = self.enter(room_name, identity).addCallback(self._speak, identity)
+        return d.addCallback(self._append, nick, body, client_id, user)
 
     def _append(
         self, room: Room, nick: str, body: str, client_id: Optional[str], user: Optional[User] = None
@@ -954,7 +1280,7 @@ class ChatCore:
         deliver: Deliver,
         on_reset: OnReset,
         identity: Identity = GUEST,
-        on_revoked: Optional[Callable[[], None]] = None,
+        on_revoked: Optional[Callable[[ChatError], None]] = None,
     ) -> Subscription:
         """
         Follow a room (one this node follows: see L{find_room}): C{deliver}
@@ -962,8 +1288,8 @@ class ChatCore:
         history), in order, exactly once, then every new message as it is
         delivered.  If the cursor is older than what the store holds,
         C{on_reset(first_seq)} is called first.  If C{identity} is removed
-        from the (private) room, the subscription stops and C{on_revoked}
-        is called.
+        from the (private) room, kicked or banned, the subscription stops
+        and C{on_revoked} is called with why (a L{ChatError}).
 
         @raise ChatError: C{room_not_found}, C{auth_required}.
         """

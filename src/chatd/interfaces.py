@@ -65,21 +65,50 @@ class IMessageStore(Interface):
             L{chatd.model.RoomLimitReached}.
         """
 
-    def append(room, nick, body, ts_ms, client_id, user=None, kind="message"):
+    def append(room, nick, body, ts_ms, client_id, user=None, kind="message", target=None, meta=None):
         """
-        Store an event, giving it the room's next seq (last seq + 1): a
-        message (C{user}: its sender, if known; C{nick}: their name), or a
-        membership change (C{kind} C{"member"}: C{user} becomes a member
-        with role C{body}, or is no longer one if C{body} is empty; the
-        room's members change in the same transaction).
+        Store an event, giving it the room's next seq (last seq + 1), and
+        make its effects in the same transaction:
+
+          - C{kind} C{"message"}: a chat message (C{user}: its sender, if
+            known; C{nick}: their name);
+          - C{"member"}: C{user} becomes a member with role C{body}, or is
+            no longer one if C{body} is empty;
+          - C{"edit"}: message C{target} gets C{body} (and C{edited_ms});
+          - C{"delete"}: message C{target} and its edits are blanked (and it
+            gets C{deleted_ms});
+          - C{"moderation"}: C{meta["action"]} on C{user} (a ban or mute is
+            kept until C{meta["until"]}; a kick ends a private room's
+            membership);
+          - C{"room"}: the room's topic becomes C{body}, its edit setting
+            C{meta["edits"]}.
+
+        The effects are those of L{chatd.model.RoomAccess.apply} and
+        L{chatd.model.Message.changed_by}.  An edit or deletion is checked
+        with L{chatd.model.check_target} against the target as stored at
+        that moment.
 
         If C{client_id} is not C{None} and a message with that
         C{client_id} is already stored in C{room}, store nothing.
 
         @return: Deferred firing with C{(message, created)} where
             C{message} is the stored L{chatd.model.Message} (the original one
-            when C{created} is C{False}).  It fires only after the message
-            is committed.
+            when C{created} is C{False}), or failing with the
+            L{chatd.model.ChatError} of a refused edit or deletion.  It
+            fires only after the event is committed.
+        """
+
+    def set_read_markers(marks):
+        """
+        Store read markers, C{{(user_id, room): seq}}; a stored marker is
+        never moved back.
+
+        @return: Deferred firing when they are committed.
+        """
+
+    def read_markers(user_id):
+        """
+        @return: Deferred firing with C{{room: seq}} of C{user_id}.
         """
 
     def read_after(room, after, limit):

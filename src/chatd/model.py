@@ -14,12 +14,26 @@ imports, and which imports no other part of chatd.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import unicodedata
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
+    "not_member",
+    "kicked",
+    "muted",
+    "banned",
+    "check_target",
+    "validate_seq",
+    "validate_duration",
+    "validate_action",
+    "validate_reason",
+    "validate_topic",
+    "MAX_TOPIC",
+    "KINDS",
+    "ACTIONS",
     "Batch",
     "ChatError",
     "DEFAULT_NICK",
@@ -134,6 +148,41 @@ def auth_required(detail: str = "Sign in, or send a token, to use this.") -> Cha
     C{auth_required}: the request carries no identity, and needs one.
     """
     return ChatError("auth_required", detail)
+
+
+def _until(until_ms: Optional[int]) -> str:
+    if until_ms is None:
+        return ""
+    stamp = datetime.datetime.fromtimestamp(until_ms / 1000, datetime.timezone.utc)
+    return " until " + stamp.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def banned(room: str, until_ms: Optional[int]) -> ChatError:
+    """
+    C{banned}: a moderator banned the user from C{room} (until C{until_ms}).
+    """
+    return ChatError("banned", f"You are banned from {room!r}{_until(until_ms)}.")
+
+
+def muted(room: str, until_ms: Optional[int]) -> ChatError:
+    """
+    C{muted}: the user may read C{room} but not post (until C{until_ms}).
+    """
+    return ChatError("muted", f"You are muted in {room!r}{_until(until_ms)}: you may read, not post.")
+
+
+def kicked(room: str) -> ChatError:
+    """
+    C{kicked}: a moderator removed the user's connections to C{room}.
+    """
+    return ChatError("kicked", f"A moderator removed you from {room!r}.")
+
+
+def not_member(room: str) -> ChatError:
+    """
+    C{not_member}: the user is no longer a member of private room C{room}.
+    """
+    return ChatError("not_member", f"You are no longer a member of {room!r}.")
 
 
 def validate_room_name(name: object) -> str:
@@ -389,17 +438,43 @@ class Identity:
 GUEST = Identity()
 
 
+#: The kinds of a room's stored events: chat messages, membership
+#: changes, edits and deletions of messages, moderation actions, and
+#: changes of the room's settings (its topic, whether edits are allowed).
+KINDS = ("message", "member", "edit", "delete", "moderation", "room")
+#: Moderation actions: C{kick} (in a private room it also ends the
+#: membership), C{ban} and C{mute} (optionally for a time), and their undoing.
+ACTIONS = ("kick", "ban", "unban", "mute", "unmute")
+MAX_TOPIC = 200
+MAX_REASON = 200
+#: The longest ban or mute with a duration: ten years, in seconds.
+MAX_DURATION = 10 * 365 * 24 * 3600
+
+
 class Message:
     """
-    One stored event of a room: a chat message (C{kind} C{"message"}), or
-    a change of membership (C{kind} C{"member"}: C{user} is the member,
-    C{nick} their name, C{body} their new role, empty once removed).  Immutable once the store has made it.
+    One stored event of a room, immutable once the store has made it:
+
+      - C{kind} C{"message"}: a chat message; C{edited_ms} and
+        C{deleted_ms} say its current state (a deleted one's C{body} is
+        empty);
+      - C{"member"}: a change of membership (C{user} is the member,
+        C{nick} their name, C{body} their new role, empty once removed);
+      - C{"edit"}: C{user} changed message C{target} to C{body};
+      - C{"delete"}: C{user} (None: the server) deleted message C{target};
+      - C{"moderation"}: C{meta["action"]} (L{ACTIONS}) on C{user}, by
+        C{meta["by"]}, until C{meta["until"]} (ms, or None);
+      - C{"room"}: C{user} set the topic to C{body} and C{meta["edits"]}.
 
     Its JSON encoding (L{json}) is computed once, on first use, and shared
-    by every transport and recipient.
+    by every transport and recipient.  A change of state (an edit, a
+    deletion) is a new L{Message}, made by L{changed_by}.
     """
 
-    __slots__ = ("room", "seq", "nick", "body", "ts_ms", "client_id", "user", "kind", "_json")
+    __slots__ = (
+        "room", "seq", "nick", "body", "ts_ms", "client_id", "user", "kind",
+        "target", "meta", "edited_ms", "deleted_ms", "_json",
+    )
 
     def __init__(
         self,
@@ -411,6 +486,10 @@ class Message:
         client_id: Optional[str] = None,
         user: Optional[User] = None,
         kind: str = "message",
+        target: Optional[int] = None,
+        meta: Optional[dict] = None,
+        edited_ms: Optional[int] = None,
+        deleted_ms: Optional[int] = None,
     ) -> None:
         self.room = room
         self.seq = seq
@@ -420,9 +499,15 @@ class Message:
         self.client_id = client_id
         self.user = user
         self.kind = kind
+        self.target = target
+        self.meta = meta
+        self.edited_ms = edited_ms
+        self.deleted_ms = deleted_ms
         self._json: Optional[bytes] = None
 
     def __repr__(self) -> str:
+        if self.kind != "message":
+            return f"<Message {self.room}#{self.seq} {self.kind} {self.target} {self.body!r}>"
         return f"<Message {self.room}#{self.seq} {self.nick!r}: {self.body!r}>"
 
     def __eq__(self, other: object) -> bool:
@@ -433,32 +518,106 @@ class Message:
     def __hash__(self) -> int:
         return hash((self.room, self.seq))
 
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_ms is not None
+
+    def changed_by(self, event: "Message") -> Optional["Message"]:
+        """
+        This event's state once C{event} (a later edit or delete) has
+        happened, or C{None} if C{event} does not change it: an edit
+        changes its message's body; a deletion blanks its message and
+        every edit of it, so that no later read shows the deleted text.
+        """
+        if event.kind == "edit" and event.target == self.seq and self.kind == "message":
+            if self.deleted:
+                return None
+            return self._copy(body=event.body, edited_ms=event.ts_ms)
+        if event.kind == "delete":
+            if self.kind == "message" and self.seq == event.target and not self.deleted:
+                return self._copy(body="", deleted_ms=event.ts_ms)
+            if self.kind == "edit" and self.target == event.target and self.body:
+                return self._copy(body="")
+        return None
+
+    def _copy(self, **changes: Any) -> "Message":
+        fields = {name: getattr(self, name) for name in self.__slots__ if name != "_json"}
+        fields.update(changes)
+        return Message(**fields)
+
     def as_dict(self) -> dict:
         """
-        The message as its wire-format dictionary.
+        The event as its wire-format dictionary.
         """
         user = None if self.user is None else self.user.as_dict()
-        if self.kind == "member":
-            return {
-                "type": "member",
+        kind = self.kind
+        meta = self.meta or {}
+        ts = self.ts_ms / 1000.0
+        if kind == "message":
+            d = {
+                "type": "message",
                 "room": self.room,
                 "seq": self.seq,
+                "nick": self.nick,
                 "user": user,
-                "role": self.body or None,
-                "ts": self.ts_ms / 1000.0,
+                "body": self.body,
+                "ts": ts,
             }
-        d = {
-            "type": "message",
+            if self.client_id is not None:
+                d["client_id"] = self.client_id
+            if self.edited_ms is not None:
+                d["edited"] = self.edited_ms / 1000.0
+            if self.deleted_ms is not None:
+                d["deleted"] = self.deleted_ms / 1000.0
+            return d
+        if kind == "member":
+            d = {"type": "member", "room": self.room, "seq": self.seq, "user": user, "role": self.body or None}
+            if "by" in meta:
+                d["by"] = meta["by"]
+            d["ts"] = ts
+            return d
+        if kind == "edit":
+            return {
+                "type": "edit",
+                "room": self.room,
+                "seq": self.seq,
+                "target_seq": self.target,
+                "nick": self.nick,
+                "user": user,
+                "body": self.body,
+                "ts": ts,
+            }
+        if kind == "delete":
+            return {
+                "type": "delete",
+                "room": self.room,
+                "seq": self.seq,
+                "target_seq": self.target,
+                "by": user,
+                "ts": ts,
+            }
+        if kind == "moderation":
+            until = meta.get("until")
+            return {
+                "type": "moderation",
+                "room": self.room,
+                "seq": self.seq,
+                "action": meta.get("action"),
+                "user": user,
+                "by": meta.get("by"),
+                "until": None if until is None else until / 1000.0,
+                "reason": meta.get("reason"),
+                "ts": ts,
+            }
+        return {
+            "type": "room",
             "room": self.room,
             "seq": self.seq,
-            "nick": self.nick,
-            "user": user,
-            "body": self.body,
-            "ts": self.ts_ms / 1000.0,
+            "topic": self.body,
+            "edits": bool(meta.get("edits", True)),
+            "by": user,
+            "ts": ts,
         }
-        if self.client_id is not None:
-            d["client_id"] = self.client_id
-        return d
 
     @property
     def json(self) -> bytes:
@@ -472,7 +631,7 @@ class Message:
 
 class RoomAccess:
     """
-    Who may use a room, as the store last committed it.
+    Who may use a room, and how, as the store last committed it.
 
     @ivar private: members only (others are told it does not exist).
     @ivar guests: people with no identity may read and write it.
@@ -480,9 +639,13 @@ class RoomAccess:
     @ivar names: C{{user_id: name}} of the members.
     @ivar last_seq: the room's last seq when this was read: the members
         are those of every event up to it.
+    @ivar topic: the room's topic (C{""}: none).
+    @ivar edits: whether authors may edit their messages.
+    @ivar bans: C{{user_id: until_ms}} (None: until lifted).
+    @ivar mutes: C{{user_id: until_ms}}: they may read, not post.
     """
 
-    __slots__ = ("private", "guests", "members", "names", "last_seq")
+    __slots__ = ("private", "guests", "members", "names", "last_seq", "topic", "edits", "bans", "mutes")
 
     def __init__(
         self,
@@ -491,16 +654,164 @@ class RoomAccess:
         members: Optional[Dict[str, str]] = None,
         last_seq: int = 0,
         names: Optional[Dict[str, str]] = None,
+        topic: str = "",
+        edits: bool = True,
+        bans: Optional[Dict[str, Optional[int]]] = None,
+        mutes: Optional[Dict[str, Optional[int]]] = None,
     ) -> None:
         self.private = private
         self.guests = guests
         self.members = {} if members is None else members
         self.names = {} if names is None else names
         self.last_seq = last_seq
+        self.topic = topic
+        self.edits = edits
+        self.bans = {} if bans is None else bans
+        self.mutes = {} if mutes is None else mutes
 
     def __repr__(self) -> str:
         kind = "private" if self.private else "public"
         return f"<RoomAccess {kind} guests={self.guests} members={self.members!r}>"
+
+    def copy(self) -> "RoomAccess":
+        return RoomAccess(
+            self.private, self.guests, dict(self.members), self.last_seq, dict(self.names),
+            self.topic, self.edits, dict(self.bans), dict(self.mutes),
+        )
+
+    def restricted(self, kind: str, user_id: Optional[str], now_ms: int) -> Optional[Tuple[Optional[int]]]:
+        """
+        Whether C{user_id} is under a ban (C{kind} C{"ban"}) or a mute
+        (C{"mute"}) at C{now_ms}: C{(until_ms,)} if so (C{until_ms} None:
+        until lifted), else None.
+        """
+        if user_id is None:
+            return None
+        table = self.bans if kind == "ban" else self.mutes
+        if user_id not in table:
+            return None
+        until = table[user_id]
+        if until is not None and until <= now_ms:
+            return None
+        return (until,)
+
+    def apply(self, event: Message) -> None:
+        """
+        Change this as C{event} (the room's next) does: memberships, bans
+        and mutes, the topic and settings.  Every store and every node
+        applies the same events in seq order, so they agree.
+        """
+        self.last_seq = max(self.last_seq, event.seq)
+        user, kind, meta = event.user, event.kind, event.meta or {}
+        if kind == "member" and user is not None:
+            if event.body:
+                self.members[user.id] = event.body
+                self.names[user.id] = user.name
+            else:
+                self.members.pop(user.id, None)
+                self.names.pop(user.id, None)
+        elif kind == "moderation" and user is not None:
+            action = meta.get("action")
+            if action == "kick" and self.private:
+                self.members.pop(user.id, None)
+                self.names.pop(user.id, None)
+            elif action in ("ban", "mute"):
+                (self.bans if action == "ban" else self.mutes)[user.id] = meta.get("until")
+            elif action in ("unban", "unmute"):
+                (self.bans if action == "unban" else self.mutes).pop(user.id, None)
+        elif kind == "room":
+            self.topic = event.body
+            self.edits = bool(meta.get("edits", True))
+
+
+def check_target(target: Optional[Message], seq: int) -> Message:
+    """
+    The rule every store applies, in the transaction that stores an edit
+    or a deletion: its target (message C{seq}, as stored now) must be a
+    chat message still held and not deleted.
+
+    @raise ChatError: C{message_not_found} or C{message_deleted}.
+    """
+    if target is None or target.kind != "message":
+        raise ChatError("message_not_found", f"There is no message {seq} in this room.")
+    if target.deleted:
+        raise ChatError("message_deleted", f"Message {seq} was deleted.")
+    return target
+
+
+def validate_topic(topic: object) -> str:
+    """
+    A room topic: stripped, one line of at most L{MAX_TOPIC} printable
+    characters (empty clears it).
+
+    @raise ChatError: C{invalid_topic}.
+    """
+    if not isinstance(topic, str):
+        raise ChatError("invalid_topic", "topic must be a string.")
+    topic = unicodedata.normalize("NFC", topic.strip())
+    if len(topic) > MAX_TOPIC or _BAD_LINE_CHARS.search(topic):
+        raise ChatError("invalid_topic", f"A topic is one line of at most {MAX_TOPIC} printable characters.")
+    return topic
+
+
+def validate_reason(reason: object) -> Optional[str]:
+    """
+    A moderator's optional reason: None, or one line of at most
+    L{MAX_REASON} printable characters.
+
+    @raise ChatError: C{invalid_reason}.
+    """
+    if reason is None or reason == "":
+        return None
+    if not isinstance(reason, str) or len(reason.strip()) > MAX_REASON or _BAD_LINE_CHARS.search(reason):
+        raise ChatError("invalid_reason", f"A reason is one line of at most {MAX_REASON} printable characters.")
+    return reason.strip() or None
+
+
+def validate_action(action: object) -> str:
+    """
+    @raise ChatError: C{invalid_action} unless C{action} is one of L{ACTIONS}.
+    """
+    if action not in ACTIONS:
+        raise ChatError("invalid_action", "An action is kick, ban, unban, mute or unmute.")
+    assert isinstance(action, str)
+    return action
+
+
+def validate_duration(duration: object) -> Optional[int]:
+    """
+    A ban's or mute's duration: None (until lifted), or whole seconds from
+    1 to L{MAX_DURATION} (a decimal string is accepted, for forms).
+
+    @raise ChatError: C{invalid_duration}.
+    """
+    if duration is None or duration == "":
+        return None
+    if isinstance(duration, str) and duration.isascii() and duration.isdigit() and len(duration) <= 10:
+        duration = int(duration)
+    if isinstance(duration, bool) or not isinstance(duration, int) or not 0 < duration <= MAX_DURATION:
+        raise ChatError(
+            "invalid_duration", f"duration is whole seconds from 1 to {MAX_DURATION} (or absent: until lifted)."
+        )
+    return duration
+
+
+def validate_seq(value: object, name: str = "target_seq") -> int:
+    """
+    A seq given in a JSON body or form: a whole number from 1 to
+    L{MAX_SEQ} (a decimal string is accepted, for forms).
+
+    @raise ChatError: C{invalid_parameter}.
+    """
+    if isinstance(value, str):
+        try:
+            parsed = parse_cursor(value, name)
+        except ChatError:
+            parsed = None
+        value = parsed
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SEQ:
+        raise ChatError("invalid_parameter", f"{name} must be a whole number from 1 to {MAX_SEQ} (a seq).")
+    return value
 
 
 class Batch:

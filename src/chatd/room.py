@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from chatd.model import Batch, Message, RoomAccess
+from chatd.model import Batch, ChatError, Message, RoomAccess, banned, kicked, not_member
 
 __all__ = ["Answer", "Deliver", "OnReset", "Room", "Subscription", "MAX_PENDING"]
 
@@ -57,7 +57,7 @@ class Subscription:
         on_reset: OnReset,
         after: int,
         user_id: Optional[str] = None,
-        on_revoked: Optional[Callable[[], None]] = None,
+        on_revoked: Optional[Callable[[ChatError], None]] = None,
     ) -> None:
         self._room = room
         self._deliver = deliver
@@ -66,7 +66,7 @@ class Subscription:
         #: Whose it is (None: a guest's, or an API key's).
         self.user_id = user_id
         #: Called once its user may no longer read the room (after it
-        #: stopped).
+        #: stopped), with why (C{not_member}, C{kicked}, C{banned}).
         self.on_revoked = on_revoked
         #: Live messages held while the backlog loads (None: not loading).
         self.queue: Optional[List[Message]] = None
@@ -113,14 +113,14 @@ class Subscription:
             self._room.unsubscribe(self)
             self.queue = None
 
-    def revoke(self) -> None:
+    def revoke(self, why: ChatError) -> None:
         """
-        Its user may no longer read the room: stop, and say so.
+        Its user may no longer read the room: stop, and say C{why}.
         """
         self.stop()
         revoked, self.on_revoked = self.on_revoked, None
         if revoked is not None:
-            revoked()
+            revoked(why)
 
 
 class Room:
@@ -197,6 +197,16 @@ class Room:
         """
         return self._cache[-1].ts_ms / 1000.0 if self._cache else None
 
+    def name_of(self, user_id: str) -> Optional[str]:
+        """
+        The name C{user_id} last spoke under in the cached history, if
+        they did.
+        """
+        for message in reversed(self._cache):
+            if message.kind == "message" and message.user is not None and message.user.id == user_id:
+                return message.user.name
+        return None
+
     def cached_after(self, after: int, limit: int) -> Optional[List[Message]]:
         """
         The cached messages after C{after}, or C{None} when the cache does
@@ -264,6 +274,9 @@ class Room:
         if message.seq > self.known_last:
             self.known_last = message.seq
         self._cache.append(message)
+        kind = message.kind
+        if kind == "edit" or kind == "delete":
+            self._change_cached(message)
         waiters = 0
         if self._waiters:
             # Every waiter was waiting at the room's previous last seq, so
@@ -278,34 +291,54 @@ class Room:
                 # message: drop it and carry on.
                 _log.failure("Dropping subscriber of {room} after a delivery error", room=self.name)
                 subscription.stop()
-        if message.kind == "member":
-            self._member_changed(message)
+        if kind != "message" and kind != "edit" and kind != "delete":
+            self._access_changed(message)
         if self._reaching:
             self._reached()
         return len(subscriptions), waiters
 
-    def _member_changed(self, message: Message) -> None:
+    def _change_cached(self, event: Message) -> None:
         """
-        A membership event: the room's members change with it, and in a
-        private room a member removed stops reading at once (after this
-        last event): their subscriptions are revoked and their waiting
-        long-polls answered (their next poll is refused).
+        An edit or deletion: the cached messages it changes are replaced
+        by their new state (L{Message.changed_by}), so that every read from
+        memory shows what the store shows.
         """
+        cache = self._cache
+        assert event.target is not None
+        start = max(0, event.target - cache[0].seq)
+        # An edit changes one message; a deletion also the edits after it.
+        end = min(len(cache) - 1, start + 1) if event.kind == "edit" else len(cache) - 1
+        for i in range(start, end):
+            changed = cache[i].changed_by(event)
+            if changed is not None:
+                cache[i] = changed
+        self._last_read = None
+
+    def _access_changed(self, message: Message) -> None:
+        """
+        A membership, moderation or settings event: the room's access
+        changes with it.  A member removed from a private room, and a user
+        kicked or banned, stop reading at once (after this event): their
+        subscriptions are revoked and their waiting long-polls answered
+        (their next request is refused, but a kicked one's).
+        """
+        self.access.apply(message)
         user = message.user
         if user is None:
             return
-        members, names = self.access.members, self.access.names
-        if message.body:
-            members[user.id] = message.body
-            names[user.id] = user.name
-            return
-        members.pop(user.id, None)
-        names.pop(user.id, None)
-        if not self.access.private:
+        action = (message.meta or {}).get("action")
+        why: Optional[ChatError] = None
+        if message.kind == "member" and not message.body and self.access.private:
+            why = not_member(self.name)
+        elif message.kind == "moderation" and action == "ban":
+            why = banned(self.name, (message.meta or {}).get("until"))
+        elif message.kind == "moderation" and action == "kick":
+            why = kicked(self.name)
+        if why is None:
             return
         for subscription in [s for s in self._subscriptions if s.user_id == user.id]:
             try:
-                subscription.revoke()
+                subscription.revoke(why)
             except Exception:
                 _log.failure("Revoking a subscriber of {room} failed", room=self.name)
         theirs = [answer for answer, owner in self._waiters.items() if owner == user.id]

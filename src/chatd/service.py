@@ -494,6 +494,8 @@ class ChatService(MultiService):
                 polls=released,
                 sockets=closing,
             )
+            # Read markers set in the last moments are kept.
+            await self.core.flush_read_markers()
             closing_store = self.store.close()
             closing_store.addTimeout(SHUTDOWN_TIMEOUT / 2, self._reactor)
             await closing_store

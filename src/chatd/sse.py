@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from chatd._send import Backpressure
-from chatd.model import Message, encode_json
+from chatd.model import ChatError, Message, encode_json
 from chatd.room import Subscription
 
 __all__ = [
@@ -71,7 +71,7 @@ def event_bytes(message: Message) -> bytes:
 
 
 Subscribe = Callable[
-    [Callable[[Message], None], Callable[[int], None], Callable[[], None]], Subscription
+    [Callable[[Message], None], Callable[[int], None], Callable[[ChatError], None]], Subscription
 ]
 
 
@@ -180,13 +180,15 @@ class EventStream:
         body = encode_json({"type": "reset", "first_seq": first_seq})
         self._write(b"id: %d\nevent: reset\ndata: %s\n\n" % (first_seq - 1, body))
 
-    def revoked(self) -> None:
+    def revoked(self, why: ChatError) -> None:
         """
-        The user may no longer read the room: say so, and end.
+        The user may no longer read the room (removed from it, kicked,
+        banned): say why, and end.
         """
         self._subscription = None
         self.flush()
-        self._write(b"event: revoked\ndata: %s\n\n" % encode_json({"type": "revoked"}))
+        body = encode_json({"type": "revoked", "error": why.code, "detail": why.detail})
+        self._write(b"event: revoked\ndata: %s\n\n" % body)
         self.end()
 
     def session_ended(self) -> None:

@@ -39,7 +39,7 @@ from chatd.auth import (
     SessionWatch,
     TokenVerifier,
 )
-from chatd.core import ChatCore
+from chatd.core import EDIT_WINDOW, ChatCore
 from chatd.interfaces import IBus, IMessageStore
 from chatd.limits import DEFAULT_RATE, Connections, Limits, RateLimiter, parse_rate
 from chatd.metrics import CONTENT_TYPE, Metrics
@@ -236,6 +236,14 @@ class Options(usage.Options):
             "(accounts are made with chatd-admin user add).",
         ],
         [
+            "edit-window",
+            None,
+            EDIT_WINDOW,
+            "How long after sending a message its author may edit it, in seconds "
+            "(0: for ever). Rooms whose owners turned edits off allow none.",
+            float,
+        ],
+        [
             "session-days",
             None,
             SESSION_TTL / 86400,
@@ -414,6 +422,8 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(f"--auth-secret-file/--auth-public-key-file: {e}.") from None
+        if not 0 <= self["edit-window"] <= 366 * 86400:
+            raise usage.UsageError(f"--edit-window {self['edit-window']:g}: give 0 to 31622400 seconds.")
         if not 0 < self["session-days"] <= 366:
             raise usage.UsageError(f"--session-days {self['session-days']:g}: give 1 to 366 days.")
         try:
@@ -635,6 +645,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         bus=bus,
         observer=metrics,
         guests=options["auth"] == "open",
+        edit_window=options["edit-window"] or None,
     )
     passwords = Passwords(reactor)
     accounts = None

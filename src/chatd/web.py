@@ -548,7 +548,14 @@ def _role(room: Room, identity: Identity) -> Optional[str]:
     return None if user_id is None else room.access.members.get(user_id)
 
 
-def _room_info(room: Room, role: Optional[str] = None) -> dict:
+def _room_info(
+    room: Room, role: Optional[str] = None, read: Optional[int] = None, muted: Optional[dict] = None
+) -> dict:
+    """
+    A room as the API shows it; for a signed-in user also their C{role},
+    how far they have C{read} and how many events are C{unread}, and
+    whether they are C{muted} (C{{"until": ts or null}}).
+    """
     access = room.access
     info = {
         "name": room.name,
@@ -557,9 +564,16 @@ def _room_info(room: Room, role: Optional[str] = None) -> dict:
         "last_activity": room.last_activity,
         "private": access.private,
         "guests": access.guests,
+        "topic": access.topic,
+        "edits": access.edits,
     }
     if role is not None:
         info["role"] = role
+    if read is not None:
+        info["read"] = read
+        info["unread"] = max(0, room.last_seq - read)
+    if muted is not None:
+        info["muted"] = muted
     return info
 
 
@@ -1043,13 +1057,15 @@ class ChatWeb:
         return self.identify(request).addCallback(listed)
 
     def _chat_page(self, request: IRequest, name: str, transport: str) -> Deferred:
-        def render(identity: Identity, room: Room) -> bytes:
+        def render(identity: Identity, room: Room, marks: Dict[str, int]) -> bytes:
+            window = self._core.edit_window
             return self._page(
                 request,
                 self._room_page,
-                room=_room_info(room, _role(room, identity)),
+                room=self._info(room, identity, marks),
                 members=_members(room) if room.access.private else [],
                 transport=transport,
+                edit_window=0 if window is None else int(window),
                 **self._page_context(identity),
             )
 
@@ -1071,8 +1087,11 @@ class ChatWeb:
             )
 
         def entered(identity: Identity) -> Deferred:
+            def marked(room: Room) -> Deferred:
+                return self._core.read_markers(identity).addCallback(lambda marks: render(identity, room, marks))
+
             d = self._core.enter(name, identity)
-            return d.addCallback(lambda room: render(identity, room)).addErrback(refused, identity)
+            return d.addCallback(marked).addErrback(refused, identity)
 
         def unidentified(failure: Failure) -> bytes:
             return refused(failure, GUEST)
@@ -1275,11 +1294,13 @@ class ChatWeb:
         _callback(request)  # refuse a bad callback first
 
         def listed(identity: Identity) -> Deferred:
-            def render(rooms: Sequence[Room]) -> bytes:
-                infos = [_room_info(r, _role(r, identity)) for r in rooms]
+            def render(rooms: Sequence[Room], marks: Dict[str, int]) -> bytes:
+                infos = [self._info(r, identity, marks) for r in rooms]
                 return self._json(request, encode_json({"rooms": infos}))
 
-            return self._core.list_rooms(identity).addCallback(render)
+            d = self._core.list_rooms(identity)
+            return d.addCallback(lambda rooms: self._core.read_markers(identity).addCallback(
+                lambda marks: render(rooms, marks)))
 
         return self.identify(request).addCallback(listed)
 
@@ -1323,10 +1344,25 @@ class ChatWeb:
         One room's C{{"name", "last_seq", "clients", ...}}.
         """
 
-        def render(identity: Identity, found: Room) -> bytes:
-            return self._json(request, encode_json(_room_info(found, _role(found, identity))))
+        def render(identity: Identity, found: Room) -> Deferred:
+            def answer(marks: Dict[str, int]) -> bytes:
+                return self._json(request, encode_json(self._info(found, identity, marks)))
+
+            return self._core.read_markers(identity).addCallback(answer)
 
         return self._in_room(request, room, render)
+
+    def _info(self, room: Room, identity: Identity, marks: Dict[str, int]) -> dict:
+        """
+        L{_room_info} for C{identity}, with its read markers C{marks}.
+        """
+        read = None if identity.user is None else marks.get(room.name, 0)
+        muted = None
+        if identity.user is not None:
+            mute = room.access.restricted("mute", identity.user.id, int(self._clock.seconds() * 1000))
+            if mute is not None:
+                muted = {"until": None if mute[0] is None else mute[0] / 1000.0}
+        return _room_info(room, _role(room, identity), read, muted)
 
     # -- members API -----------------------------------------------------------
 
@@ -1602,6 +1638,132 @@ class ChatWeb:
             return self._json(request, message.json, 201, jsonp=False)
 
         return d.addCallback(respond)
+
+    # -- edits, deletions, moderation, settings, read markers ------------------
+
+    def _acting(self, identity: Identity, fields: Dict[str, Any]) -> Identity:
+        """
+        Who acts: the request's identity, or for an API key the user named
+        in C{as}, if it names one.
+        """
+        if identity.key is not None and fields.get("as") is not None:
+            return Identity(_named_user(fields.get("as")), "key", key=identity.key)
+        return identity
+
+    def _event_answer(self, event: Message, request: IRequest, status: int = 200) -> bytes:
+        return self._json(request, event.json, status, jsonp=False)
+
+    @app.route("/api/rooms/<room>/messages/<seq>", methods=["PATCH"])
+    def edit_message(self, request: IRequest, room: str, seq: str) -> Deferred:
+        """
+        Edit message C{seq}: C{{"body": ...}}; 200 with the C{edit} event.
+        """
+
+        def edit(identity: Identity, found: Room) -> Deferred:
+            fields = self._fields(request, identity)
+            d = self._core.edit(
+                found.name, seq, fields.get("body"), self._acting(identity, fields), Peer(_ip(request))
+            )
+            return d.addCallback(self._event_answer, request)
+
+        return self._in_room(request, room, edit)
+
+    @app.route("/api/rooms/<room>/messages/<seq>", methods=["DELETE"])
+    def delete_message(self, request: IRequest, room: str, seq: str) -> Deferred:
+        """
+        Delete message C{seq}; 200 with the C{delete} event.
+        """
+
+        def delete(identity: Identity, found: Room) -> Deferred:
+            self._check_change(request, identity)
+            d = self._core.delete(found.name, seq, identity, Peer(_ip(request)))
+            return d.addCallback(self._event_answer, request)
+
+        return self._in_room(request, room, delete)
+
+    @app.route("/api/rooms/<room>/moderation", methods=["POST"])
+    def moderate(self, request: IRequest, room: str) -> Deferred:
+        """
+        A moderation action: C{{"user": ID, "action": "kick"|"ban"|
+        "unban"|"mute"|"unmute", "duration": seconds, "reason": text}};
+        201 with the C{moderation} event.
+        """
+
+        def moderate(identity: Identity, found: Room) -> Deferred:
+            fields = self._fields(request, identity)
+            d = self._core.moderate(
+                found.name,
+                fields.get("user"),
+                fields.get("action"),
+                identity,
+                fields.get("duration"),
+                fields.get("reason"),
+            )
+            return d.addCallback(self._event_answer, request, 201)
+
+        return self._in_room(request, room, moderate)
+
+    @app.route("/api/rooms/<room>/moderation", methods=["GET"])
+    def restrictions(self, request: IRequest, room: str) -> Deferred:
+        """
+        The bans and mutes in force (for the room's owners and moderators):
+        C{{"bans": [{"id", "name", "until"}], "mutes": [...]}}.
+        """
+
+        def render(identity: Identity, found: Room) -> bytes:
+            if self._core.role(found, identity) not in ("owner", "moderator"):
+                raise ChatError("not_allowed", "Only the room's owners and moderators see its bans and mutes.")
+            now_ms = int(self._clock.seconds() * 1000)
+            access = found.access
+
+            def listed(table: Dict[str, Optional[int]], kind: str) -> List[dict]:
+                return [
+                    {
+                        "id": user_id,
+                        "name": access.names.get(user_id, user_id),
+                        "until": None if until is None else until / 1000.0,
+                    }
+                    for user_id, until in sorted(table.items())
+                    if access.restricted(kind, user_id, now_ms) is not None
+                ]
+
+            body = {"room": found.name, "bans": listed(access.bans, "ban"), "mutes": listed(access.mutes, "mute")}
+            return self._json(request, encode_json(body), jsonp=False)
+
+        return self._in_room(request, room, render)
+
+    @app.route("/api/rooms/<room>", methods=["PATCH"])
+    def configure_room(self, request: IRequest, room: str) -> Deferred:
+        """
+        Change the room's settings: C{{"topic": text, "edits": bool}}
+        (either or both); 200 with the C{room} event.
+        """
+
+        def configure(identity: Identity, found: Room) -> Deferred:
+            fields = self._fields(request, identity)
+            edits = _flag(fields, "edits", None) if "edits" in fields else None
+            d = self._core.configure_room(found.name, identity, fields.get("topic"), edits)
+            return d.addCallback(self._event_answer, request)
+
+        return self._in_room(request, room, configure)
+
+    @app.route("/api/rooms/<room>/read", methods=["POST"])
+    def mark_read(self, request: IRequest, room: str) -> Deferred:
+        """
+        The user has read the room up to C{{"seq": N}}: 200 with C{{"room",
+        "read", "unread"}}.
+        """
+
+        def mark(identity: Identity, found: Room) -> Deferred:
+            fields = self._fields(request, identity)
+
+            def render(marked: Tuple[int, int]) -> bytes:
+                body = {"room": found.name, "read": marked[0], "unread": marked[1]}
+                return self._json(request, encode_json(body), jsonp=False)
+
+            return self._core.mark_read(found.name, fields.get("seq"), identity).addCallback(render)
+
+        return self._in_room(request, room, mark)
 
     # -- Server-Sent Events ----------------------------------------------------
 

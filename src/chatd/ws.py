@@ -62,6 +62,10 @@ CLOSE_INTERNAL_ERROR = 1011
 #: the user is no longer a member of the (private) room.
 CLOSE_AUTH_EXPIRED = 4001
 CLOSE_REVOKED = 4003
+#: A moderator kicked the user (they may connect again), or banned them
+#: (they may not, until the ban ends).
+CLOSE_KICKED = 4004
+CLOSE_BANNED = 4005
 
 #: How long past its token's C{exp} a connection stays open, for the
 #: client to send a fresh token (an C{auth} frame).
@@ -253,14 +257,17 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
                 self._subscription = None
             self.close_with(CLOSE_AUTH_EXPIRED, reason)
 
-    def _revoked(self) -> None:
+    def _revoked(self, why: ChatError) -> None:
         """
-        The user is no longer a member of the room (its subscription
-        stopped): close with L{CLOSE_REVOKED}.
+        The user may no longer read the room (its subscription stopped):
+        removed from a private room (L{CLOSE_REVOKED}), kicked
+        (L{CLOSE_KICKED}) or banned (L{CLOSE_BANNED}).  The event that
+        says so (C{member}, C{moderation}) was the last frame before it.
         """
         self._subscription = None
         if self._sending:
-            self.close_with(CLOSE_REVOKED, "You are no longer a member of this room.")
+            code = {"kicked": CLOSE_KICKED, "banned": CLOSE_BANNED}.get(why.code, CLOSE_REVOKED)
+            self.close_with(code, why.detail)
 
     def close_with(self, code: int, reason: str) -> None:
         """
@@ -496,10 +503,13 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if kind == "auth":
             self._reauthenticate(frame.get("token"))
             return
+        if kind in ("edit", "delete", "read"):
+            self._change(kind, frame)
+            return
         if kind != "message":
             raise ChatError(
                 "unknown_type",
-                "A frame's type is 'message', 'ping' or 'auth'.",
+                "A frame's type is 'message', 'edit', 'delete', 'read', 'ping' or 'auth'.",
             )
         assert self._room is not None
         client_id = frame.get("client_id")
@@ -514,6 +524,23 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         # The sender's acknowledgement is its own message coming back
         # through the room, like everyone else's; only failures are ours.
         d.addCallbacks(self._posted, self._post_failed, errbackArgs=(client_id,))
+
+    def _change(self, kind: str, frame: dict) -> None:
+        """
+        An C{edit} or C{delete} of a message (its event comes back through
+        the room, as a message does; only failures are answered here), or
+        a C{read} marker (answered with the room's unread count).
+        """
+        assert self._room is not None
+        core, client_id = self.factory.core, frame.get("client_id")
+        if kind == "read":
+            d = core.mark_read(self._room, frame.get("seq"), self._identity)
+            d.addCallback(lambda marked: self._send_frame({"type": "read", "seq": marked[0], "unread": marked[1]}))
+        elif kind == "edit":
+            d = core.edit(self._room, frame.get("target_seq"), frame.get("body"), self._identity, Peer(self._ip, self))
+        else:
+            d = core.delete(self._room, frame.get("target_seq"), self._identity, Peer(self._ip, self))
+        d.addCallbacks(lambda _: None, self._post_failed, errbackArgs=(client_id,))
 
     def _reauthenticate(self, token: object) -> None:
         """

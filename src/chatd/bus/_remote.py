@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from chatd.bus.local import Listeners
 from chatd.interfaces import IBus, IBusListener, IBusSubscription
-from chatd.model import Message, User
+from chatd.model import KINDS, Message, User
 
 __all__ = ["RemoteBus", "decode", "encode"]
 
@@ -58,10 +58,7 @@ def encode(room: str, last_seq: int, messages: Sequence[Message], limit: int) ->
     fit in C{limit} bytes, else the room and seq alone (the listeners read
     the messages from the store).
     """
-    rows = [
-        [m.seq, m.nick, m.body, m.ts_ms, m.client_id, None if m.user is None else m.user.id, m.kind]
-        for m in messages
-    ]
+    rows = [_row(m) for m in messages]
     full = _dumps({"r": room, "s": last_seq, "m": rows})
     if len(full) <= limit:
         return [full]
@@ -86,14 +83,28 @@ def decode(payload: bytes) -> Optional[tuple]:
         return None
 
 
+def _row(m: Message) -> List[Any]:
+    row = [m.seq, m.nick, m.body, m.ts_ms, m.client_id, None if m.user is None else m.user.id, m.kind]
+    if m.target is not None or m.meta is not None:
+        row += [m.target, m.meta]
+    return row
+
+
 def _message(room: str, row: List[Any]) -> Message:
-    seq, nick, body, ts_ms, cid, uid, kind = row
+    seq, nick, body, ts_ms, cid, uid, kind = row[:7]
+    target, meta = row[7:9] if len(row) >= 9 else (None, None)
     nick = str(nick)
     user = None if uid is None else User(str(uid), nick)
     kind = str(kind)
-    if kind not in ("message", "member"):
+    if kind not in KINDS:
         raise ValueError(kind)
-    return Message(room, int(seq), nick, str(body), int(ts_ms), None if cid is None else str(cid), user, kind)
+    if target is not None and type(target) is not int:
+        raise ValueError(target)
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(meta)
+    return Message(
+        room, int(seq), nick, str(body), int(ts_ms), None if cid is None else str(cid), user, kind, target, meta
+    )
 
 
 def _dumps(value: object) -> bytes:

@@ -16,16 +16,17 @@ held until commit, seq N+1 can only become visible after seq N.
 
 from __future__ import annotations
 
+import json
 import secrets
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.model import Message, RoomAccess, RoomLimitReached, User
+from chatd.model import ChatError, Message, RoomAccess, RoomLimitReached, User, check_target
 from chatd.store._schema import schema_files, statements
 
 __all__ = ["SQLStore", "StoreError", "schema_files"]
@@ -48,8 +49,8 @@ class StoreError(Exception):
 _statements = statements
 
 
-#: room, nick, body, ts_ms, client_id, user id, kind.
-_Append = Tuple[str, str, str, int, Optional[str], Optional[str], str]
+#: room, nick, body, ts_ms, client_id, user id, kind, target seq, meta.
+_Append = Tuple[str, str, str, int, Optional[str], Optional[str], str, Optional[int], Optional[dict]]
 #: Turns one room's new messages of a batch into the payloads that tell
 #: other nodes of them.
 Encode = Callable[[str, int, Sequence[Message]], List[bytes]]
@@ -74,6 +75,8 @@ class SQLStore:
     lock_rooms = ""
     # Executed first in every write transaction (None: the driver begins).
     begin: Optional[str] = None
+    # Begins a read whose statements all see one snapshot.
+    read_snapshot: Optional[str] = None
     # Keeps two processes from counting the rooms at once (before a create).
     lock_room_count = ""
     # The database's clock, in ms since the epoch (for presence leases).
@@ -217,20 +220,38 @@ class SQLStore:
 
     def room_access(self, name: str) -> Deferred:
         def read(conn: Any) -> Optional[RoomAccess]:
-            # One statement: the members as of exactly that last_seq.
-            rows = conn.execute(
+            # One snapshot: the members, bans and mutes as of exactly that
+            # last_seq (one read transaction; repeatable read on PostgreSQL).
+            if self.read_snapshot:
+                conn.execute(self.read_snapshot)
+            row = conn.execute(
                 self._sql(
-                    "SELECT r.last_seq, r.private, r.guests, m.user_id, m.role, m.name "
-                    "FROM rooms r LEFT JOIN members m ON m.room_id = r.id WHERE r.name = ?"
+                    "SELECT id, last_seq, private, guests, topic, edits FROM rooms WHERE name = ?"
                 ),
                 (name,),
-            ).fetchall()
-            if not rows:
+            ).fetchone()
+            if row is None:
                 return None
-            members = {row[3]: row[4] for row in rows if row[3] is not None}
-            names = {row[3]: row[5] for row in rows if row[3] is not None}
-            last_seq, private, guests = rows[0][:3]
-            return RoomAccess(bool(private), bool(guests), members, int(last_seq), names)
+            room_id, last_seq, private, guests, topic, edits = row
+            members = conn.execute(
+                self._sql("SELECT user_id, role, name FROM members WHERE room_id = ?"), (room_id,)
+            ).fetchall()
+            restrictions = conn.execute(
+                self._sql("SELECT user_id, action, until_ms FROM restrictions WHERE room_id = ?"),
+                (room_id,),
+            ).fetchall()
+            access = RoomAccess(
+                bool(private),
+                bool(guests),
+                {user_id: role for user_id, role, _ in members},
+                int(last_seq),
+                {user_id: member_name for user_id, _, member_name in members},
+                topic,
+                bool(edits),
+            )
+            for user_id, action, until_ms in restrictions:
+                (access.bans if action == "ban" else access.mutes)[user_id] = until_ms
+            return access
 
         return self._read.runWithConnection(read)
 
@@ -306,12 +327,14 @@ class SQLStore:
         client_id: Optional[str],
         user: Optional[User] = None,
         kind: str = "message",
+        target: Optional[int] = None,
+        meta: Optional[dict] = None,
     ) -> Deferred:
         if self._closed:
             return _failed(StoreError("the store is closed"))
         d: Deferred = Deferred()
         user_id = None if user is None else user.id
-        self._pending.append(((room, nick, body, ts_ms, client_id, user_id, kind), d))
+        self._pending.append(((room, nick, body, ts_ms, client_id, user_id, kind, target, meta), d))
         if not self._flushing:
             self._flush()
         return d
@@ -326,9 +349,12 @@ class SQLStore:
         self._flushing = True
         d = self._write.runWithConnection(self._append_batch, [item for item, _ in batch])
 
-        def committed(results: List[Tuple[Message, bool]]) -> None:
+        def committed(results: List[Union[Tuple[Message, bool], ChatError]]) -> None:
             for (_, waiter), result in zip(batch, results, strict=True):
-                waiter.callback(result)
+                if isinstance(result, ChatError):
+                    waiter.errback(Failure(result))
+                else:
+                    waiter.callback(result)
 
         def failed(failure: Failure) -> None:
             self.log.failure("Committing {count} messages failed", failure, count=len(batch))
@@ -346,49 +372,81 @@ class SQLStore:
 
         d.addCallbacks(committed, failed).addBoth(next_batch)
 
-    def _append_batch(self, conn: Any, items: Sequence[_Append]) -> List[Tuple[Message, bool]]:
+    def _append_batch(
+        self, conn: Any, items: Sequence[_Append]
+    ) -> List[Union[Tuple[Message, bool], ChatError]]:
         """
-        In a database thread: store a batch, giving each new message the
+        In a database thread: store a batch, giving each new event the
         next seq of its room.  This is the one place seq numbers are made.
+
+        An event's effects are written in the same transaction: a
+        membership, a ban or a mute, the room's settings, and the current
+        state of the message an edit or deletion targets (a deletion blanks
+        the message and its edits).  An edit or deletion whose target is
+        not a message, or was deleted (perhaps earlier in this batch), is
+        refused here, with the rooms locked, and gets no seq.
         """
         if self.begin:
             conn.execute(self.begin)
         names = sorted({item[0] for item in items})
-        rooms: Dict[str, List[int]] = {}
+        rooms: Dict[str, List[Any]] = {}
         # One query locks every room of the batch, in name order so that two
         # processes cannot deadlock.
         for chunk in _chunks(names):
             found = conn.execute(
                 self._sql(
-                    f"SELECT name, id, last_seq FROM rooms WHERE name IN ({_marks(chunk)}) "
+                    f"SELECT name, id, last_seq, private FROM rooms WHERE name IN ({_marks(chunk)}) "
                     "ORDER BY name" + self.lock_rooms
                 ),
                 chunk,
             ).fetchall()
-            for name, room_id, last_seq in found:
-                rooms[name] = [room_id, last_seq]
+            for name, room_id, last_seq, private in found:
+                rooms[name] = [room_id, last_seq, bool(private)]
         missing = set(names) - set(rooms)
         if missing:
             raise StoreError(f"rooms {sorted(missing)!r} are not in the database")
         known = self._originals(conn, rooms, items)
-        results: List[Tuple[Message, bool]] = []
+        results: List[Union[Tuple[Message, bool], ChatError]] = []
         rows = []
-        #: Membership changes, in seq order: (room_id, user_id, role or "", name).
-        changes = []
-        for room, nick, body, ts_ms, client_id, user_id, kind in items:
+        #: Messages of this batch, and messages it changed, by (room, seq).
+        fresh: Dict[Tuple[str, int], Message] = {}
+        #: The effects of the batch's events, in seq order: (statement, args).
+        effects: List[Tuple[str, Tuple[Any, ...]]] = []
+        for room, nick, body, ts_ms, client_id, user_id, kind, target, meta in items:
             state = rooms[room]
+            room_id = state[0]
             if client_id is not None:
                 original = known.get((room, client_id))
                 if original is not None:
                     results.append((original, False))
                     continue
+            held: Optional[Message] = None
+            if kind in ("edit", "delete"):
+                assert target is not None
+                held = fresh.get((room, target))
+                if held is None:
+                    held = self._stored(conn, room, room_id, target)
+                try:
+                    held = check_target(held, target)
+                except ChatError as e:
+                    results.append(e)
+                    continue
             state[1] += 1
-            message = Message(room, state[1], nick, body, ts_ms, client_id, _user(user_id, nick), kind)
+            message = Message(
+                room, state[1], nick, body, ts_ms, client_id, _user(user_id, nick), kind, target, meta
+            )
+            fresh[(room, message.seq)] = message
             if client_id is not None:
                 known[(room, client_id)] = message
-            rows.append((state[0], state[1], nick, body, ts_ms, client_id, user_id, kind))
-            if kind == "member" and user_id is not None:
-                changes.append((state[0], user_id, body, nick))
+            rows.append((
+                room_id, state[1], nick, body, ts_ms, client_id, user_id, kind, target,
+                None if meta is None else json.dumps(meta, separators=(",", ":")),
+            ))
+            if held is not None:
+                changed = held.changed_by(message)
+                if changed is not None:
+                    fresh[(room, held.seq)] = changed
+            effects.extend(self._effects(room_id, state[2], message, user_id))
             results.append((message, True))
         if rows:
             # The writes need no answer but success: sent together.
@@ -396,30 +454,84 @@ class SQLStore:
                 conn.cursor().executemany(
                     self._sql(
                         "INSERT INTO messages (room_id, seq, nick, body, ts_ms, client_id, "
-                        "user_id, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        "user_id, kind, target_seq, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
                     rows,
                 )
-                for room_id, user_id, role, member_name in changes:
-                    conn.execute(
-                        self._sql("DELETE FROM members WHERE room_id = ? AND user_id = ?"),
-                        (room_id, user_id),
-                    )
-                    if role:
-                        conn.execute(
-                            self._sql(
-                                "INSERT INTO members (room_id, user_id, role, name) "
-                                "VALUES (?, ?, ?, ?)"
-                            ),
-                            (room_id, user_id, role, member_name),
-                        )
+                for statement, args in effects:
+                    conn.execute(self._sql(statement), args)
                 conn.cursor().executemany(
                     self._sql("UPDATE rooms SET last_seq = ? WHERE id = ?"),
-                    [(last_seq, room_id) for room_id, last_seq in rooms.values()],
+                    [(state[1], state[0]) for state in rooms.values()],
                 )
                 if self._notify is not None:
-                    self._announce(conn, [m for m, created in results if created])
+                    self._announce(
+                        conn, [r[0] for r in results if not isinstance(r, ChatError) and r[1]]
+                    )
         return results
+
+    def _stored(self, conn: Any, room: str, room_id: int, seq: int) -> Optional[Message]:
+        row = conn.execute(
+            self._sql(f"SELECT {_COLUMNS} FROM messages WHERE room_id = ? AND seq = ?"), (room_id, seq)
+        ).fetchone()
+        return None if row is None else _message(room, row)
+
+    def _effects(
+        self, room_id: int, private: bool, event: Message, user_id: Optional[str]
+    ) -> List[Tuple[str, Tuple[Any, ...]]]:
+        """
+        The statements that make C{event}'s effects (the same ones
+        L{chatd.model.RoomAccess.apply} and L{chatd.model.Message.changed_by}
+        make in memory).
+        """
+        kind, meta = event.kind, event.meta or {}
+        if kind == "edit":
+            return [(
+                "UPDATE messages SET body = ?, edited_ms = ? WHERE room_id = ? AND seq = ?",
+                (event.body, event.ts_ms, room_id, event.target),
+            )]
+        if kind == "delete":
+            return [
+                (
+                    "UPDATE messages SET body = '', deleted_ms = ? WHERE room_id = ? AND seq = ?",
+                    (event.ts_ms, room_id, event.target),
+                ),
+                (
+                    "UPDATE messages SET body = '' WHERE room_id = ? AND target_seq = ? AND kind = 'edit'",
+                    (room_id, event.target),
+                ),
+            ]
+        if kind == "room":
+            return [(
+                "UPDATE rooms SET topic = ?, edits = ? WHERE id = ?",
+                (event.body, bool(meta.get("edits", True)), room_id),
+            )]
+        if user_id is None:
+            return []
+        leave = ("DELETE FROM members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
+        if kind == "member":
+            if not event.body:
+                return [leave]
+            return [leave, (
+                "INSERT INTO members (room_id, user_id, role, name) VALUES (?, ?, ?, ?)",
+                (room_id, user_id, event.body, event.nick),
+            )]
+        if kind == "moderation":
+            action = meta.get("action")
+            if action == "kick":
+                return [leave] if private else []
+            lifted = {"unban": "ban", "unmute": "mute"}.get(str(action), str(action))
+            clear = (
+                "DELETE FROM restrictions WHERE room_id = ? AND user_id = ? AND action = ?",
+                (room_id, user_id, lifted),
+            )
+            if action in ("ban", "mute"):
+                return [clear, (
+                    "INSERT INTO restrictions (room_id, user_id, action, until_ms) VALUES (?, ?, ?, ?)",
+                    (room_id, user_id, action, meta.get("until")),
+                )]
+            return [clear]
+        return []
 
     def _pipeline(self, conn: Any) -> ContextManager[Any]:
         """
@@ -470,7 +582,7 @@ class SQLStore:
         per room (the room rows are locked, so none can appear meanwhile).
         """
         wanted: Dict[str, List[str]] = {}
-        for room, _, _, _, client_id, _, _ in items:
+        for room, _, _, _, client_id, *_ in items:
             if client_id is not None:
                 wanted.setdefault(room, []).append(client_id)
         known: Dict[Tuple[str, str], Message] = {}
@@ -526,6 +638,45 @@ class SQLStore:
         if row is None:
             raise StoreError(f"room {room!r} is not in the database")
         return row[0], row[1]
+
+    # -- read markers --------------------------------------------------------
+
+    def set_read_markers(self, marks: Dict[Tuple[str, str], int]) -> Deferred:
+        """
+        Store read markers (C{{(user_id, room): seq}}) in one transaction;
+        a stored marker never moves back.
+        """
+        rows = [(user_id, seq, room) for (user_id, room), seq in sorted(marks.items())]
+
+        def write(conn: Any) -> None:
+            conn.cursor().executemany(
+                self._sql(
+                    "INSERT INTO read_markers (user_id, room_id, seq) "
+                    "SELECT ?, id, ? FROM rooms WHERE name = ? "
+                    "ON CONFLICT (user_id, room_id) DO UPDATE SET seq = CASE "
+                    "WHEN excluded.seq > read_markers.seq THEN excluded.seq ELSE read_markers.seq END"
+                ),
+                rows,
+            )
+
+        return self._write_txn(write)
+
+    def read_markers(self, user_id: str) -> Deferred:
+        """
+        @return: a Deferred firing with C{{room: seq}} of C{user_id}.
+        """
+
+        def read(conn: Any) -> Dict[str, int]:
+            rows = conn.execute(
+                self._sql(
+                    "SELECT r.name, k.seq FROM read_markers k JOIN rooms r ON r.id = k.room_id "
+                    "WHERE k.user_id = ?"
+                ),
+                (user_id,),
+            ).fetchall()
+            return {name: int(seq) for name, seq in rows}
+
+        return self._read.runWithConnection(read)
 
     # -- presence ------------------------------------------------------------
 
@@ -883,8 +1034,10 @@ class SQLStore:
     def close(self) -> Deferred:
         """
         Refuse new writes, wait for queued ones to commit, then close the
-        connections.
+        connections.  Closing again does nothing more.
         """
+        if self._closed:
+            return succeed(None)
         self._closed = True
         if self._flushing or self._pending:
             d: Deferred = Deferred()
@@ -900,12 +1053,15 @@ class SQLStore:
 
 
 #: A message row's columns, as L{_message} reads them.
-_COLUMNS = "seq, nick, body, ts_ms, client_id, user_id, kind"
+_COLUMNS = "seq, nick, body, ts_ms, client_id, user_id, kind, target_seq, meta, edited_ms, deleted_ms"
 
 
 def _message(room: str, row: Sequence[Any]) -> Message:
-    seq, nick, body, ts_ms, client_id, user_id, kind = row
-    return Message(room, seq, nick, body, ts_ms, client_id, _user(user_id, nick), kind)
+    seq, nick, body, ts_ms, client_id, user_id, kind, target, meta, edited_ms, deleted_ms = row
+    return Message(
+        room, seq, nick, body, ts_ms, client_id, _user(user_id, nick), kind, target,
+        None if meta is None else json.loads(meta), edited_ms, deleted_ms,
+    )
 
 
 def _user(user_id: Optional[str], name: str) -> Optional[User]:

@@ -14,9 +14,15 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatd.interfaces import IIdentityStore, IMessageStore
-from chatd.model import Message, RoomAccess, RoomLimitReached, User
+from chatd.model import ChatError, Message, RoomAccess, RoomLimitReached, User, check_target
 
 __all__ = ["MemoryStore"]
+
+
+def _access(log: "_RoomLog") -> RoomAccess:
+    access = log.access.copy()
+    access.last_seq = log.last_seq
+    return access
 
 
 class _RoomLog:
@@ -25,10 +31,8 @@ class _RoomLog:
         self.messages: Deque[Message] = deque()
         self.by_client_id: Dict[str, Message] = {}
         self.retain = retain
-        self.private = False
-        self.guests = True
-        self.members: Dict[str, str] = {}
-        self.names: Dict[str, str] = {}
+        #: Members, bans, mutes, topic, as of last_seq.
+        self.access = RoomAccess()
 
     def first_seq(self) -> int:
         return self.messages[0].seq if self.messages else self.last_seq + 1
@@ -53,6 +57,8 @@ class MemoryStore:
         #: Each node's client counts (nodes sharing one memory store live
         #: in one process, so a lease never outlives its node).
         self._presence: Dict[str, Dict[str, int]] = {}
+        #: user id: {room: last read seq}
+        self._read_marks: Dict[str, Dict[str, int]] = {}
         #: id: [name, password hash, disabled]
         self._users: Dict[str, List[Any]] = {}
         #: session: (user_id, csrf, expires_ms)
@@ -81,7 +87,7 @@ class MemoryStore:
         if log is None:
             return succeed(None)
         return succeed(
-            RoomAccess(log.private, log.guests, dict(log.members), log.last_seq, dict(log.names))
+            _access(log)
         )
 
     def create_room(
@@ -98,15 +104,19 @@ class MemoryStore:
         if max_rooms is not None and len(self._rooms) >= max_rooms:
             return fail(RoomLimitReached(max_rooms))
         log = self._rooms[name] = _RoomLog(self._retain)
-        log.private, log.guests = private, guests
+        log.access.private, log.access.guests = private, guests
         if owner is not None:
-            log.members[owner.id] = "owner"
-            log.names[owner.id] = owner.name
+            log.access.members[owner.id] = "owner"
+            log.access.names[owner.id] = owner.name
         return succeed(True)
 
     def rooms_of(self, user_id: str) -> Deferred:
         return succeed(
-            {name: log.members[user_id] for name, log in self._rooms.items() if user_id in log.members}
+            {
+                name: log.access.members[user_id]
+                for name, log in self._rooms.items()
+                if user_id in log.access.members
+            }
         )
 
     def append(
@@ -118,27 +128,53 @@ class MemoryStore:
         client_id: Optional[str],
         user: Optional[User] = None,
         kind: str = "message",
+        target: Optional[int] = None,
+        meta: Optional[dict] = None,
     ) -> Deferred:
         log = self._rooms[room]
         if client_id is not None and client_id in log.by_client_id:
             return succeed((log.by_client_id[client_id], False))
-        log.last_seq += 1
+        messages = log.messages
+        first = log.first_seq()
+        if kind in ("edit", "delete"):
+            assert target is not None
+            index = target - first
+            held = messages[index] if 0 <= index < len(messages) else None
+            try:
+                check_target(held, target)
+            except ChatError as e:
+                return fail(e)
         stored = None if user is None else User(user.id, nick)
-        message = Message(room, log.last_seq, nick, body, ts_ms, client_id, stored, kind)
-        if kind == "member" and user is not None:
-            log.members.pop(user.id, None)
-            log.names.pop(user.id, None)
-            if body:
-                log.members[user.id] = body
-                log.names[user.id] = nick
-        log.messages.append(message)
+        message = Message(room, log.last_seq + 1, nick, body, ts_ms, client_id, stored, kind, target, meta)
+        log.last_seq += 1
+        if kind in ("edit", "delete"):
+            assert target is not None
+            # The target and (for a deletion) its edits, which follow it.
+            for i in range(target - first, len(messages)):
+                changed = messages[i].changed_by(message)
+                if changed is not None:
+                    messages[i] = changed
+                    if changed.client_id is not None:
+                        log.by_client_id[changed.client_id] = changed
+        log.access.apply(message)
+        messages.append(message)
         if client_id is not None:
             log.by_client_id[client_id] = message
-        if len(log.messages) > log.retain:
-            old = log.messages.popleft()
+        if len(messages) > log.retain:
+            old = messages.popleft()
             if old.client_id is not None:
                 log.by_client_id.pop(old.client_id, None)
         return succeed((message, True))
+
+    def set_read_markers(self, marks: Dict[Tuple[str, str], int]) -> Deferred:
+        for (user_id, room), seq in marks.items():
+            if room in self._rooms:
+                mine = self._read_marks.setdefault(user_id, {})
+                mine[room] = max(seq, mine.get(room, 0))
+        return succeed(None)
+
+    def read_markers(self, user_id: str) -> Deferred:
+        return succeed(dict(self._read_marks.get(user_id, {})))
 
     def read_after(self, room: str, after: int, limit: int) -> Deferred:
         log = self._rooms[room]

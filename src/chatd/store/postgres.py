@@ -87,6 +87,7 @@ class PostgresStore(SQLStore):
     backend = "postgresql"
     placeholder = "%s"
     lock_rooms = " FOR UPDATE"
+    read_snapshot = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
     lock_room_count = "SELECT pg_advisory_xact_lock(hashtext('chatd-rooms:' || current_schema()))"
     now_ms = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     notify = "SELECT pg_notify(?, ?)"

@@ -50,6 +50,7 @@ class SQLiteStore(SQLStore):
     backend = "sqlite"
     placeholder = "?"
     begin = "BEGIN IMMEDIATE"
+    read_snapshot = "BEGIN"
     # (BEGIN IMMEDIATE makes room creation one at a time by itself.)
     now_ms = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 
