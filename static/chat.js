@@ -24,6 +24,15 @@ const membersEl = document.getElementById("members");
 const olderButton = document.getElementById("load_older");
 const sendForm = document.getElementById("send");
 const myId = chat.dataset.user || null;
+const myName = document.getElementById("me")?.textContent || null;
+const myRole = chat.dataset.role || null;
+const canModerate = myRole === "owner" || myRole === "moderator";
+let editsAllowed = chat.dataset.edits !== "false";
+const editWindow = Number(chat.dataset.editWindow || 0);  // seconds; 0: no limit
+// How far this user had read when the page opened (null: a guest).
+const readAtOpen = chat.dataset.read === "" || chat.dataset.read === undefined ? null : Number(chat.dataset.read);
+const roomTitle = document.title;
+const openedAt = Number(chat.dataset.lastSeq || 0);  // the room's last seq when the page was served
 const csrf = document.querySelector('meta[name="csrf-token"]')?.content || "";
 
 const NICK_KEY = "chatd.nick";
@@ -145,6 +154,33 @@ function trimUrl(url) {
   }
 }
 
+const MENTION_RE = /(^|[^\w@])@([A-Za-z0-9_][A-Za-z0-9_.-]*[A-Za-z0-9_]|[A-Za-z0-9_])/g;
+
+function mentionsMe(name) {
+  const wanted = name.toLowerCase();
+  return (myId !== null && wanted === myId.toLowerCase())
+    || (myName !== null && wanted === myName.replace(/\s+/g, "").toLowerCase());
+}
+
+function appendMentions(parent, text) {
+  // @name is highlighted; @you more so (and the message is marked).
+  let last = 0;
+  for (const match of text.matchAll(MENTION_RE)) {
+    const start = match.index + match[1].length;
+    parent.append(document.createTextNode(text.slice(last, start)));
+    const span = document.createElement("span");
+    span.className = "mention";
+    span.textContent = `@${match[2]}`;
+    if (mentionsMe(match[2])) {
+      span.classList.add("me");
+      parent.closest?.("li")?.classList.add("mentioned");
+    }
+    parent.append(span);
+    last = start + 1 + match[2].length;
+  }
+  parent.append(document.createTextNode(text.slice(last)));
+}
+
 function appendText(parent, text) {
   // Links become <a> elements whose text and href are set as data, never
   // parsed as HTML; only http(s) URLs match.  Line breaks are kept (the
@@ -152,7 +188,7 @@ function appendText(parent, text) {
   let last = 0;
   for (const match of text.matchAll(URL_RE)) {
     const url = trimUrl(match[0]);
-    parent.append(document.createTextNode(text.slice(last, match.index)));
+    appendMentions(parent, text.slice(last, match.index));
     const a = document.createElement("a");
     a.href = url;
     a.textContent = url;
@@ -161,7 +197,7 @@ function appendText(parent, text) {
     parent.append(a);
     last = match.index + url.length;
   }
-  parent.append(document.createTextNode(text.slice(last)));
+  appendMentions(parent, text.slice(last));
 }
 
 function renderMember(msg) {
@@ -173,8 +209,82 @@ function renderMember(msg) {
   return li;
 }
 
+function untilText(until) {
+  if (until === null || until === undefined) return "";
+  return ` until ${new Date(until * 1000).toLocaleString([], {dateStyle: "short", timeStyle: "short"})}`;
+}
+
+function renderModeration(msg) {
+  const li = document.createElement("li");
+  li.className = `notice moderation ${msg.action}`;
+  li.dataset.seq = msg.seq;
+  const who = msg.user ? msg.user.name : "someone";
+  const by = msg.by ? msg.by.name : "The server";
+  const verbs = {kick: "removed", ban: "banned", unban: "lifted the ban on", mute: "muted", unmute: "unmuted"};
+  const reason = msg.reason ? `: ${msg.reason}` : "";
+  li.textContent = `${by} ${verbs[msg.action] || msg.action} ${who}${untilText(msg.until)}${reason}`;
+  return li;
+}
+
+function renderRoomEvent(msg) {
+  const li = document.createElement("li");
+  li.className = "notice room-event";
+  li.dataset.seq = msg.seq;
+  const by = msg.by ? msg.by.name : "The server";
+  li.textContent = msg.topic ? `${by} set the topic: ${msg.topic}` : `${by} cleared the topic`;
+  if (!msg.edits) li.textContent += " (edits are off)";
+  return li;
+}
+
 function render(msg) {
-  return msg.type === "member" ? renderMember(msg) : renderMessage(msg);
+  if (msg.type === "member") return renderMember(msg);
+  if (msg.type === "moderation") return renderModeration(msg);
+  if (msg.type === "room") return renderRoomEvent(msg);
+  return renderMessage(msg);
+}
+
+// The text each shown message was sent with (for editing it).
+const rawBodies = new WeakMap();
+
+function fillBody(li, body, text) {
+  body.replaceChildren();
+  appendText(body, text);
+  rawBodies.set(li, text);
+}
+
+function markDeleted(li) {
+  li.classList.add("deleted");
+  li.querySelector(".edited")?.remove();
+  li.querySelector(".actions")?.remove();
+  const body = li.querySelector(".body");
+  body.replaceChildren("message deleted");
+  li.classList.remove("mentioned");
+}
+
+function markEdited(li, ts) {
+  let mark = li.querySelector(".edited");
+  if (!mark) {
+    mark = document.createElement("span");
+    mark.className = "edited";
+    mark.textContent = "(edited)";
+    li.querySelector(".body").after(" ", mark);
+  }
+  mark.title = `edited ${new Date(ts * 1000).toLocaleString()}`;
+}
+
+function applyChange(msg) {
+  // An edit or deletion of a message this page shows: the message changes
+  // in place (a message this page does not show is as the history says).
+  const li = list.querySelector(`li.message[data-seq="${msg.target_seq}"]`);
+  if (!li || li.classList.contains("deleted")) return;
+  closeEditor(li);
+  if (msg.type === "delete") {
+    markDeleted(li);
+    return;
+  }
+  li.classList.remove("mentioned");
+  fillBody(li, li.querySelector(".body"), msg.body);
+  markEdited(li, msg.ts);
 }
 
 const memberList = document.getElementById("member_list");
@@ -248,18 +358,184 @@ function renderMessage(msg) {
   time.title = when.toLocaleString();
   const body = document.createElement("span");
   body.className = "body";
-  appendText(body, msg.body);
   li.append(nick, time, body);
+  if (msg.user) {
+    li.dataset.userId = msg.user.id;
+    li.dataset.userName = msg.user.name;
+  }
+  li.dataset.day = when.toLocaleDateString([], {weekday: "long", year: "numeric", month: "long", day: "numeric"});
+  if (msg.deleted) {
+    markDeleted(li);
+    return li;
+  }
+  fillBody(li, body, msg.body);
+  if (msg.edited) markEdited(li, msg.edited);
+  const mine = msg.user && msg.user.id === myId;
+  if (msg.seq !== undefined && (mine || canModerate)) {
+    const actions = document.createElement("span");
+    actions.className = "actions";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "menu-button";
+    button.textContent = "⋯";
+    button.title = "edit, delete…";
+    button.setAttribute("aria-label", "message actions");
+    button.setAttribute("aria-haspopup", "menu");
+    button.addEventListener("click", (event) => {
+      event.stopPropagation();
+      toggleMenu(li);
+    });
+    actions.append(button);
+    li.append(" ", actions);
+  }
   return li;
+}
+
+// -- the message menu: edit, delete, and a moderator's actions -------------
+
+function closeMenus(except = null) {
+  for (const menu of list.querySelectorAll(".menu")) {
+    if (menu !== except) menu.remove();
+  }
+}
+
+function menuItem(menu, label, action, confirmText = null) {
+  const item = document.createElement("button");
+  item.type = "button";
+  item.setAttribute("role", "menuitem");
+  item.textContent = label;
+  item.dataset.action = label.split(" ")[0].toLowerCase();
+  item.addEventListener("click", (event) => {
+    event.stopPropagation();
+    if (confirmText && !item.classList.contains("confirm")) {
+      // A second click does it: nothing is deleted or banned by a slip.
+      item.classList.add("confirm");
+      item.textContent = confirmText;
+      return;
+    }
+    menu.remove();
+    action();
+  });
+  menu.append(item);
+}
+
+function toggleMenu(li) {
+  const open = li.querySelector(".menu");
+  closeMenus();
+  if (open) return;
+  const seq = Number(li.dataset.seq);
+  const userId = li.dataset.userId || null;
+  const mine = userId !== null && userId === myId;
+  const menu = document.createElement("span");
+  menu.className = "menu";
+  menu.setAttribute("role", "menu");
+  const fresh = editWindow === 0 || Date.now() / 1000 - Number(li.dataset.ts) < editWindow;
+  if (mine && editsAllowed && fresh) menuItem(menu, "Edit", () => openEditor(li));
+  if (mine || canModerate) menuItem(menu, "Delete", () => act("DELETE", `${api}/messages/${seq}`), "Delete? Click again");
+  if (canModerate && userId !== null && !mine) {
+    const name = li.dataset.userName || userId;
+    menuItem(menu, `Mute ${name} for 10 minutes`, () => moderate(userId, "mute", 600));
+    menuItem(menu, `Kick ${name}`, () => moderate(userId, "kick"), `Kick ${name}? Click again`);
+    menuItem(menu, `Ban ${name}`, () => moderate(userId, "ban"), `Ban ${name}? Click again`);
+  }
+  if (!menu.children.length) return;
+  li.querySelector(".actions").append(menu);
+  menu.querySelector("button").focus();
+}
+
+document.addEventListener("click", () => closeMenus());
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") closeMenus();
+});
+
+async function call(method, path, payload) {
+  // The HTTP API, as this page is allowed to use it (its token or its
+  // session cookie, with the CSRF token).
+  const headers = {"X-CSRF-Token": csrf};
+  if (payload !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(path, {
+    method, headers, body: payload === undefined ? undefined : JSON.stringify(payload),
+  });
+  const answer = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = new Error(answer?.detail || `${method} ${path}: ${response.status}`);
+    error.status = response.status;
+    error.code = answer?.error;
+    throw error;
+  }
+  return answer;
+}
+
+async function act(method, path, payload) {
+  try {
+    return await call(method, path, payload);
+  } catch (err) {
+    notice(err.message, "error");
+    return null;
+  }
+}
+
+function moderate(user, action, duration = null, reason = null) {
+  const payload = {user, action};
+  if (duration) payload.duration = duration;
+  if (reason) payload.reason = reason;
+  return act("POST", `${api}/moderation`, payload);
+}
+
+function openEditor(li) {
+  const body = li.querySelector(".body");
+  const editor = document.createElement("textarea");
+  editor.className = "editbox";
+  editor.rows = 1;
+  editor.maxLength = 4096;
+  editor.value = rawBodies.get(li) || body.textContent;
+  editor.setAttribute("aria-label", "edit your message (Enter saves, Escape cancels)");
+  body.hidden = true;
+  body.after(editor);
+  editor.focus();
+  editor.addEventListener("click", (event) => event.stopPropagation());
+  editor.addEventListener("keydown", async (event) => {
+    if (event.key === "Escape") {
+      event.stopPropagation();
+      closeEditor(li);
+    } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      const text = editor.value.trim();
+      if (!text || text === rawBodies.get(li)) {
+        closeEditor(li);
+        return;
+      }
+      editor.disabled = true;
+      const answer = await act("PATCH", `${api}/messages/${li.dataset.seq}`, {body: text});
+      editor.disabled = false;
+      // The edit shows when its event arrives, in seq order, as everyone
+      // sees it; the answer only closes the editor.
+      if (answer) closeEditor(li);
+      else editor.focus();
+    }
+  });
+}
+
+function closeEditor(li) {
+  const editor = li.querySelector(".editbox");
+  if (!editor) return;
+  editor.remove();
+  li.querySelector(".body").hidden = false;
 }
 
 function regroup(li) {
   // A message continues its group when the one before it is by the same
   // sender and recent: the nick and time are then hidden.
-  const prev = li.previousElementSibling;
-  const same = prev && prev.classList.contains("message")
-    && prev.dataset.sender === li.dataset.sender
-    && (li.dataset.ts - prev.dataset.ts) * 1000 < GROUP_MS;
+  // A message of another day than the one before it starts with the date.
+  let prev = li.previousElementSibling;
+  while (prev && !prev.dataset.day) prev = prev.previousElementSibling;
+  if (li.dataset.day) li.classList.toggle("new-day", !prev || prev.dataset.day !== li.dataset.day);
+  const before = li.previousElementSibling;
+  const same = before && before.classList.contains("message")
+    && before.dataset.sender === li.dataset.sender
+    && (li.dataset.ts - before.dataset.ts) * 1000 < GROUP_MS
+    && !li.classList.contains("new-day") && !li.classList.contains("first-unread");
   li.classList.toggle("cont", Boolean(same));
 }
 
@@ -273,6 +549,12 @@ function show(msg) {
   const stick = nearBottom();
   lastSeq = msg.seq;
   if (firstSeq === null) firstSeq = msg.seq;
+  if (msg.type === "edit" || msg.type === "delete") {
+    applyChange(msg);
+    return;
+  }
+  if (msg.type === "moderation") moderated(msg);
+  if (msg.type === "room") roomChanged(msg);
   const mine = msg.client_id && pending.get(msg.client_id);
   if (mine) {
     pending.delete(msg.client_id);
@@ -281,6 +563,7 @@ function show(msg) {
   emptyRoom.hidden = true;
   const li = render(msg);
   if (msg.client_id && sentByMe.has(msg.client_id)) li.classList.add("mine");
+  if (msg.type === "message") arrived(li, msg);
   // Scrolled up to read while messages arrive: a button to come back.
   if (!stick && !mine && msg.type === "message") newMessages.hidden = false;
   if (msg.type === "member") memberChanged(msg);
@@ -289,6 +572,7 @@ function show(msg) {
   if (li.nextElementSibling) regroup(li.nextElementSibling);
   if (stick || mine) toBottom();
   olderButton.hidden = firstSeq <= 1;
+  seen();
 }
 
 function reset(first) {
@@ -315,6 +599,8 @@ async function loadOlder() {
     const anchor = list.firstElementChild;
     const height = scroller.scrollHeight;
     for (const msg of batch.messages) {
+      // The messages are as they are now: older edits change nothing.
+      if (msg.type === "edit" || msg.type === "delete") continue;
       const li = render(msg);
       list.insertBefore(li, anchor);
       regroup(li);
@@ -408,7 +694,8 @@ function connected() {
 
 function stop(text) {
   // The server will not let this page read the room again (removed from
-  // it, signed out): no more reconnecting.
+  // it, kicked, banned, signed out): no more reconnecting.
+  if (stopped) return;
   stopped = true;
   transport = null;
   reconnectNow.hidden = true;
@@ -502,6 +789,11 @@ class WebSocketTransport {
         stop("You are no longer a member of this room.");
         return;
       }
+      if (event.code === 4004 || event.code === 4005) {
+        // Kicked or banned: the moderation event said so first.
+        stop(event.reason || "A moderator removed you from this room.");
+        return;
+      }
       if (event.code === 4001) {
         // The token expired, or the session was ended.
         if (await freshToken()) {
@@ -530,7 +822,7 @@ class WebSocketTransport {
   }
 
   receive(frame) {
-    if (frame.type === "message" || frame.type === "member") show(frame);
+    if ("seq" in frame && frame.type !== "read") show(frame);
     else if (frame.type === "reset") reset(frame.first_seq);
     else if (frame.type === "error") {
       if (frame.client_id) failed(frame.client_id, frame.detail, frame.retry_after);
@@ -572,7 +864,9 @@ class LongPollTransport {
       }
     } catch (err) {
       this.open = false;
-      if (err.status === 404 || (err.status === 401 && !(await freshToken()))) {
+      if (err.status === 403 && (err.code === "banned" || err.code === "kicked")) {
+        stop(err.message);
+      } else if (err.status === 404 || (err.status === 401 && !(await freshToken()))) {
         stop(await whyRefused(err.status));
       } else {
         disconnected(err.status === 401);
@@ -624,9 +918,10 @@ class EventStreamTransport {
     };
     this.es.onmessage = (event) => show(JSON.parse(event.data));
     this.es.addEventListener("reset", (event) => reset(JSON.parse(event.data).first_seq));
-    this.es.addEventListener("revoked", () => {
+    this.es.addEventListener("revoked", (event) => {
       this.es.close();
-      stop("You are no longer a member of this room.");
+      const why = JSON.parse(event.data);
+      stop(why.detail || "You are no longer a member of this room.");
     });
     this.es.onerror = () => this.failed();
   }
@@ -659,6 +954,10 @@ class EventStreamTransport {
     try {
       await getJSON(withToken(api));
     } catch (err) {
+      if (err.status === 403 && err.code === "banned") {
+        stop(err.message);
+        return;
+      }
       if (err.status === 404 || (err.status === 401 && !(await freshToken()))) {
         stop(await whyRefused(err.status));
         return;
@@ -675,8 +974,10 @@ class EventStreamTransport {
 async function getJSON(url) {
   const response = await fetch(url, {cache: "no-store"});
   if (!response.ok) {
-    const error = new Error(`${url}: ${response.status}`);
+    const answer = await response.json().catch(() => null);
+    const error = new Error(answer?.detail || `${url}: ${response.status}`);
     error.status = response.status;
+    error.code = answer?.error;
     throw error;
   }
   return response.json();
@@ -745,6 +1046,217 @@ window.addEventListener("online", () => {
     connect();
   }
 });
+
+// -- moderation, the topic, mutes --------------------------------------------
+
+function moderated(msg) {
+  if (!msg.user || msg.user.id !== myId) return;
+  const reason = msg.reason ? ` (${msg.reason})` : "";
+  if (msg.action === "ban") {
+    stop(`You were banned from this room${untilText(msg.until)}${reason}.`);
+  } else if (msg.action === "kick") {
+    stop(`A moderator removed you from this room${reason}.`);
+    const again = document.createElement("a");
+    again.href = location.pathname;
+    again.textContent = "Come back";
+    again.id = "rejoin";
+    list.lastElementChild?.append(" ", again);
+  } else if (msg.action === "mute") {
+    setMuted(msg.until);
+  } else if (msg.action === "unmute") {
+    setMuted(null);
+  }
+}
+
+let mutedTimer = null;
+
+function setMuted(until) {
+  // Muted: the page may read, not send (the server refuses it anyway).
+  clearTimeout(mutedTimer);
+  const muted = until !== null && until !== undefined && until !== false;
+  input.disabled = muted || stopped;
+  for (const button of sendForm.querySelectorAll("button")) button.disabled = muted || stopped;
+  input.placeholder = muted
+    ? `You are muted${until === "forever" ? "" : untilText(until)}: you can read, not send.`
+    : "Say something, then Enter (Shift+Enter: a new line)";
+  if (muted && until !== "forever") {
+    mutedTimer = setTimeout(() => setMuted(null), Math.max(0, until * 1000 - Date.now()) + 500);
+  }
+}
+
+if (chat.dataset.muted) setMuted(chat.dataset.muted === "forever" ? "forever" : Number(chat.dataset.muted));
+
+const topicEl = document.getElementById("topic");
+
+function roomChanged(msg) {
+  topicEl.textContent = msg.topic;
+  editsAllowed = msg.edits;
+}
+
+const editTopic = document.getElementById("edit_topic");
+if (editTopic) {
+  editTopic.addEventListener("click", () => {
+    if (document.getElementById("topic_input")) return;
+    const box = document.createElement("input");
+    box.id = "topic_input";
+    box.maxLength = 200;
+    box.value = topicEl.textContent;
+    box.setAttribute("aria-label", "the room's topic (Enter saves, Escape cancels)");
+    topicEl.hidden = true;
+    topicEl.after(box);
+    box.focus();
+    box.addEventListener("keydown", async (event) => {
+      if (event.key === "Escape") {
+        box.remove();
+        topicEl.hidden = false;
+      } else if (event.key === "Enter") {
+        event.preventDefault();
+        if (await act("PATCH", api, {topic: box.value})) {
+          box.remove();
+          topicEl.hidden = false;
+        }
+      }
+    });
+  });
+}
+
+const moderationPanel = document.getElementById("moderation_panel");
+
+async function listRestrictions() {
+  const answer = await act("GET", `${api}/moderation`);
+  if (!answer) return;
+  const ul = document.getElementById("restrictions");
+  ul.replaceChildren();
+  for (const [kind, lift, entries] of [["banned", "unban", answer.bans], ["muted", "unmute", answer.mutes]]) {
+    for (const entry of entries) {
+      const li = document.createElement("li");
+      li.dataset.user = entry.id;
+      li.textContent = `${entry.name} (@${entry.id}) ${kind}${untilText(entry.until)} `;
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = lift;
+      button.addEventListener("click", async () => {
+        if (await moderate(entry.id, lift)) listRestrictions();
+      });
+      li.append(button);
+      ul.append(li);
+    }
+  }
+}
+
+if (moderationPanel) {
+  moderationPanel.addEventListener("toggle", () => {
+    if (moderationPanel.open) listRestrictions();
+  });
+  document.getElementById("moderate_form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const user = document.getElementById("moderate_user").value.trim();
+    const action = document.getElementById("moderate_action").value;
+    const duration = Number(document.getElementById("moderate_duration").value) || null;
+    const reason = document.getElementById("moderate_reason").value.trim() || null;
+    if (await moderate(user, action, action === "ban" || action === "mute" ? duration : null, reason)) {
+      document.getElementById("moderate_reason").value = "";
+      listRestrictions();
+    }
+  });
+}
+
+// -- read markers, unread counts, the "new messages" divider -----------------
+
+let unseen = 0;            // messages that came while this page was not looked at
+let readSent = readAtOpen;  // the marker last sent to the server
+let readTimer = null;
+let dividerPlaced = false;
+
+function arrived(li, msg) {
+  const mine = msg.user && msg.user.id === myId;
+  // Where this user left off: the first message after their marker.
+  if (!dividerPlaced && readAtOpen && msg.seq > readAtOpen && msg.seq <= openedAt && !mine) {
+    li.classList.add("first-unread");
+    li.id = "unread_divider";
+    dividerPlaced = true;
+  }
+  if (!mine && (document.hidden || !nearBottom())) unseen += 1;
+}
+
+function seen() {
+  // The reader is here and at the bottom: everything shown is read.
+  if (!document.hidden && nearBottom()) {
+    unseen = 0;
+    if (myId !== null && lastSeq !== null && (readSent === null || lastSeq > readSent)) {
+      clearTimeout(readTimer);
+      readTimer = setTimeout(sendRead, 1000);
+    }
+  }
+  document.title = unseen ? `(${unseen}) ${roomTitle}` : roomTitle;
+}
+
+async function sendRead() {
+  const upto = lastSeq;
+  if (upto === null || (readSent !== null && upto <= readSent)) return;
+  try {
+    await call("POST", `${api}/read`, {seq: upto});
+    readSent = upto;
+    refreshSidebar();
+  } catch (err) {
+    // Kept for the next time the reader is here.
+  }
+}
+
+document.addEventListener("visibilitychange", seen);
+window.addEventListener("focus", seen);
+scroller.addEventListener("scroll", () => {
+  if (nearBottom()) seen();
+});
+
+// -- the room sidebar --------------------------------------------------------
+
+const sidebar = document.getElementById("sidebar");
+const sidebarRooms = document.getElementById("sidebar_rooms");
+const sidebarToggle = document.getElementById("sidebar_toggle");
+const pageSuffix = forced === "longpoll" ? "/longpoll" : forced === "sse" ? "/sse" : "";
+
+async function refreshSidebar() {
+  let answer;
+  try {
+    answer = await getJSON(withToken("/api/rooms"));
+  } catch (err) {
+    return;
+  }
+  sidebarRooms.replaceChildren();
+  for (const info of answer.rooms) {
+    const li = document.createElement("li");
+    li.dataset.room = info.name;
+    const a = document.createElement("a");
+    a.href = `/rooms/${encodeURIComponent(info.name)}${pageSuffix}`;
+    a.textContent = `#${info.name}`;
+    if (info.name === room) a.setAttribute("aria-current", "page");
+    li.append(a);
+    if (info.private) {
+      const badge = document.createElement("span");
+      badge.className = "badge lock";
+      badge.textContent = "private";
+      li.append(" ", badge);
+    }
+    const unread = info.name === room ? 0 : info.unread || 0;
+    if (unread) {
+      const count = document.createElement("span");
+      count.className = "unread";
+      count.textContent = unread > 99 ? "99+" : String(unread);
+      count.title = `${unread} unread`;
+      li.append(" ", count);
+    }
+    sidebarRooms.append(li);
+  }
+}
+
+sidebarToggle.addEventListener("click", () => {
+  const open = sidebar.classList.toggle("open");
+  sidebarToggle.setAttribute("aria-expanded", String(open));
+});
+window.addEventListener("focus", refreshSidebar);
+setInterval(refreshSidebar, 10000);
+refreshSidebar();
 
 setInterval(refreshMembers, 20000);
 scheduleRefresh();

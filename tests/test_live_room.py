@@ -14,14 +14,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatd import ws as chatd_ws
+from chatd.bus.local import LocalBus
 from chatd.core import EDIT_WINDOW, READ_FLUSH, ChatCore
 from chatd.model import ChatError, Identity, Message, User
 from chatd.store.memory import MemoryStore
+from chatd.store.sqlite import SQLiteStore
 
 from ._support import HTTP, WSClient
 from .test_access import _server, token
@@ -373,10 +376,6 @@ class NodesTests(TestCase):
     """
 
     async def test_two_nodes(self) -> None:
-        from chatd.bus.local import LocalBus
-        from chatd.store.sqlite import SQLiteStore
-        from twisted.internet import reactor
-
         path = self.mktemp() + ".sqlite3"
         bus = LocalBus()
         cores = []
