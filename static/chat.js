@@ -56,6 +56,7 @@ let stopped = false;         // the server said this page may no longer read the
 let token = null;            // the token connections carry, if any
 let tokenExpires = null;     // its exp (seconds)
 let refreshTimer = null;
+let mutedTimer = null;       // lifts a timed mute on this page
 
 {
   // The page was opened with ?token=JWT (the server needed it to serve a
@@ -553,8 +554,6 @@ function show(msg) {
     applyChange(msg);
     return;
   }
-  if (msg.type === "moderation") moderated(msg);
-  if (msg.type === "room") roomChanged(msg);
   const mine = msg.client_id && pending.get(msg.client_id);
   if (mine) {
     pending.delete(msg.client_id);
@@ -572,6 +571,9 @@ function show(msg) {
   if (li.nextElementSibling) regroup(li.nextElementSibling);
   if (stick || mine) toBottom();
   olderButton.hidden = firstSeq <= 1;
+  // After the event's own line: what it means for this reader.
+  if (msg.type === "moderation") moderated(msg);
+  if (msg.type === "room") roomChanged(msg);
   seen();
 }
 
@@ -697,6 +699,8 @@ function stop(text) {
   // it, kicked, banned, signed out): no more reconnecting.
   if (stopped) return;
   stopped = true;
+  clearTimeout(mutedTimer);
+  input.placeholder = text;
   transport = null;
   reconnectNow.hidden = true;
   clearTimeout(refreshTimer);
@@ -1050,14 +1054,16 @@ window.addEventListener("online", () => {
 // -- moderation, the topic, mutes --------------------------------------------
 
 function moderated(msg) {
-  if (!msg.user || msg.user.id !== myId) return;
+  // Only what happened since the page was served (the server's answer
+  // for the page already said what earlier events left in force).
+  if (!msg.user || msg.user.id !== myId || msg.seq <= openedAt) return;
   const reason = msg.reason ? ` (${msg.reason})` : "";
   if (msg.action === "ban") {
     stop(`You were banned from this room${untilText(msg.until)}${reason}.`);
   } else if (msg.action === "kick") {
     stop(`A moderator removed you from this room${reason}.`);
     const again = document.createElement("a");
-    again.href = location.pathname;
+    again.href = withToken(location.pathname);
     again.textContent = "Come back";
     again.id = "rejoin";
     list.lastElementChild?.append(" ", again);
@@ -1067,8 +1073,6 @@ function moderated(msg) {
     setMuted(null);
   }
 }
-
-let mutedTimer = null;
 
 function setMuted(until) {
   // Muted: the page may read, not send (the server refuses it anyway).

@@ -983,3 +983,150 @@ class FailedSendTests(BrowserTestCase):
             assert page.is_hidden("#reconnect_now")
 
         await self.in_browser(scenario)
+
+
+class LiveRoomInTheBrowserTests(BrowserTestCase):
+    """
+    --auth token: Alice owns a room; Bob reads it over SSE, Carol over
+    long-poll, Alice over WebSocket.  Edits, deletions, the topic, a mute,
+    a kick and a ban reach every page live; unread counts and the "new
+    messages" divider follow what each has read.
+    """
+
+    def chatd_args(self) -> List[str]:
+        self.secret = b"browser-secret-browser-secret-0123"
+        path = os.path.join(self.folder, "secret")
+        with open(path, "wb") as f:
+            f.write(self.secret)
+        return ["--data-dir", self.folder, "--auth", "token", "--auth-secret-file", path]
+
+    def token(self, user: str) -> str:
+        from chatd.auth import mint
+
+        return mint(self.secret, user, user.title(), 3600)
+
+    def api(self, method: str, path: str, payload: Any, user: str) -> Any:
+        """
+        The HTTP API, from the scenario's thread (chatd is another process).
+        """
+        from urllib.error import HTTPError
+        from urllib.request import Request, urlopen
+
+        request = Request(
+            self.server.base + path,
+            data=None if payload is None else json.dumps(payload).encode(),
+            method=method,
+            headers={"Authorization": f"Bearer {self.token(user)}", "Content-Type": "application/json"},
+        )
+        try:
+            with urlopen(request, timeout=10) as response:
+                return json.load(response)
+        except HTTPError as e:
+            return json.load(e)
+
+    @staticmethod
+    def menu(page: Any, item: str, action: str, twice: bool = False) -> None:
+        """
+        Open the message menu of C{item} (a selector) and choose C{action}.
+        """
+        li = page.locator(item).last
+        li.hover()
+        li.locator(".menu-button").click()
+        page.click(f"{item} .menu button[data-action={action}]")
+        if twice:
+            page.click(f"{item} .menu button[data-action={action}]")
+
+    async def test_edit_delete_moderate_unread(self) -> None:
+        def body_is(page: Any, seq: int, text: str) -> None:
+            page.wait_for_function(
+                f"() => document.querySelector('li.message[data-seq=\"{seq}\"] .body')?.textContent === {json.dumps(text)}"
+            )
+
+        def scenario(b: Browser) -> None:
+            # A muted send and a banned reader's page are refused on purpose.
+            b.expected_errors.append("status of 403")
+            assert self.api("POST", "/api/rooms", {"name": "demo"}, "alice")["role"] == "owner"
+            alice = b.open(f"/rooms/demo?token={self.token('alice')}")
+            bob = b.open(f"/rooms/demo/sse?token={self.token('bob')}")
+            carol = b.open(f"/rooms/demo/longpoll?token={self.token('carol')}")
+            pages = [alice, bob, carol]
+            for page in pages:
+                b.wait_connected(page)
+            b.say(bob, "helo evryone")
+            b.say(carol, "hi @alice, a question")
+            for page in pages:
+                b.wait_messages(page, 2)
+            seq = b.messages(alice)[0]["seq"]
+            # Bob fixes his typo from the message menu; everyone sees it.
+            self.menu(bob, "li.message.mine", "edit")
+            bob.fill("li.message.mine .editbox", "hello everyone")
+            bob.press("li.message.mine .editbox", "Enter")
+            for page in pages:
+                body_is(page, seq, "hello everyone")
+                page.wait_for_selector(f"li.message[data-seq=\"{seq}\"] .edited")
+            # Carol's mention of Alice is marked on Alice's page only.
+            alice.wait_for_selector("li.message.mentioned .mention.me")
+            assert carol.query_selector("li.message.mentioned") is None
+            # Alice (the owner) deletes Bob's message.
+            self.menu(alice, f"li.message[data-seq=\"{seq}\"]", "delete", twice=True)
+            for page in pages:
+                body_is(page, seq, "message deleted")
+            assert "hello everyone" not in json.dumps(self.api("GET", "/api/rooms/demo/messages?after=0", None, "bob"))
+            # The topic, set from the header.
+            alice.click("#edit_topic")
+            alice.fill("#topic_input", "Release day")
+            alice.press("#topic_input", "Enter")
+            for page in pages:
+                page.wait_for_function("() => document.getElementById('topic').textContent === 'Release day'")
+            self.screenshot(alice, "live-room.png")
+            # Alice mutes Carol for ten minutes: her page may read, not send.
+            self.menu(alice, "li.message[data-user-id=carol]", "mute")
+            carol.wait_for_function("() => document.getElementById('inputbox').disabled")
+            assert "muted" in carol.get_attribute("#inputbox", "placeholder")
+            answer = self.api("POST", "/api/rooms/demo/messages", {"body": "let me speak"}, "carol")
+            assert answer["error"] == "muted", answer
+            # Kicked, Bob's page stops and offers to come back.
+            alice.fill("#inputbox", "")
+            self.api("POST", "/api/rooms/demo/moderation", {"user": "bob", "action": "kick"}, "alice")
+            bob.wait_for_function("() => document.getElementById('status').dataset.state === 'stopped'")
+            assert "removed you" in bob.text_content("#message_list")
+            bob.click("#rejoin")
+            b.wait_connected(bob)
+            # Banned, Carol's long-poll page stops; so would any other.
+            self.menu(alice, "li.message[data-user-id=carol]", "ban", twice=True)
+            carol.wait_for_function("() => document.getElementById('status').dataset.state === 'stopped'")
+            assert "banned" in carol.text_content("#message_list"), carol.text_content("#message_list")
+            again = b.open(f"/rooms/demo/longpoll?token={self.token('carol')}")
+            assert again.response.status == 403, again.response.status
+            for page in (alice, bob):
+                page.wait_for_function("() => document.body.textContent.includes('Alice banned Carol')")
+            # Unread: Bob reads the lobby while Alice writes in demo.
+            lobby = b.open(f"/rooms/lobby?token={self.token('bob')}", context=bob.context)
+            b.wait_connected(lobby)
+            # Bob's page said how far he read (a second after the last event).
+            for _ in range(100):
+                if self.api("GET", "/api/rooms/demo", None, "bob")["unread"] == 0:
+                    break
+                bob.wait_for_timeout(100)
+            bob.close()
+            b.pages.remove(bob)
+            for i in range(3):
+                b.say(alice, f"news {i}")
+            b.wait_messages(alice, 5)
+            lobby.wait_for_function(
+                "() => document.querySelector('#sidebar_rooms li[data-room=demo] .unread')?.textContent === '3'"
+            )
+            back = b.open(f"/rooms/demo/sse?token={self.token('bob')}", context=lobby.context)
+            b.wait_connected(back)
+            b.wait_messages(back, 5)
+            divider = back.eval_on_selector("#unread_divider .body", "e => e.textContent")
+            assert divider == "news 0", divider
+            # Scrolled up while messages come: the title counts them.
+            back.eval_on_selector("#message_list", "e => { e.style.flex = '0 0 120px'; e.scrollTop = 0; }")
+            for i in range(2):
+                b.say(alice, f"more {i}")
+            back.wait_for_function("() => document.title.startsWith('(2) ')")
+            back.click("#new_messages")
+            back.wait_for_function("() => !document.title.startsWith('(')")
+
+        await self.in_browser(scenario)

@@ -113,8 +113,8 @@ class RoomsAPITests(WebTestCase):
             json.loads(body),
             {
                 "rooms": [
-                    {"name": "dev", "last_seq": 1, "clients": 1, "last_activity": 1_700_000_000.0, "private": False, "guests": True},
-                    {"name": "lobby", "last_seq": 0, "clients": 0, "last_activity": None, "private": False, "guests": True},
+                    {"name": "dev", "last_seq": 1, "clients": 1, "last_activity": 1_700_000_000.0, "private": False, "guests": True, "topic": "", "edits": True},
+                    {"name": "lobby", "last_seq": 0, "clients": 0, "last_activity": None, "private": False, "guests": True, "topic": "", "edits": True},
                 ]
             },
         )
@@ -125,7 +125,7 @@ class RoomsAPITests(WebTestCase):
         """
         code, headers, body = self.post_json("/api/rooms", {"name": "new-room"})
         self.assertEqual(code, 201)
-        self.assertEqual(json.loads(body), {"name": "new-room", "last_seq": 0, "clients": 0, "last_activity": None, "private": False, "guests": True})
+        self.assertEqual(json.loads(body), {"name": "new-room", "last_seq": 0, "clients": 0, "last_activity": None, "private": False, "guests": True, "topic": "", "edits": True})
         self.assertEqual(headers.getRawHeaders("location"), ["/api/rooms/new-room"])
         self.assertEqual(self.core.room("new-room").name, "new-room")
 
@@ -153,7 +153,7 @@ class RoomsAPITests(WebTestCase):
         GET /api/rooms/<room> describes one room; unknown is 404.
         """
         code, _, body = self.get("/api/rooms/dev")
-        self.assertEqual(json.loads(body), {"name": "dev", "last_seq": 0, "clients": 0, "last_activity": None, "private": False, "guests": True})
+        self.assertEqual(json.loads(body), {"name": "dev", "last_seq": 0, "clients": 0, "last_activity": None, "private": False, "guests": True, "topic": "", "edits": True})
         self.assertError(self.get("/api/rooms/ghost"), 404, "room_not_found")
 
 
