@@ -118,6 +118,9 @@ class RecipientFailureTests(SynchronousTestCase):
             def filled(self, *args: object) -> None:
                 pass
 
+            def event(self, *args: object) -> None:
+                pass
+
         core = ChatCore(MemoryStore(), Clock(), observer=Broken())
         core.start()
         waiter = core.wait("lobby", 0, 10, 30)

@@ -504,6 +504,13 @@ class TransportTests(TestCase):
         self.assertEqual(code, 201)
         code, _ = await self.api("GET", "/api/rooms/r/messages?after=0", who="bob")
         self.assertEqual(code, 200)
+        code, _, body = await self.http.request("GET", "/metrics")
+        for line in [
+            'chatd_room_events_total{action="ban",kind="moderation"} 1.0',
+            'chatd_room_events_total{action="unban",kind="moderation"} 1.0',
+            'chatd_room_events_total{action="",kind="member"} 1.0',
+        ]:
+            self.assertIn(line, body.decode())
 
     async def test_kick_and_mute(self) -> None:
         """

@@ -104,6 +104,12 @@ class _NoObserver:
     def filled(self, room: str, messages: int) -> None:
         pass
 
+    def event(self, kind: str, action: str = "") -> None:
+        pass
+
+    def markers_written(self, count: int) -> None:
+        pass
+
     def arrived_late(self, seconds: float) -> None:
         pass
 
@@ -684,7 +690,8 @@ class ChatCore:
         def failed(failure: Failure) -> None:
             self.log.failure("Writing {count} read markers failed", failure, count=len(marks))
 
-        return self._store.set_read_markers(marks).addErrback(failed)
+        d = self._store.set_read_markers(marks)
+        return d.addCallbacks(lambda _: self._observer.markers_written(len(marks)), failed)
 
     def rooms(self) -> List[Room]:
         """
@@ -829,6 +836,7 @@ class ChatCore:
         if not created:
             return message
         self._observer.committed(self._clock.seconds() - started)
+        self._observer.event(message.kind, str((message.meta or {}).get("action", "")))
         # This node's recipients first: they never wait on the bus.
         self._arrived(room, [message], message.seq, started)
         if self._bus is not None:

@@ -95,6 +95,19 @@ class Metrics:
             "a full queue makes every announcing commit fail).",
             registry=r,
         )
+        self.events = Counter(
+            "chatd_room_events",
+            "Events this node committed to rooms' logs, by kind (message, member, edit, "
+            "delete, moderation, room) and, for moderation, action (kick, ban, ...).",
+            ["kind", "action"], registry=r,
+        )
+        self.read_markers = Counter(
+            "chatd_read_markers_written", "Read markers written to the store.", registry=r
+        )
+        for kind in ("message", "member", "edit", "delete", "room"):
+            self.events.labels(kind, "")
+        for action in ("kick", "ban", "unban", "mute", "unmute"):
+            self.events.labels("moderation", action)
         for transport in ("websocket", "longpoll", "sse"):
             self.connections.labels(transport)
             self.posted.labels(transport)
@@ -110,6 +123,12 @@ class Metrics:
 
     def committed(self, seconds: float) -> None:
         self.commit_latency.observe(seconds)
+
+    def event(self, kind: str, action: str = "") -> None:
+        self.events.labels(kind, action).inc()
+
+    def markers_written(self, count: int) -> None:
+        self.read_markers.inc(count)
 
     def delivered_to(self, subscribers: int, waiters: int, seconds: Optional[float]) -> None:
         if subscribers:
