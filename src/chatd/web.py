@@ -1048,11 +1048,13 @@ class ChatWeb:
         """
 
         def listed(identity: Identity) -> Deferred:
-            def render(rooms: Sequence[Room]) -> bytes:
-                infos = [_room_info(room, _role(room, identity)) for room in rooms]
+            def render(rooms: Sequence[Room], marks: Dict[str, int]) -> bytes:
+                infos = [self._info(room, identity, marks) for room in rooms]
                 return self._page(request, self._index, rooms=infos, **self._page_context(identity))
 
-            return self._core.list_rooms(identity).addCallback(render)
+            d = self._core.list_rooms(identity)
+            return d.addCallback(lambda rooms: self._core.read_markers(identity).addCallback(
+                lambda marks: render(rooms, marks)))
 
         return self.identify(request).addCallback(listed)
 
