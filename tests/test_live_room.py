@@ -589,3 +589,33 @@ class TransportTests(TestCase):
         self.assertEqual((code, answer["error"]), (400, "invalid_json"))
         code, batch = await self.api("GET", "/api/rooms/r/messages?after=0")
         self.assertEqual(batch["messages"][-1]["seq"], seq)
+
+
+class TutorialTextTests(SynchronousTestCase):
+    """
+    The tutorial's long-poll clients show every kind of event as a line
+    of text, and a deleted message without its text.
+    """
+
+    def test_every_kind(self) -> None:
+        from chatd.web import _tutorial_text
+
+        core, _, _ = room_with_staff(self)
+        posted = self.successResultOf(core.post("r", None, "hello", identity=ANN))
+        events = [
+            self.successResultOf(core.edit("r", posted.seq, "hello!", ANN)),
+            self.successResultOf(core.delete("r", posted.seq, MOD)),
+            self.successResultOf(core.moderate("r", "ann", "mute", MOD)),
+            self.successResultOf(core.configure_room("r", OWNER, topic="Be kind")),
+        ]
+        self.assertEqual(
+            [_tutorial_text(m) for m in history(self, core)[1:]],
+            [
+                "(message deleted)",
+                "Ann edited message 2.",
+                "Mo deleted message 2.",
+                "Mo muted Ann.",
+                "Owner set the topic: Be kind",
+            ],
+        )
+        self.assertEqual(_tutorial_text(events[0]), "Ann edited message 2: hello!")

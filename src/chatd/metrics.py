@@ -104,6 +104,7 @@ class Metrics:
         self.read_markers = Counter(
             "chatd_read_markers_written", "Read markers written to the store.", registry=r
         )
+        self._event_children: dict = {}
         for kind in ("message", "member", "edit", "delete", "room"):
             self.events.labels(kind, "")
         for action in ("kick", "ban", "unban", "mute", "unmute"):
@@ -125,7 +126,11 @@ class Metrics:
         self.commit_latency.observe(seconds)
 
     def event(self, kind: str, action: str = "") -> None:
-        self.events.labels(kind, action).inc()
+        # Every post comes here: the labelled child is looked up once.
+        child = self._event_children.get((kind, action))
+        if child is None:
+            child = self._event_children[(kind, action)] = self.events.labels(kind, action)
+        child.inc()
 
     def markers_written(self, count: int) -> None:
         self.read_markers.inc(count)

@@ -2055,14 +2055,25 @@ class _NotNow(Exception):
 
 def _tutorial_text(message: Message) -> str:
     """
-    What the tutorial's clients show of an event: a message's body, a
-    membership change in words.
+    What the tutorial's clients show of an event: a message's body (as it
+    is now), every other event in words.
     """
-    if message.kind != "member" or message.user is None:
-        return message.body
-    if message.body:
-        return f"{message.user.name} is now a {message.body} of this room."
-    return f"{message.user.name} left this room."
+    kind, user, meta = message.kind, message.user, message.meta or {}
+    if kind == "message":
+        return "(message deleted)" if message.deleted else message.body
+    who = "someone" if user is None else user.name
+    if kind == "member":
+        return f"{who} is now a {message.body} of this room." if message.body else f"{who} left this room."
+    if kind == "edit":
+        return f"{who} edited message {message.target}: {message.body}" if message.body else f"{who} edited message {message.target}."
+    if kind == "delete":
+        return f"{'A moderator' if user is None else who} deleted message {message.target}."
+    by = meta.get("by")
+    actor = "The server" if not isinstance(by, dict) else str(by.get("name"))
+    if kind == "moderation":
+        verbs = {"kick": "removed", "ban": "banned", "unban": "lifted the ban on", "mute": "muted", "unmute": "unmuted"}
+        return f"{actor} {verbs.get(str(meta.get('action')), 'moderated')} {who}."
+    return f"{who} set the topic: {message.body}" if message.body else f"{who} cleared the topic."
 
 
 def _wants_page(request: IRequest) -> bool:
