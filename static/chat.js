@@ -868,7 +868,7 @@ class LongPollTransport {
       }
     } catch (err) {
       this.open = false;
-      if (err.status === 403 && (err.code === "banned" || err.code === "kicked")) {
+      if (err.status === 403 && err.code === "banned") {
         stop(err.message);
       } else if (err.status === 404 || (err.status === 401 && !(await freshToken()))) {
         stop(await whyRefused(err.status));
@@ -1084,7 +1084,10 @@ function setMuted(until) {
     ? `You are muted${until === "forever" ? "" : untilText(until)}: you can read, not send.`
     : "Say something, then Enter (Shift+Enter: a new line)";
   if (muted && until !== "forever") {
-    mutedTimer = setTimeout(() => setMuted(null), Math.max(0, until * 1000 - Date.now()) + 500);
+    // Timers hold at most 2^31 - 1 ms (24.8 days): a longer mute waits
+    // in steps.
+    const left = until * 1000 - Date.now();
+    mutedTimer = setTimeout(() => setMuted(left > 2 ** 31 - 1 ? until : null), Math.min(Math.max(0, left) + 500, 2 ** 31 - 1));
   }
 }
 

@@ -287,6 +287,63 @@ class ModerationTests(SynchronousTestCase):
         self.assertEqual(code_of(self, core.read("p", 0, 10, BOB)), "room_not_found")
 
 
+class StaffTests(SynchronousTestCase):
+    """
+    Moderators and owners are bound too: a muted one writes nothing, and
+    ranks hold for deletions as for moderation.
+    """
+
+    def test_muted_staff_write_nothing(self) -> None:
+        core, _, _ = room_with_staff(self)
+        self.successResultOf(core.moderate("r", "mod", "mute", OWNER))
+        self.assertEqual(code_of(self, core.configure_room("r", MOD, topic="I am muted")), "muted")
+        self.assertEqual(code_of(self, core.moderate("r", "bob", "kick", MOD, reason="loud")), "muted")
+        self.assertEqual(core.room("r").access.topic, "")
+
+    def test_deletions_follow_ranks(self) -> None:
+        """
+        A moderator deletes plain members' and visitors' messages, not an
+        owner's or another moderator's; an owner deletes a moderator's.
+        """
+        core, _, _ = room_with_staff(self)
+        mod2 = Identity(User("mod2", "Mo Two"), "token")
+        self.successResultOf(core.set_member("r", "mod2", "Mo Two", "moderator", OWNER))
+        by_owner = self.successResultOf(core.post("r", None, "owner's", identity=OWNER))
+        by_mod2 = self.successResultOf(core.post("r", None, "mod2's", identity=mod2))
+        by_bob = self.successResultOf(core.post("r", None, "bob's", identity=BOB))
+        self.assertEqual(code_of(self, core.delete("r", by_owner.seq, MOD)), "not_allowed")
+        self.assertEqual(code_of(self, core.delete("r", by_mod2.seq, MOD)), "not_allowed")
+        self.successResultOf(core.delete("r", by_bob.seq, MOD))
+        self.successResultOf(core.delete("r", by_mod2.seq, OWNER))
+
+    def test_banned_users_do_not_see_the_room(self) -> None:
+        """
+        A banned user's room list leaves the room out (its topic and
+        activity included) until the ban ends.
+        """
+        core, clock, _ = room_with_staff(self)
+        self.successResultOf(core.configure_room("r", OWNER, topic="secret plans"))
+        self.assertIn("r", [room.name for room in self.successResultOf(core.list_rooms(BOB))])
+        self.successResultOf(core.moderate("r", "bob", "ban", MOD, 60))
+        self.assertNotIn("r", [room.name for room in self.successResultOf(core.list_rooms(BOB))])
+        self.assertIn("r", [room.name for room in self.successResultOf(core.list_rooms(ANN))])
+        clock.advance(61)
+        self.assertIn("r", [room.name for room in self.successResultOf(core.list_rooms(BOB))])
+
+    def test_restrictions_are_bounded(self) -> None:
+        """
+        A room keeps at most MAX_RESTRICTIONS bans and mutes in force.
+        """
+        from chatd import core as chatd_core
+
+        self.patch(chatd_core, "MAX_RESTRICTIONS", 3)
+        core, _, _ = room_with_staff(self)
+        for user in ("u1", "u2", "u3"):
+            self.successResultOf(core.moderate("r", user, "ban", OWNER))
+        self.assertEqual(code_of(self, core.moderate("r", "u4", "mute", OWNER)), "too_many_restrictions")
+        self.successResultOf(core.moderate("r", "u1", "mute", OWNER))
+
+
 class ReadMarkerTests(SynchronousTestCase):
     """
     Read markers: per user and room, debounced into the store, never
@@ -308,6 +365,22 @@ class ReadMarkerTests(SynchronousTestCase):
         self.assertEqual(code_of(self, core.mark_read("lobby", 1, Identity())), "auth_required")
         self.assertEqual(code_of(self, core.mark_read("lobby", "x", ANN)), "invalid_parameter")
         self.assertEqual(self.successResultOf(core.read_markers(Identity())), {})
+
+
+class ReadMarkerRestartTests(SynchronousTestCase):
+    def test_never_back_after_a_restart(self) -> None:
+        """
+        A node that never saw a user's marker asks the store before it
+        answers: the answer never moves back.
+        """
+        core, clock, store = make_core()
+        for _ in range(9):
+            self.successResultOf(core.post("lobby", "x", "m"))
+        self.successResultOf(core.mark_read("lobby", 9, ANN))
+        clock.advance(READ_FLUSH)
+        again = ChatCore(store, clock, 50)
+        again.start()
+        self.assertEqual(self.successResultOf(again.mark_read("lobby", 2, ANN)), (9, 0))
 
 
 class _Client:

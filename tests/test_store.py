@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from chatd.interfaces import IMessageStore
-from chatd.model import ChatError, Message, RoomLimitReached, User
+from chatd.model import ChatError, Guard, Message, RoomLimitReached, User
 from chatd.store._sql import SCHEMA_VERSION, StoreError, _statements, schema_files
 from chatd.store.memory import MemoryStore
 from chatd.store.postgres import PostgresStore, redact
@@ -370,8 +370,8 @@ class StoreContractMixin:
         self.assertEqual(ban.as_dict()["until"], 90.0)
         await store.append("p", "Cy", "", 1003, None, User("cy", "Cy"), "moderation",
                            meta={"action": "mute", "by": by, "until": None, "reason": None})
-        await store.append("p", "Owner", "Be nice", 1004, None, User("own", "Owner"), "room",
-                           meta={"edits": False})
+        await store.append("p", "Owner", "", 1004, None, User("own", "Owner"), "room",
+                           meta={"change": {"topic": "Be nice", "edits": False}})
         access = await store.room_access("p")
         self.assertEqual((access.bans, access.mutes, access.topic, access.edits, access.last_seq),
                          ({"bob": 90_000}, {"cy": None}, "Be nice", False, 5))
@@ -387,6 +387,63 @@ class StoreContractMixin:
         self.assertEqual([m.meta["action"] for m in messages if m.kind == "moderation"],
                          ["ban", "mute", "unmute", "kick"])
         self.assertEqual(messages[0], ban)
+
+    async def test_settings_change_only_what_they_say(self) -> None:
+        """
+        A room event asks for a change; the store settles it against the
+        room as it is, so a topic change does not undo edits being turned
+        off in the same batch.
+        """
+        store = await self.open_store()
+        await store.create_room("s", 0)
+        own = User("own", "Owner")
+        off, topic = await gatherResults([
+            store.append("s", "Owner", "", 1000, None, own, "room", meta={"change": {"edits": False}}),
+            store.append("s", "Mo", "", 1001, None, User("mo", "Mo"), "room", meta={"change": {"topic": "Hi"}}),
+        ])
+        self.assertEqual((off[0].body, off[0].meta), ("", {"edits": False}))
+        self.assertEqual((topic[0].body, topic[0].meta), ("Hi", {"edits": False}))
+        access = await store.room_access("s")
+        self.assertEqual((access.topic, access.edits), ("Hi", False))
+
+    async def test_guards_hold_within_a_batch(self) -> None:
+        """
+        A guarded event is checked against the room as of every event
+        before it, those of its own batch included: posts after their
+        sender's mute, an edit after edits were turned off, a moderator's
+        action after their demotion are refused and take no seq.
+        """
+        store = await self.open_store()
+        await store.create_room("g", 0, owner=User("own", "Owner"))
+        own, mo, ann = User("own", "Owner"), User("mo", "Mo"), User("ann", "Ann")
+        await store.append("g", "Mo", "moderator", 1000, None, mo, "member")
+        first, _ = await store.append("g", "Ann", "mine", 1001, None, ann, guard=Guard("ann"))
+        mute = {"action": "mute", "by": None, "until": None, "reason": None}
+        results = await DeferredList([
+            store.append("g", "Ann", "before", 1002, None, ann, guard=Guard("ann")),
+            store.append("g", "Ann", "", 1003, None, ann, "moderation", meta=mute, guard=Guard("mo", role="moderator", over="ann")),
+            store.append("g", "Ann", "after", 1004, None, ann, guard=Guard("ann")),
+            store.append("g", "Owner", "", 1005, None, own, "room", meta={"change": {"edits": False}}, guard=Guard("own", role="owner")),
+            store.append("g", "Ann", "edited", 1006, None, ann, "edit", first.seq, guard=Guard("ann", speak=False, edits=True)),
+            store.append("g", "Mo", "member", 1007, None, mo, "member"),
+            store.append("g", "Ann", "", 1008, None, ann, "moderation",
+                         meta={**mute, "action": "unmute"}, guard=Guard("mo", role="moderator", over="ann")),
+        ], consumeErrors=True)
+        outcome = [r[1].seq if r[0] else r[1].value.code for r in
+                   [(ok, value[0] if ok else value) for ok, value in results]]
+        self.assertEqual(outcome, [3, 4, "muted", 5, "edits_disabled", 6, "not_allowed"])
+        access = await store.room_access("g")
+        self.assertEqual((access.mutes, access.edits, access.members["mo"]), ({"ann": None}, False, "member"))
+        with self.assertRaises(ChatError) as caught:
+            await store.append("g", "Ann", "later", 2000, None, ann, guard=Guard("ann"))
+        self.assertEqual(caught.exception.code, "muted")
+        ban = {"action": "ban", "by": None, "until": 3000, "reason": None}
+        await store.append("g", "Ann", "", 2001, None, ann, "moderation", meta=ban, guard=Guard("own", role="moderator", over="ann"))
+        with self.assertRaises(ChatError) as caught:
+            await store.append("g", "Ann", "", 2500, None, ann, "delete", first.seq, guard=Guard("ann", speak=False))
+        self.assertEqual(caught.exception.code, "banned")
+        # The ban's end holds by the event's time.
+        await store.append("g", "Ann", "", 3000, None, ann, "delete", first.seq, guard=Guard("ann", speak=False))
 
     async def test_kick_from_public_room_keeps_membership(self) -> None:
         """

@@ -50,6 +50,7 @@ STATUS: Dict[str, int] = {
     "not_member": 403,
     "edits_disabled": 403,
     "edit_window_closed": 403,
+    "too_many_restrictions": 403,
     "signup_closed": 403,
     "invalid_invite": 403,
     "user_not_found": 404,

@@ -43,8 +43,10 @@ from chatd.model import (
     RoomAccess,
     RoomLimitReached,
     User,
+    Guard,
     auth_required,
     banned,
+    check_guard,
     check_target,
     muted,
     room_exists,
@@ -86,6 +88,8 @@ READ_FLUSH = 2.0
 #: Read markers remembered here (past it, only unwritten ones are kept;
 #: the others are read from the store again).
 MAX_READ_MARKS = 100_000
+#: The most bans and mutes a room keeps in force at once.
+MAX_RESTRICTIONS = 10_000
 
 Failed = Callable[[Failure], object]
 
@@ -329,9 +333,14 @@ class ChatCore:
         """
         Whether C{room} is listed to C{identity} (public, or theirs).
         """
-        if not room.access.private or identity.key is not None:
+        if identity.key is not None:
             return True
-        return identity.user is not None and identity.user.id in room.access.members
+        user_id = identity.user_id
+        if user_id is not None and room.access.bans and room.access.restricted("ban", user_id, self._now_ms()):
+            return False
+        if not room.access.private:
+            return True
+        return user_id is not None and user_id in room.access.members
 
     def enter(self, name: object, identity: Identity = GUEST) -> Deferred:
         """
@@ -422,14 +431,21 @@ class ChatCore:
         body: str = "",
         target: Optional[int] = None,
         meta: Optional[dict] = None,
+        guard: Optional[Guard] = None,
     ) -> Message:
         """
         Store one event of C{room} that is not a chat message, then
-        deliver it like one.
+        deliver it like one.  C{guard} is checked here first (a quick
+        answer, from this node's view of the room), then by the store as
+        it stores the event (the answer that holds).
         """
         now = self._clock.seconds()
+        if guard is not None:
+            check_guard(room.access, guard, room.name, int(now * 1000))
         nick = "" if user is None else user.name
-        stored = await self._store.append(room.name, nick, body, int(now * 1000), None, user, kind, target, meta)
+        stored = await self._store.append(
+            room.name, nick, body, int(now * 1000), None, user, kind, target, meta, guard
+        )
         return self._committed(stored, room, now)
 
     async def _target(self, room: Room, seq: int) -> Message:
@@ -471,8 +487,8 @@ class ChatCore:
             user = identity.user
             if user is None:
                 raise auth_required("Sign in, or send a token, to edit your messages.")
-            if not room.access.edits:
-                raise ChatError("edits_disabled", f"Messages in {room.name!r} cannot be edited.")
+            guard = Guard(user.id, edits=True)
+            check_guard(room.access, guard, room.name, self._now_ms())
             target = await self._target(room, seq)
             if target.user is None or target.user.id != user.id:
                 raise ChatError("not_allowed", "Only a message's author may edit it.")
@@ -482,7 +498,7 @@ class ChatCore:
                     "edit_window_closed",
                     f"Messages can be edited for {self.edit_window:.0f} s after they are sent.",
                 )
-            return await self._event(room, user, "edit", text, target=seq)
+            return await self._event(room, user, "edit", text, target=seq, guard=guard)
 
         try:
             if peer is not None and self._limits is not None:
@@ -512,10 +528,19 @@ class ChatCore:
             if user is None and identity.key is None:
                 raise auth_required("Sign in, or send a token, to delete your messages.")
             target = await self._target(room, seq)
-            mine = user is not None and target.user is not None and target.user.id == user.id
-            if not mine and self.role(room, identity) not in ("owner", "moderator"):
-                raise ChatError("not_allowed", "Only a message's author or a moderator may delete it.")
-            return await self._event(room, user, "delete", target=seq)
+            author = None if target.user is None else target.user.id
+            mine = user is not None and author == user.id
+            guard = None
+            if mine:
+                guard = Guard(author, speak=False)
+            elif identity.key is None:
+                if self.role(room, identity) not in ("owner", "moderator"):
+                    raise ChatError("not_allowed", "Only a message's author or a moderator may delete it.")
+                # Moderators delete plain members' and visitors' messages,
+                # owners moderators' too.
+                assert user is not None
+                guard = Guard(user.id, speak=False, role="moderator", over=author)
+            return await self._event(room, user, "delete", target=seq, guard=guard)
 
         try:
             if peer is not None and self._limits is not None:
@@ -533,6 +558,7 @@ class ChatCore:
         identity: Identity,
         duration: object = None,
         reason: object = None,
+        peer: Optional[Peer] = None,
     ) -> Deferred:
         """
         A moderation action (L{chatd.model.ACTIONS}) on C{user_id}: an
@@ -546,29 +572,34 @@ class ChatCore:
 
         @return: a Deferred firing with the event's L{Message}, or failing
             with C{invalid_user}, C{invalid_action}, C{invalid_duration},
-            C{invalid_reason}, C{not_allowed}, C{user_not_found},
-            C{not_restricted}.
+            C{invalid_reason}, C{not_allowed}, C{muted}, C{not_restricted},
+            C{too_many_restrictions}, C{rate_limited}.
         """
 
         async def moderate(room: Room) -> Message:
             acting = self.role(room, identity)
-            target_role = room.access.members.get(target_id)
-            rank = {"owner": 3, "moderator": 2, "member": 1}
-            allowed = acting in ("owner", "moderator") and (
-                identity.key is not None or rank[acting] > rank.get(target_role or "", 0)
-            )
-            if identity.user_id == target_id or not allowed:
+            if identity.user_id == target_id or acting not in ("owner", "moderator"):
                 raise ChatError(
                     "not_allowed",
                     "You may not do this: owners moderate anyone but owners, moderators "
                     "plain members and visitors, and nobody themselves.",
                 )
+            guard = None if identity.key is not None else Guard(identity.user_id, role="moderator", over=target_id)
             now_ms = self._now_ms()
+            if guard is not None:
+                check_guard(room.access, guard, room.name, now_ms)
+            access = room.access
             if what in ("unban", "unmute"):
-                if room.access.restricted(what[2:], target_id, now_ms) is None:
+                if access.restricted(what[2:], target_id, now_ms) is None:
                     state = "banned" if what == "unban" else "muted"
                     raise ChatError("not_restricted", f"{target_id!r} is not {state} in {room.name!r}.")
-            name = room.access.names.get(target_id) or room.name_of(target_id)
+            elif what in ("ban", "mute") and target_id not in access.bans and target_id not in access.mutes:
+                if len(access.bans) + len(access.mutes) >= MAX_RESTRICTIONS:
+                    raise ChatError(
+                        "too_many_restrictions",
+                        f"{room.name!r} has {MAX_RESTRICTIONS} bans and mutes in force; lift some first.",
+                    )
+            name = access.names.get(target_id) or room.name_of(target_id)
             if name is None:
                 account = await cast(IIdentityStore, self._store).get_user(target_id)
                 name = account[0] if account is not None else target_id
@@ -581,9 +612,11 @@ class ChatCore:
                 "until": until,
                 "reason": why,
             }
-            return await self._event(room, User(target_id, name), "moderation", meta=meta)
+            return await self._event(room, User(target_id, name), "moderation", meta=meta, guard=guard)
 
         try:
+            if peer is not None and self._limits is not None:
+                self._limits.check_post(peer)
             target_id = validate_user_id(user_id)
             what = validate_action(action)
             seconds = validate_duration(duration) if what in ("ban", "mute") else None
@@ -593,7 +626,12 @@ class ChatCore:
         return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(moderate(room)))
 
     def configure_room(
-        self, room_name: str, identity: Identity, topic: object = None, edits: object = None
+        self,
+        room_name: str,
+        identity: Identity,
+        topic: object = None,
+        edits: object = None,
+        peer: Optional[Peer] = None,
     ) -> Deferred:
         """
         Change a room's topic (its owners and moderators may) or whether
@@ -611,11 +649,21 @@ class ChatCore:
                     "not_allowed",
                     "Owners and moderators may set the topic; owners whether messages may be edited.",
                 )
-            new_topic = room.access.topic if text is None else text
-            new_edits = room.access.edits if edits is None else bool(edits)
-            return await self._event(room, identity.user, "room", new_topic, meta={"edits": new_edits})
+            change: Dict[str, Any] = {}
+            if text is not None:
+                change["topic"] = text
+            if edits is not None:
+                change["edits"] = bool(edits)
+            # Only what changes: the store settles the rest against the
+            # room as it is then, so changes made at once both hold.
+            guard = None
+            if identity.key is None:
+                guard = Guard(identity.user_id, role="owner" if edits is not None else "moderator")
+            return await self._event(room, identity.user, "room", meta={"change": change}, guard=guard)
 
         try:
+            if peer is not None and self._limits is not None:
+                self._limits.check_post(peer)
             text = None if topic is None else validate_topic(topic)
             if edits is not None and not isinstance(edits, bool):
                 raise ChatError("invalid_parameter", "edits must be true or false.")
@@ -643,18 +691,37 @@ class ChatCore:
         except ChatError as e:
             return _fail(e)
 
-        def mark(room: Room) -> Tuple[int, int]:
+        async def mark(room: Room) -> Tuple[int, int]:
             assert user is not None
             key = (user.id, room.name)
-            read = max(min(upto, room.last_seq), self._read_marks.get(key, 0))
-            if read > self._read_marks.get(key, -1):
-                self._read_marks[key] = read
+            if key not in self._read_marks:
+                # What the store has, so that the answer never moves back
+                # (after a restart, on another node).
+                stored = await self._store.read_markers(user.id)
+                self._remember(user.id, stored)
+            known = self._read_marks.get(key, 0)
+            read = max(min(upto, room.last_seq), known)
+            if read > known or key not in self._read_marks:
+                self._remember(user.id, {room.name: read})
                 self._unwritten[key] = read
                 if self._flush_call is None or not self._flush_call.active():
                     self._flush_call = self._clock.callLater(READ_FLUSH, self.flush_read_markers)
             return read, max(0, room.last_seq - read)
 
-        return self.enter(room_name, identity).addCallback(mark)
+        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(mark(room)))
+
+    def _remember(self, user_id: str, marks: Dict[str, int]) -> None:
+        """
+        Keep C{user_id}'s markers here (at most L{MAX_READ_MARKS} in all:
+        past it, those already written are forgotten, and read again from
+        the store when needed).
+        """
+        if len(self._read_marks) + len(marks) > MAX_READ_MARKS:
+            self._read_marks = dict(self._unwritten)
+        for room, seq in marks.items():
+            key = (user_id, room)
+            if seq > self._read_marks.get(key, -1):
+                self._read_marks[key] = seq
 
     def read_markers(self, identity: Identity) -> Deferred:
         """
@@ -665,11 +732,9 @@ class ChatCore:
             return succeed({})
 
         def merge(stored: Dict[str, int]) -> Dict[str, int]:
-            for (user_id, room), seq in self._read_marks.items():
+            for (user_id, room), seq in self._unwritten.items():
                 if user_id == user.id and seq > stored.get(room, -1):
                     stored[room] = seq
-            for room, seq in stored.items():
-                self._read_marks.setdefault((user.id, room), seq)
             return stored
 
         return self._store.read_markers(user.id).addCallback(merge)
@@ -684,11 +749,15 @@ class ChatCore:
         marks, self._unwritten = self._unwritten, {}
         if not marks:
             return succeed(None)
-        if len(self._read_marks) > MAX_READ_MARKS:
-            self._read_marks = dict(marks)
 
         def failed(failure: Failure) -> None:
             self.log.failure("Writing {count} read markers failed", failure, count=len(marks))
+            # Kept for the next write (unless newer ones came meanwhile).
+            for key, seq in marks.items():
+                if seq > self._unwritten.get(key, -1):
+                    self._unwritten[key] = seq
+            if self._flush_call is None or not self._flush_call.active():
+                self._flush_call = self._clock.callLater(READ_FLUSH * 5, self.flush_read_markers)
 
         d = self._store.set_read_markers(marks)
         return d.addCallbacks(lambda _: self._observer.markers_written(len(marks)), failed)
@@ -828,7 +897,10 @@ class ChatCore:
         self, room: Room, nick: str, body: str, client_id: Optional[str], user: Optional[User] = None
     ) -> Deferred:
         now = self._clock.seconds()
-        d = self._store.append(room.name, nick, body, int(now * 1000), client_id, user)
+        # A user's post is checked again as it is stored: a mute or ban
+        # committed just before it holds.
+        guard = None if user is None else Guard(user.id)
+        d = self._store.append(room.name, nick, body, int(now * 1000), client_id, user, "message", None, None, guard)
         return d.addCallback(self._committed, room, now)
 
     def _committed(self, result: Tuple[Message, bool], room: Room, started: float) -> Message:

@@ -65,7 +65,7 @@ class IMessageStore(Interface):
             L{chatd.model.RoomLimitReached}.
         """
 
-    def append(room, nick, body, ts_ms, client_id, user=None, kind="message", target=None, meta=None):
+    def append(room, nick, body, ts_ms, client_id, user=None, kind="message", target=None, meta=None, guard=None):
         """
         Store an event, giving it the room's next seq (last seq + 1), and
         make its effects in the same transaction:
@@ -80,13 +80,17 @@ class IMessageStore(Interface):
           - C{"moderation"}: C{meta["action"]} on C{user} (a ban or mute is
             kept until C{meta["until"]}; a kick ends a private room's
             membership);
-          - C{"room"}: the room's topic becomes C{body}, its edit setting
-            C{meta["edits"]}.
+          - C{"room"}: C{meta["change"]} (a topic, whether edits are
+            allowed, or both) is settled against the room as it is then
+            (L{chatd.model.settle_room_event}): the event stored holds the
+            room's whole settings (C{body}: the topic, C{meta["edits"]}).
 
         The effects are those of L{chatd.model.RoomAccess.apply} and
         L{chatd.model.Message.changed_by}.  An edit or deletion is checked
         with L{chatd.model.check_target} against the target as stored at
-        that moment.
+        that moment, and an event with a C{guard} (L{chatd.model.Guard})
+        with L{chatd.model.check_guard} against the room as of every event
+        before it: a refused one gets no seq.
 
         If C{client_id} is not C{None} and a message with that
         C{client_id} is already stored in C{room}, store nothing.
@@ -94,7 +98,7 @@ class IMessageStore(Interface):
         @return: Deferred firing with C{(message, created)} where
             C{message} is the stored L{chatd.model.Message} (the original one
             when C{created} is C{False}), or failing with the
-            L{chatd.model.ChatError} of a refused edit or deletion.  It
+            L{chatd.model.ChatError} of a refused event.  It
             fires only after the event is committed.
         """
 

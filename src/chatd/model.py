@@ -21,6 +21,10 @@ import unicodedata
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
+    "settle_room_event",
+    "check_guard",
+    "RANKS",
+    "Guard",
     "not_member",
     "kicked",
     "muted",
@@ -716,7 +720,11 @@ class RoomAccess:
                 self.members.pop(user.id, None)
                 self.names.pop(user.id, None)
             elif action in ("ban", "mute"):
-                (self.bans if action == "ban" else self.mutes)[user.id] = meta.get("until")
+                table = self.bans if action == "ban" else self.mutes
+                # Restrictions that ended are forgotten as new ones come.
+                for ended in [k for k, until in table.items() if until is not None and until <= event.ts_ms]:
+                    del table[ended]
+                table[user.id] = meta.get("until")
             elif action in ("unban", "unmute"):
                 (self.bans if action == "unban" else self.mutes).pop(user.id, None)
         elif kind == "room":
@@ -737,6 +745,95 @@ def check_target(target: Optional[Message], seq: int) -> Message:
     if target.deleted:
         raise ChatError("message_deleted", f"Message {seq} was deleted.")
     return target
+
+
+#: Roles by rank: a moderator acts on plain members and visitors (0), an
+#: owner on moderators too.
+RANKS = {"owner": 3, "moderator": 2, "member": 1}
+
+
+class Guard:
+    """
+    What an event's store checks, in the transaction that stores it and
+    against the room as of every event before it (L{check_guard}): who
+    acts, and what they must be allowed.  The core checks the same rules
+    first, for a quick answer; the store's check is the one that holds when
+    events race (a post and the mute of its sender in one batch, an edit
+    and the owner turning edits off, a demotion and a ban).
+
+    @ivar actor: the acting user's id (None: an API key or the server).
+    @ivar speak: the actor must not be muted (posts, edits, settings,
+        moderation all write to the room).
+    @ivar edits: the room must allow edits.
+    @ivar role: the least role the actor must hold (None: any).
+    @ivar over: a user the actor must outrank (whom they moderate, or
+        whose message they delete).
+    """
+
+    __slots__ = ("actor", "speak", "edits", "role", "over")
+
+    def __init__(
+        self,
+        actor: Optional[str],
+        speak: bool = True,
+        edits: bool = False,
+        role: Optional[str] = None,
+        over: Optional[str] = None,
+    ) -> None:
+        self.actor = actor
+        self.speak = speak
+        self.edits = edits
+        self.role = role
+        self.over = over
+
+    def __repr__(self) -> str:
+        return f"<Guard {self.actor!r} speak={self.speak} edits={self.edits} role={self.role} over={self.over!r}>"
+
+
+def check_guard(access: RoomAccess, guard: Guard, room: str, now_ms: int) -> None:
+    """
+    The rules L{Guard} names, against C{access}.
+
+    @raise ChatError: C{banned}, C{muted}, C{edits_disabled} or
+        C{not_allowed}.
+    """
+    actor = guard.actor
+    if actor is not None:
+        ban = access.restricted("ban", actor, now_ms)
+        if ban is not None:
+            raise banned(room, ban[0])
+        if guard.speak:
+            mute = access.restricted("mute", actor, now_ms)
+            if mute is not None:
+                raise muted(room, mute[0])
+    if guard.edits and not access.edits:
+        raise ChatError("edits_disabled", f"Messages in {room!r} cannot be edited.")
+    if actor is None:
+        return  # an API key acts for the server's owner
+    rank = RANKS.get(access.members.get(actor, ""), 0)
+    if guard.role is not None and rank < RANKS[guard.role]:
+        raise ChatError("not_allowed", f"Only the room's {guard.role}s{' and owners' if guard.role == 'moderator' else ''} may do this.")
+    if guard.over is not None and rank <= RANKS.get(access.members.get(guard.over, ""), 0):
+        raise ChatError(
+            "not_allowed",
+            "You may not do this: owners moderate anyone but owners, moderators plain members "
+            "and visitors, and nobody themselves.",
+        )
+
+
+def settle_room_event(access: RoomAccess, meta: dict) -> Tuple[str, dict]:
+    """
+    A C{room} event asked for as a change (C{meta["change"]}: the topic,
+    whether edits are allowed, either or both): its full state, from
+    C{access} (the room as of the events before it), so that two changes
+    of different settings made at once both hold.
+
+    @return: C{(topic, meta)} of the event as stored.
+    """
+    change = meta.get("change", {})
+    topic = change["topic"] if "topic" in change else access.topic
+    edits = change["edits"] if "edits" in change else access.edits
+    return topic, {"edits": bool(edits)}
 
 
 def validate_topic(topic: object) -> str:

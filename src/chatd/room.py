@@ -146,6 +146,8 @@ class Room:
         #: Clients of this room connected to other nodes (their leases).
         self.remote_clients = 0
         self._cache: Deque[Message] = deque(maxlen=history)
+        #: The seqs of each cached message's edits, for its deletion.
+        self._edits: Dict[int, List[int]] = {}
         self._subscriptions: Set[Subscription] = set()
         #: Waiting long-polls: each is called with the batch that answers
         #: it; the value is whose poll it is (None: a guest's).
@@ -175,6 +177,9 @@ class Room:
         (consecutive seqs ending at L{last_seq}).
         """
         self._cache.extend(newest)
+        for message in newest:
+            if message.kind == "edit" and message.target is not None:
+                self._edits.setdefault(message.target, []).append(message.seq)
 
     @property
     def first_cached_seq(self) -> int:
@@ -254,6 +259,7 @@ class Room:
         cache is emptied, so that its seqs stay consecutive.
         """
         self._cache.clear()
+        self._edits.clear()
         self._last_read = None
         self.last_seq = max(self.last_seq, seq)
         self.known_last = max(self.known_last, seq)
@@ -301,17 +307,28 @@ class Room:
         """
         An edit or deletion: the cached messages it changes are replaced
         by their new state (L{Message.changed_by}), so that every read from
-        memory shows what the store shows.
+        memory shows what the store shows.  A deletion changes its message
+        and the edits of it, found by L{_edits} (not by a scan of the
+        cache).
         """
         cache = self._cache
-        assert event.target is not None
-        start = max(0, event.target - cache[0].seq)
-        # An edit changes one message; a deletion also the edits after it.
-        end = min(len(cache) - 1, start + 1) if event.kind == "edit" else len(cache) - 1
-        for i in range(start, end):
-            changed = cache[i].changed_by(event)
-            if changed is not None:
-                cache[i] = changed
+        target = event.target
+        assert target is not None
+        if event.kind == "edit":
+            self._edits.setdefault(target, []).append(event.seq)
+            seqs = [target]
+        else:
+            seqs = [target, *self._edits.pop(target, ())]
+        first = cache[0].seq
+        for seq in seqs:
+            i = seq - first
+            if 0 <= i < len(cache) - 1:
+                changed = cache[i].changed_by(event)
+                if changed is not None:
+                    cache[i] = changed
+        if len(self._edits) > len(cache):
+            # Edits of messages no longer cached are not needed.
+            self._edits = {seq: edits for seq, edits in self._edits.items() if seq >= first}
         self._last_read = None
 
     def _access_changed(self, message: Message) -> None:

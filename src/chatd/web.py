@@ -1700,6 +1700,7 @@ class ChatWeb:
                 identity,
                 fields.get("duration"),
                 fields.get("reason"),
+                Peer(_ip(request)),
             )
             return d.addCallback(self._event_answer, request, 201)
 
@@ -1744,7 +1745,7 @@ class ChatWeb:
         def configure(identity: Identity, found: Room) -> Deferred:
             fields = self._fields(request, identity)
             edits = _flag(fields, "edits", None) if "edits" in fields else None
-            d = self._core.configure_room(found.name, identity, fields.get("topic"), edits)
+            d = self._core.configure_room(found.name, identity, fields.get("topic"), edits, Peer(_ip(request)))
             return d.addCallback(self._event_answer, request)
 
         return self._in_room(request, room, configure)

@@ -26,7 +26,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.model import ChatError, Message, RoomAccess, RoomLimitReached, User, check_target
+from chatd.model import (
+    ChatError,
+    Guard,
+    Message,
+    RoomAccess,
+    RoomLimitReached,
+    User,
+    check_guard,
+    check_target,
+    settle_room_event,
+)
 from chatd.store._schema import schema_files, statements
 
 __all__ = ["SQLStore", "StoreError", "schema_files"]
@@ -49,8 +59,10 @@ class StoreError(Exception):
 _statements = statements
 
 
-#: room, nick, body, ts_ms, client_id, user id, kind, target seq, meta.
-_Append = Tuple[str, str, str, int, Optional[str], Optional[str], str, Optional[int], Optional[dict]]
+#: room, nick, body, ts_ms, client_id, user id, kind, target seq, meta, guard.
+_Append = Tuple[
+    str, str, str, int, Optional[str], Optional[str], str, Optional[int], Optional[dict], Optional[Guard]
+]
 #: Turns one room's new messages of a batch into the payloads that tell
 #: other nodes of them.
 Encode = Callable[[str, int, Sequence[Message]], List[bytes]]
@@ -232,28 +244,35 @@ class SQLStore:
             ).fetchone()
             if row is None:
                 return None
-            room_id, last_seq, private, guests, topic, edits = row
-            members = conn.execute(
-                self._sql("SELECT user_id, role, name FROM members WHERE room_id = ?"), (room_id,)
-            ).fetchall()
-            restrictions = conn.execute(
-                self._sql("SELECT user_id, action, until_ms FROM restrictions WHERE room_id = ?"),
-                (room_id,),
-            ).fetchall()
-            access = RoomAccess(
-                bool(private),
-                bool(guests),
-                {user_id: role for user_id, role, _ in members},
-                int(last_seq),
-                {user_id: member_name for user_id, _, member_name in members},
-                topic,
-                bool(edits),
-            )
-            for user_id, action, until_ms in restrictions:
-                (access.bans if action == "ban" else access.mutes)[user_id] = until_ms
-            return access
+            return self._access(conn, row)
 
         return self._read.runWithConnection(read)
+
+    def _access(self, conn: Any, row: Sequence[Any]) -> RoomAccess:
+        """
+        A room's access from its row (C{id, last_seq, private, guests,
+        topic, edits}), its members and its restrictions.
+        """
+        room_id, last_seq, private, guests, topic, edits = row
+        members = conn.execute(
+            self._sql("SELECT user_id, role, name FROM members WHERE room_id = ?"), (room_id,)
+        ).fetchall()
+        restrictions = conn.execute(
+            self._sql("SELECT user_id, action, until_ms FROM restrictions WHERE room_id = ?"),
+            (room_id,),
+        ).fetchall()
+        access = RoomAccess(
+            bool(private),
+            bool(guests),
+            {user_id: role for user_id, role, _ in members},
+            int(last_seq),
+            {user_id: member_name for user_id, _, member_name in members},
+            topic,
+            bool(edits),
+        )
+        for user_id, action, until_ms in restrictions:
+            (access.bans if action == "ban" else access.mutes)[user_id] = until_ms
+        return access
 
     def create_room(
         self,
@@ -329,12 +348,13 @@ class SQLStore:
         kind: str = "message",
         target: Optional[int] = None,
         meta: Optional[dict] = None,
+        guard: Optional[Guard] = None,
     ) -> Deferred:
         if self._closed:
             return _failed(StoreError("the store is closed"))
         d: Deferred = Deferred()
         user_id = None if user is None else user.id
-        self._pending.append(((room, nick, body, ts_ms, client_id, user_id, kind, target, meta), d))
+        self._pending.append(((room, nick, body, ts_ms, client_id, user_id, kind, target, meta, guard), d))
         if not self._flushing:
             self._flush()
         return d
@@ -405,6 +425,16 @@ class SQLStore:
         missing = set(names) - set(rooms)
         if missing:
             raise StoreError(f"rooms {sorted(missing)!r} are not in the database")
+        # The rooms whose events are checked (L{chatd.model.Guard}) or
+        # settled against the room: as committed, then as each event of
+        # the batch changes it.
+        accesses: Dict[str, RoomAccess] = {}
+        for name in sorted({item[0] for item in items if item[9] is not None or item[6] == "room"}):
+            row = conn.execute(
+                self._sql("SELECT id, last_seq, private, guests, topic, edits FROM rooms WHERE id = ?"),
+                (rooms[name][0],),
+            ).fetchone()
+            accesses[name] = self._access(conn, row)
         known = self._originals(conn, rooms, items)
         results: List[Union[Tuple[Message, bool], ChatError]] = []
         rows = []
@@ -412,7 +442,7 @@ class SQLStore:
         fresh: Dict[Tuple[str, int], Message] = {}
         #: The effects of the batch's events, in seq order: (statement, args).
         effects: List[Tuple[str, Tuple[Any, ...]]] = []
-        for room, nick, body, ts_ms, client_id, user_id, kind, target, meta in items:
+        for room, nick, body, ts_ms, client_id, user_id, kind, target, meta, guard in items:
             state = rooms[room]
             room_id = state[0]
             if client_id is not None:
@@ -420,6 +450,17 @@ class SQLStore:
                 if original is not None:
                     results.append((original, False))
                     continue
+            access = accesses.get(room)
+            if guard is not None:
+                assert access is not None
+                try:
+                    check_guard(access, guard, room, ts_ms)
+                except ChatError as e:
+                    results.append(e)
+                    continue
+            if kind == "room":
+                assert access is not None
+                body, meta = settle_room_event(access, meta or {})
             held: Optional[Message] = None
             if kind in ("edit", "delete"):
                 assert target is not None
@@ -436,6 +477,8 @@ class SQLStore:
                 room, state[1], nick, body, ts_ms, client_id, _user(user_id, nick), kind, target, meta
             )
             fresh[(room, message.seq)] = message
+            if access is not None:
+                access.apply(message)
             if client_id is not None:
                 known[(room, client_id)] = message
             rows.append((
@@ -527,6 +570,9 @@ class SQLStore:
             )
             if action in ("ban", "mute"):
                 return [clear, (
+                    "DELETE FROM restrictions WHERE room_id = ? AND action = ? AND until_ms <= ?",
+                    (room_id, action, event.ts_ms),
+                ), (
                     "INSERT INTO restrictions (room_id, user_id, action, until_ms) VALUES (?, ?, ?, ?)",
                     (room_id, user_id, action, meta.get("until")),
                 )]

@@ -14,7 +14,17 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatd.interfaces import IIdentityStore, IMessageStore
-from chatd.model import ChatError, Message, RoomAccess, RoomLimitReached, User, check_target
+from chatd.model import (
+    ChatError,
+    Guard,
+    Message,
+    RoomAccess,
+    RoomLimitReached,
+    User,
+    check_guard,
+    check_target,
+    settle_room_event,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -33,6 +43,8 @@ class _RoomLog:
         self.retain = retain
         #: Members, bans, mutes, topic, as of last_seq.
         self.access = RoomAccess()
+        #: The seqs of each held message's edits.
+        self.edits: Dict[int, List[int]] = {}
 
     def first_seq(self) -> int:
         return self.messages[0].seq if self.messages else self.last_seq + 1
@@ -130,32 +142,40 @@ class MemoryStore:
         kind: str = "message",
         target: Optional[int] = None,
         meta: Optional[dict] = None,
+        guard: Optional[Guard] = None,
     ) -> Deferred:
         log = self._rooms[room]
         if client_id is not None and client_id in log.by_client_id:
             return succeed((log.by_client_id[client_id], False))
         messages = log.messages
         first = log.first_seq()
-        if kind in ("edit", "delete"):
-            assert target is not None
-            index = target - first
-            held = messages[index] if 0 <= index < len(messages) else None
-            try:
-                check_target(held, target)
-            except ChatError as e:
-                return fail(e)
+        try:
+            if guard is not None:
+                check_guard(log.access, guard, room, ts_ms)
+            if kind in ("edit", "delete"):
+                assert target is not None
+                index = target - first
+                check_target(messages[index] if 0 <= index < len(messages) else None, target)
+        except ChatError as e:
+            return fail(e)
+        if kind == "room":
+            body, meta = settle_room_event(log.access, meta or {})
         stored = None if user is None else User(user.id, nick)
         message = Message(room, log.last_seq + 1, nick, body, ts_ms, client_id, stored, kind, target, meta)
         log.last_seq += 1
         if kind in ("edit", "delete"):
             assert target is not None
-            # The target and (for a deletion) its edits, which follow it.
-            for i in range(target - first, len(messages)):
-                changed = messages[i].changed_by(message)
+            # The target and (for a deletion) its edits.
+            changes = [target, *log.edits.pop(target, ())] if kind == "delete" else [target]
+            for seq in changes:
+                i = seq - first
+                changed = messages[i].changed_by(message) if 0 <= i < len(messages) else None
                 if changed is not None:
                     messages[i] = changed
                     if changed.client_id is not None:
                         log.by_client_id[changed.client_id] = changed
+            if kind == "edit":
+                log.edits.setdefault(target, []).append(message.seq)
         log.access.apply(message)
         messages.append(message)
         if client_id is not None:
@@ -164,6 +184,7 @@ class MemoryStore:
             old = messages.popleft()
             if old.client_id is not None:
                 log.by_client_id.pop(old.client_id, None)
+            log.edits.pop(old.seq, None)
         return succeed((message, True))
 
     def set_read_markers(self, marks: Dict[Tuple[str, str], int]) -> Deferred:
@@ -202,6 +223,7 @@ class MemoryStore:
                 old = log.messages.popleft()
                 if old.client_id is not None:
                     log.by_client_id.pop(old.client_id, None)
+                log.edits.pop(old.seq, None)
                 deleted += 1
         return succeed(deleted)
 
