@@ -538,6 +538,12 @@ class ChatCore:
 
         self._store.load_rooms().addCallbacks(compare, failed)
 
+    def signal(self, room: str, signal: Dict[str, Any]) -> None:
+        """
+        An ephemeral signal of C{room} from the bus (L{IBusListener}):
+        none is sent yet, so none is taken.
+        """
+
     def _arrived(
         self, room: Room, messages: List[Message], last_seq: int, started: Optional[float]
     ) -> None:

@@ -254,6 +254,14 @@ class IBusListener(Interface):
         bus is not connected.
         """
 
+    def signal(room, signal):
+        """
+        An ephemeral signal of C{room} (a typing start or stop: a small
+        dict), as some node published it (this one's too: a listener
+        tells its own apart).  Never stored, no seq: one that is lost is
+        lost.
+        """
+
 
 class IBus(Interface):
     """
@@ -276,4 +284,13 @@ class IBus(Interface):
         C{catch_up} is called once the subscription is live.
 
         @return: an L{IBusSubscription}.
+        """
+
+    def signal(room, signal):
+        """
+        Tell every listener (this node's as well) an ephemeral signal of
+        C{room}: a small JSON-able dict, delivered to the other nodes'
+        rooms without a seq and without touching the log.  Never raises,
+        never waits: a bus that cannot send it now (not connected, or the
+        signal too big) drops it.
         """
