@@ -107,13 +107,15 @@ class IMessageStore(Interface):
         @return: Deferred firing with the number of messages deleted.
         """
 
-    def share_presence(node, clients, ttl_ms):
+    def share_presence(node, rooms, ttl_ms):
         """
-        Replace C{node}'s presence lease: its client count per room
-        (C{{room: count}}), valid for C{ttl_ms} ms unless renewed.
+        Replace C{node}'s presence lease: who is in each room there
+        (C{{room: Headcount}}, L{chatd.model.Headcount}), valid for
+        C{ttl_ms} ms unless renewed.
 
-        @return: Deferred firing with C{{room: count}} summed over the
-            other nodes whose leases are live.
+        @return: Deferred firing with C{{room: Headcount}} over the other
+            nodes whose leases are live (their users joined, their guests
+            summed).
         """
 
     def ping():

@@ -635,6 +635,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         bus=bus,
         observer=metrics,
         guests=options["auth"] == "open",
+        node=node,
     )
     passwords = Passwords(reactor)
     accounts = None
