@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import uuid
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
@@ -41,9 +41,13 @@ class Listener:
     def __init__(self) -> None:
         self.hints: List[Tuple[str, int, List[Message]]] = []
         self.catch_ups = 0
+        self.signals: List[Tuple[str, Dict[str, Any]]] = []
 
     def hint(self, room: str, last_seq: int, messages: List[Message]) -> None:
         self.hints.append((room, last_seq, list(messages)))
+
+    def signal(self, room: str, signal: Dict[str, Any]) -> None:
+        self.signals.append((room, signal))
 
     def catch_up(self) -> None:
         self.catch_ups += 1
@@ -67,6 +71,9 @@ class _Broken:
         raise RuntimeError("listener exploded")
 
     def catch_up(self) -> None:
+        raise RuntimeError("listener exploded")
+
+    def signal(self, *args: object) -> None:
         raise RuntimeError("listener exploded")
 
 
@@ -310,6 +317,22 @@ class RemoteBusTests(SynchronousTestCase):
         self.assertEqual((good.last_seqs, good.catch_ups), ([3], 1))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
+    def test_signals(self) -> None:
+        """
+        An ephemeral signal goes out at once, as it is, to every listener
+        (one that raises costs the others nothing); with no seq, it is no
+        hint.  Not connected, or too big for the bus, it is dropped.
+        """
+        self.bus.signal("lobby", {"t": "typing"})
+        self.assertEqual(self.bus.sent, [])
+        self.bus.attempts[0].callback(None)
+        self.bus.subscribe(_Broken())
+        self.bus.signal("lobby", {"t": "typing", "n": "Zoë", "s": True})
+        self.bus.signal("lobby", {"t": "typing", "n": "x" * 400})
+        self.assertEqual(self.listener.signals, [("lobby", {"t": "typing", "n": "Zoë", "s": True})])
+        self.assertEqual(self.listener.hints, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     def test_stop(self) -> None:
         """
         Stopping cancels every timer and a connection attempt under way.
@@ -337,6 +360,15 @@ class CodecTests(SynchronousTestCase):
 
     def test_heartbeat_is_not_a_room(self) -> None:
         self.assertEqual(decode(b'{"hb":"n","n":3}'), (None, "n", 3))
+
+    def test_signal(self) -> None:
+        """
+        A signal decodes as C{(room, None, signal)}; a malformed one is
+        not chatd's.
+        """
+        self.assertEqual(decode(b'{"g":"r","d":{"t":"typing"}}'), ("r", None, {"t": "typing"}))
+        for bad in (b'{"g":1,"d":{}}', b'{"g":"r","d":[1]}', b'{"g":"r"}'):
+            self.assertIsNone(decode(bad))
 
     def test_redis_urls(self) -> None:
         self.assertEqual(parse_url("redis://127.0.0.1:6380/2"), ("127.0.0.1", 6380, 2, None))
@@ -421,6 +453,27 @@ class BusContractMixin:
     async def test_interface(self) -> None:
         a, _ = await self.make_node("a")
         self.assertTrue(verifyObject(IBus, a))  # type: ignore[attr-defined]
+
+    async def test_signals_reach_every_node(self) -> None:
+        """
+        An ephemeral signal published on one node reaches every node's
+        listener (its own too) as it was sent, in the order sent, and is
+        no hint (no seq, nothing for the store).
+        """
+        a, _ = await self.make_node("a")
+        b, _ = await self.make_node("b")
+        heard_a, heard_b = Listener(), Listener()
+        a.subscribe(heard_a)
+        b.subscribe(heard_b)
+        await self.live(a)
+        await self.live(b)
+        sent = [{"t": "typing", "k": "user:zoë", "n": "Zoë", "s": on, "o": "a"} for on in (True, False)]
+        for signal in sent:
+            a.signal("lobby", signal)
+        for heard in (heard_a, heard_b):
+            await wait_until(lambda heard=heard: len(heard.signals) >= 2)
+            self.assertEqual(heard.signals, [("lobby", signal) for signal in sent])  # type: ignore[attr-defined]
+            self.assertEqual(heard.hints, [])  # type: ignore[attr-defined]
 
     async def test_failing_listener_is_its_own(self) -> None:
         """

@@ -254,6 +254,49 @@ class ClusterMixin:
         code, _ = await call(c, "GET", "/api/rooms/plans/messages?after=0&timeout=0", "bob")
         self.assertEqual(code, 404)  # type: ignore[attr-defined]
 
+    async def test_presence_and_typing_across_nodes(self) -> None:
+        """
+        Alice on node A sees Bob on node B arrive (once the nodes have
+        shared their leases), sees him typing and stop (through the bus,
+        no seq, nothing stored), and sees him leave; a user on both nodes
+        is one user.
+        """
+        from chatd.auth import mint
+
+        secret = b"cluster-secret-cluster-secret-0123"
+        path = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        with open(path, "wb") as f:
+            f.write(secret)
+        a, b = await self.nodes(2, ["--auth", "token", "--auth-secret-file", path, "--presence-lease", "3"])
+
+        async def connect(node: Node, user: str) -> WSClient:
+            token = mint(secret, user, user.title(), 600)
+            return await WSClient.connect(self, node.base, f"/ws/lobby?presence=1&token={token}")  # type: ignore[arg-type]
+
+        def seen(client: WSClient, kind: str) -> List[Dict[str, Any]]:
+            return [f for f in client.frames if f["type"] == kind]
+
+        alice = await connect(a, "alice")
+        bob = await connect(b, "bob")
+        await alice.wait_for(lambda: any(f.get("joined") for f in seen(alice, "presence")))
+        await bob.wait_for(lambda: any(f.get("joined") for f in seen(bob, "presence")))
+        # Bob on A too, for a moment: he was here already, nobody is told.
+        bob_on_a = await connect(a, "bob")
+        await bob_on_a.close()
+        bob.send_json({"type": "typing"})
+        await alice.wait_for(lambda: [f["typing"] for f in seen(alice, "typing")] == [True])
+        self.assertEqual(seen(alice, "typing")[0]["user"], {"id": "bob", "name": "Bob"})
+        bob.send_json({"type": "typing", "typing": False})
+        await alice.wait_for(lambda: [f["typing"] for f in seen(alice, "typing")] == [True, False])
+        token = mint(secret, "carol", "Carol", 600)
+        _, info = await HTTP(self, a.base).get_json(f"/api/rooms/lobby?token={token}")  # type: ignore[arg-type]
+        self.assertEqual((info["clients"], info["last_seq"]), (2, 0))
+        await bob.close()
+        await alice.wait_for(lambda: any(f.get("left") == ["bob"] for f in seen(alice, "presence")))
+        joined = [u["id"] for f in seen(alice, "presence") for u in f.get("joined", f.get("users", []))]
+        self.assertEqual(sorted(joined), ["alice", "bob"])
+        self.assertEqual([f["left"] for f in seen(alice, "presence") if f.get("left")], [["bob"]])
+
     async def test_killed_node(self) -> None:
         """
         kill -9 one of three nodes while messages flow through the

@@ -450,11 +450,11 @@ class WaitTests(SynchronousTestCase):
         core, _ = make_core()
         d = core.wait("lobby", None, 10, 25)
         self.assertNoResult(d)
-        self.assertEqual(core.room("lobby").clients, 1)
+        self.assertEqual(core.room("lobby").waiting, 1)
         core.post("lobby", "a", "now")
         batch = self.successResultOf(d)
         self.assertEqual([m.body for m in batch.messages], ["now"])
-        self.assertEqual(core.room("lobby").clients, 0)
+        self.assertEqual(core.room("lobby").waiting, 0)
 
     def test_many_waiters_share_one_encoding(self) -> None:
         """
@@ -477,7 +477,7 @@ class WaitTests(SynchronousTestCase):
         clock.advance(0.2)
         batch = self.successResultOf(d)
         self.assertEqual((batch.messages, batch.last_seq), ([], 0))
-        self.assertEqual(core.room("lobby").clients, 0)
+        self.assertEqual(core.room("lobby").waiting, 0)
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_cancel_forgets_waiter(self) -> None:
@@ -489,7 +489,7 @@ class WaitTests(SynchronousTestCase):
         d = core.wait("lobby", 0, 10, 25)
         d.cancel()
         self.failureResultOf(d, CancelledError)
-        self.assertEqual(core.room("lobby").clients, 0)
+        self.assertEqual(core.room("lobby").waiting, 0)
         self.assertEqual(clock.getDelayedCalls(), [])
         core.post("lobby", "a", "after cancel")
 
@@ -512,7 +512,7 @@ class WaitTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(soon).messages, [])
         self.assertEqual(self.successResultOf(same).messages, [])
         self.assertNoResult(late)
-        self.assertEqual(core.room("lobby").clients, 2)
+        self.assertEqual(core.room("lobby").waiting, 2)
         clock.advance(25)
         self.assertEqual(self.successResultOf(late).messages, [])
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -555,7 +555,7 @@ class WaitTests(SynchronousTestCase):
         gone = core.wait_for("lobby", 1, 10, 25, lambda batch: self.fail("answered"), got.append)
         assert gone is not None and forget is not None
         gone()
-        self.assertEqual(core.room("lobby").clients, 1)
+        self.assertEqual(core.room("lobby").waiting, 1)
         core.post("lobby", "a", "two")
         self.assertEqual([m.body for m in got[0].messages], ["two"])
         del got[:]
@@ -677,7 +677,7 @@ class SubscriptionTests(SynchronousTestCase):
         sub.stop()
         store.release(store.reads, 0)
         self.assertEqual(seen, [])
-        self.assertEqual(core.room("lobby").clients, 0)
+        self.assertEqual(core.room("lobby").subscribers, 0)
 
     def test_failing_subscriber_is_isolated(self) -> None:
         """
@@ -695,7 +695,7 @@ class SubscriptionTests(SynchronousTestCase):
         core.post("lobby", "a", "one")
         core.post("lobby", "a", "two")
         self.assertEqual(good, [1, 2])
-        self.assertEqual(core.room("lobby").clients, 1)
+        self.assertEqual(core.room("lobby").subscribers, 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_stop_removes(self) -> None:
@@ -705,11 +705,11 @@ class SubscriptionTests(SynchronousTestCase):
         core, _ = make_core()
         seen: List[Message] = []
         sub = core.subscribe("lobby", None, seen.append, lambda s: None)
-        self.assertEqual(core.room("lobby").clients, 1)
+        self.assertEqual(core.room("lobby").subscribers, 1)
         sub.stop()
         core.post("lobby", "a", "x")
         self.assertEqual(seen, [])
-        self.assertEqual(core.room("lobby").clients, 0)
+        self.assertEqual(core.room("lobby").subscribers, 0)
 
 
 class ManySendersTests(SynchronousTestCase):

@@ -8,6 +8,7 @@ them; and the bus contract every bus passes.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,7 +22,7 @@ from zope.interface import implementer
 from chatd.bus.local import LocalBus
 from chatd.core import ChatCore
 from chatd.interfaces import IBus, IMessageStore
-from chatd.model import Batch, ChatError, Message
+from chatd.model import GUEST, Batch, ChatError, Identity, Message, User
 from chatd.room import MAX_PENDING
 from chatd.store.memory import MemoryStore
 from chatd.store.sqlite import SQLiteStore
@@ -99,7 +100,7 @@ class RecipientFailureTests(SynchronousTestCase):
         self.assertEqual([m.seq for m in self.successResultOf(waiter).messages], [1])
         self.successResultOf(core.post("lobby", "a", "two"))
         self.assertEqual(seen, [1, 2])
-        self.assertEqual(core.room("lobby").clients, 1)
+        self.assertEqual(core.room("lobby").subscribers, 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_raising_observer(self) -> None:
@@ -289,24 +290,35 @@ class SharedStoreMixin:
 
     async def test_presence_is_summed_over_nodes(self) -> None:
         """
-        A room's client count on every node is its own clients plus the
-        other nodes' leases; a node that withdraws drops out.
+        A room's headcount on every node is its own people plus the other
+        nodes' leases: a user on both nodes is one user, guests are
+        summed; a listener on one node hears who came on the other; a
+        node that withdraws drops out.
         """
         a, b, _ = await self.nodes()
-        for core, count in ((a, 2), (b, 1)):
-            for _ in range(count):
-                core.subscribe("lobby", None, lambda m: None, lambda s: None)
-        polling = b.wait("lobby", 0, 10, 30)
-        polling.addErrback(lambda f: None)
+        alice = Identity(User("alice", "Alice"), "token")
+        bob = Identity(User("bob", "Bob"), "token")
+        frames: List[Any] = []
+        on_a = a.room("lobby")
+        a.arrive(on_a, alice, listener=lambda kind, body: frames.append(json.loads(body)))
+        a.arrive(on_a, alice)
+        a.arrive(on_a, GUEST)
+        on_b = b.room("lobby")
+        for identity in (alice, bob, GUEST):
+            b.arrive(on_b, identity)
         await a.share_presence("a", 15)
         await b.share_presence("b", 15)
         await a.share_presence("a", 15)
-        self.assertEqual((a.room("lobby").clients, b.room("lobby").clients), (4, 4))
-        self.assertEqual(a.room("lobby").local_clients, 2)
+        self.assertEqual((on_a.clients, on_b.clients), (4, 4))
+        self.assertEqual((on_a.local_clients, on_b.local_clients), (2, 3))
+        self.assertEqual(
+            frames[-1],
+            {"type": "presence", "room": "lobby", "joined": [{"id": "bob", "name": "Bob"}], "left": [], "guests": 2},
+        )
         await a.withdraw_presence("a")
         await b.share_presence("b", 15)
-        self.assertEqual(b.room("lobby").clients, 2)
-        polling.cancel()
+        self.assertEqual(on_b.clients, 3)
+        self.assertEqual([u.id for u in on_b.presence.users], ["alice", "bob"])
 
     async def test_hints_without_messages(self) -> None:
         """

@@ -192,6 +192,11 @@ class SameAnswerTests(SynchronousTestCase):
             b"/api/rooms/lobby/messages?after=99&timeout=0",
             b"/api/rooms/lobby/messages?after=" + b"9" * 5000,
             b"/api/rooms/lobby/messages?limit=" + b"9" * 5000 + b"&timeout=0",
+            b"/api/rooms/lobby/messages?after=1&timeout=0&presence=1&client=tab-1",
+            b"/api/rooms/lobby/messages?after=0&timeout=0&presence=1&callback=got",
+            b"/api/rooms/lobby/messages?after=0&presence=maybe",
+            b"/api/rooms/lobby/messages?after=0&client=two%20words",
+            b"/api/rooms/lobby/messages?before=3&presence=1",
         ]:
             [(status, headers, body)] = self.assertSame(get(target))
             self.assertEqual(headers[b"content-length"], b"%d" % len(body))
@@ -211,6 +216,20 @@ class SameAnswerTests(SynchronousTestCase):
         """
         [(status, _, body)] = self.assertSame(get(b"/api/rooms/lobby/messages?after=3&timeout=5"), wait=5)
         self.assertEqual(json.loads(body), {"room": "lobby", "messages": [], "last_seq": 3, "reset": False})
+        [(status, _, body)] = self.assertSame(
+            get(b"/api/rooms/lobby/messages?after=3&timeout=5&presence=1"), wait=5
+        )
+        self.assertEqual(
+            json.loads(body),
+            {
+                "room": "lobby",
+                "messages": [],
+                "last_seq": 3,
+                "reset": False,
+                "presence": {"users": [], "guests": 1},
+                "typing": [],
+            },
+        )
 
     @FUZZ
     @given(

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from chatd.interfaces import IMessageStore
-from chatd.model import ChatError, Guard, Message, RoomLimitReached, User
+from chatd.model import ChatError, Guard, Headcount, Message, RoomLimitReached, User
 from chatd.store._sql import SCHEMA_VERSION, StoreError, _statements, schema_files
 from chatd.store.memory import MemoryStore
 from chatd.store.postgres import PostgresStore, redact
@@ -96,17 +96,30 @@ class StoreContractMixin:
 
     async def test_presence(self) -> None:
         """
-        share_presence replaces a node's counts and answers the others'
-        sums; a node with nothing left has no lease.
+        share_presence replaces a node's lease and answers the others'
+        together: users joined (one user on two nodes is one), guests
+        summed; a node with no one left has no lease.
         """
         store = await self.open_store()
-        self.assertEqual(await store.share_presence("n1", {"a": 2, "b": 1}, 60_000), {})
-        self.assertEqual(await store.share_presence("n2", {"a": 3, "c": 0}, 60_000), {"a": 2, "b": 1})
-        self.assertEqual(await store.share_presence("n3", {}, 60_000), {"a": 5, "b": 1})
-        await store.share_presence("n1", {"b": 4}, 60_000)
-        self.assertEqual(await store.share_presence("n3", {}, 60_000), {"a": 3, "b": 4})
+        ann, bob = {"ann": "Ann"}, {"bob": "Bob"}
+        self.assertEqual(
+            await store.share_presence("n1", {"a": Headcount(ann, 1), "b": Headcount({}, 1)}, 60_000), {}
+        )
+        self.assertEqual(
+            await store.share_presence("n2", {"a": Headcount({**ann, **bob}, 2), "c": Headcount()}, 60_000),
+            {"a": Headcount(ann, 1), "b": Headcount({}, 1)},
+        )
+        self.assertEqual(
+            await store.share_presence("n3", {}, 60_000),
+            {"a": Headcount({**ann, **bob}, 3), "b": Headcount({}, 1)},
+        )
+        await store.share_presence("n1", {"b": Headcount(ann, 4)}, 60_000)
+        self.assertEqual(
+            await store.share_presence("n3", {}, 60_000),
+            {"a": Headcount({**ann, **bob}, 2), "b": Headcount(ann, 4)},
+        )
         await store.share_presence("n1", {}, 0)
-        self.assertEqual(await store.share_presence("n3", {}, 60_000), {"a": 3})
+        self.assertEqual(await store.share_presence("n3", {}, 60_000), {"a": Headcount({**ann, **bob}, 2)})
 
     async def test_append_assigns_seq(self) -> None:
         """
@@ -582,10 +595,10 @@ class PostgresStoreTests(StoreContractMixin, TestCase):
         """
         first = await self.open_store()
         second = await self.open_store()
-        await first.share_presence("dead", {"a": 7}, 1)
-        await first.share_presence("alive", {"a": 1}, 60_000)
+        await first.share_presence("dead", {"a": Headcount({"x": "X"}, 7)}, 1)
+        await first.share_presence("alive", {"a": Headcount({}, 1)}, 60_000)
         await deferLater(reactor, 0.01)
-        self.assertEqual(await second.share_presence("me", {}, 60_000), {"a": 1})
+        self.assertEqual(await second.share_presence("me", {}, 60_000), {"a": Headcount({}, 1)})
 
     async def test_presence_renewed_at_once_by_nodes(self) -> None:
         """
@@ -596,7 +609,9 @@ class PostgresStoreTests(StoreContractMixin, TestCase):
         for _ in range(30):
             await gatherResults(
                 [
-                    store.share_presence(f"n{i}", {"a": 1, "b": 2, "c": 3}, 1)
+                    store.share_presence(
+                        f"n{i}", {"a": Headcount({}, 1), "b": Headcount({"u": "U"}, 2), "c": Headcount({}, 3)}, 1
+                    )
                     for i, store in enumerate(stores)
                 ]
             )

@@ -10,6 +10,7 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 
+from chatd.presence import POLL_GRACE
 from tests._support import make_web
 
 BASE = "http://chatd.test"
@@ -106,7 +107,9 @@ class RoomsAPITests(WebTestCase):
         GET /api/rooms lists rooms with last_seq and connected clients.
         """
         self.core.post("dev", "a", "hi")
-        self.core.wait("dev", None, 10, 25)
+        # A waiting long-poll is someone here.
+        self.stub.get(BASE + "/api/rooms/dev/messages")
+        self.stub.flush()
         code, _, body = self.get("/api/rooms")
         self.assertEqual(code, 200)
         self.assertEqual(
@@ -344,10 +347,15 @@ class LongPollTests(WebTestCase):
         """
         d = self.stub.get(BASE + "/api/rooms/dev/messages")
         self.stub.flush()
-        self.assertEqual(self.core.room("dev").clients, 1)
+        self.assertEqual(self.core.room("dev").waiting, 1)
         d.cancel()
         self.stub.flush()
         self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(self.core.room("dev").waiting, 0)
+        # Its client is still counted as here a while (it may be polling
+        # again), then not, and nothing is left behind.
+        self.assertEqual(self.core.room("dev").clients, 1)
+        self.clock.advance(POLL_GRACE)
         self.assertEqual(self.core.room("dev").clients, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

@@ -38,6 +38,7 @@ from chatd.model import (
     Batch,
     ChatError,
     Guard,
+    Headcount,
     Identity,
     Message,
     Peer,
@@ -65,6 +66,7 @@ from chatd.model import (
     validate_topic,
     validate_user_id,
 )
+from chatd.presence import Listener, Presence, Visit, presence_key
 from chatd.room import Answer, Deliver, OnReset, Room, Subscription
 
 __all__ = ["ChatCore", "CATCH_UP_TIMEOUT", "EDIT_WINDOW", "FILL_RETRY", "READ_FLUSH"]
@@ -132,6 +134,8 @@ class ChatCore:
         its own (None: no other nodes).
     @param observer: told about commits, deliveries and fills
         (L{chatd.metrics.Metrics}).
+    @param node: this node's name (its ephemeral signals on the bus carry
+        it, so that it knows its own); None: one of its own.
     """
 
     log = Logger()
@@ -147,6 +151,7 @@ class ChatCore:
         observer: Any = None,
         guests: bool = True,
         edit_window: Optional[float] = EDIT_WINDOW,
+        node: Optional[str] = None,
     ) -> None:
         if history < 1:
             raise ValueError("history must be at least 1")
@@ -174,6 +179,7 @@ class ChatCore:
         self._read_marks: Dict[Tuple[str, str], int] = {}
         self._unwritten: Dict[Tuple[str, str], int] = {}
         self._flush_call: Optional[IDelayedCall] = None
+        self._node = node if node is not None else f"core-{id(self):x}"
 
     # -- start and stop ------------------------------------------------------
 
@@ -208,11 +214,14 @@ class ChatCore:
 
     def stop(self) -> None:
         """
-        Stop listening to the bus.
+        Stop listening to the bus, and end the rooms' presence timers
+        (connections still closing then leave at once).
         """
         subscription, self._bus_subscription = self._bus_subscription, None
         if subscription is not None:
             subscription.stop()
+        for room in self._rooms.values():
+            room.presence.close()
 
     # -- rooms ---------------------------------------------------------------
 
@@ -280,7 +289,7 @@ class ChatCore:
         if access is None:
             return None
         last_seq = access.last_seq
-        room = Room(name, last_seq, self._history, access)
+        room = self._new_room(name, last_seq, access)
         if last_seq:
             room.load(await self._store.read_before(name, last_seq + 1, self._history))
         return self._rooms.setdefault(name, room)
@@ -832,7 +841,7 @@ class ChatCore:
             if not new:
                 # Another node sharing the store made it first.
                 raise room_exists(name)
-            return self._rooms.setdefault(name, Room(name, 0, self._history, access))
+            return self._rooms.setdefault(name, self._new_room(name, 0, access))
 
         def full(failure: Failure) -> None:
             failure.trap(RoomLimitReached)
@@ -1088,20 +1097,110 @@ class ChatCore:
         """
         return sum(room.known_last - room.last_seq for room in self._rooms.values())
 
-    # -- presence across nodes -----------------------------------------------
+    # -- presence and typing -------------------------------------------------
+
+    def _new_room(self, name: str, last_seq: int, access: RoomAccess) -> Room:
+        """
+        A L{Room}, with its presence on this core's clock, telling typing
+        to the other nodes through the bus.
+        """
+        publish = None
+        if self._bus is not None:
+            bus, node = self._bus, self._node
+
+            def publish(signal: Dict[str, Any]) -> None:
+                bus.signal(name, {**signal, "o": node})
+
+        presence = Presence(name, self._clock, publish, self._observer)
+        return Room(name, last_seq, self._history, access, presence)
+
+    def arrive(
+        self,
+        room: Room,
+        identity: Identity,
+        client: Optional[str] = None,
+        anonymous: Optional[str] = None,
+        listener: Optional[Listener] = None,
+        wake: Optional[Callable[[], None]] = None,
+    ) -> Optional[Visit]:
+        """
+        A connection of C{identity} (admitted to C{room}) is here: counted
+        under its user, its guest browser (C{client}), or else C{anonymous}
+        (None: a key of the connection's own).  See L{Presence.arrive} for
+        C{listener} and C{wake}.
+
+        @return: the L{Visit} to leave once the connection ends; None for
+            an API key, which is no one here.
+        """
+        presence = room.presence
+        key = presence_key(identity, client, anonymous or presence.anonymous_key())
+        if key is None:
+            return None
+        return presence.arrive(key, identity.user, listener, wake)
+
+    def typing(
+        self,
+        room: Room,
+        identity: Identity,
+        on: bool,
+        nick: object = None,
+        client: Optional[str] = None,
+        anonymous: str = "guest",
+        visit: Optional[Visit] = None,
+    ) -> bool:
+        """
+        C{identity} (admitted to C{room}) started or stopped typing: as
+        its connection's L{Visit} if given, else as its user, its guest
+        browser (C{client}) or C{anonymous}.  A guest types under C{nick}.
+
+        @return: whether it was taken (a start too soon after the last one
+            is dropped quietly).
+        @raise ChatError: C{invalid_nick}; C{muted}; C{not_allowed} for an
+            API key.
+        """
+        user = identity.user
+        name = user.name if user is not None else validate_nick(nick)
+        if on and user is not None and room.access.mutes:
+            # A muted user's typing would be words to everyone.
+            mute = room.access.restricted("mute", user.id, self._now_ms())
+            if mute is not None:
+                raise muted(room.name, mute[0])
+        if visit is not None:
+            return visit.typing(on, name)
+        key = presence_key(identity, client, anonymous)
+        if key is None:
+            raise ChatError("not_allowed", "Only people type: an API key does not.")
+        return room.presence.typing(key, user, name, on)
+
+    def signal(self, room: str, signal: Dict[str, Any]) -> None:
+        """
+        An ephemeral signal of C{room} from the bus (L{IBusListener}):
+        another node's typing.  This node's own come back too, and are
+        dropped (they were applied here when they were made).
+        """
+        origin = signal.get("o")
+        followed = self._rooms.get(room)
+        if followed is None or not isinstance(origin, str) or origin == self._node:
+            return
+        if signal.get("t") == "typing":
+            followed.presence.remote_typing(origin, signal)
 
     def share_presence(self, node: str, ttl: float) -> Deferred:
         """
-        Renew this node's presence lease (its clients per room, valid for
-        C{ttl} seconds) and take the other nodes' counts into the rooms.
+        Renew this node's presence lease (who is in each room here, valid
+        for C{ttl} seconds) and take the other nodes' into the rooms: their
+        clients are told what changed.
         """
-        counts = {room.name: room.local_clients for room in self._rooms.values()}
+        rooms = {room.name: room.presence.lease() for room in self._rooms.values()}
 
-        def take(others: Dict[str, int]) -> None:
-            for room in self._rooms.values():
-                room.remote_clients = others.get(room.name, 0)
+        def take(others: Dict[str, Headcount]) -> None:
+            for room in list(self._rooms.values()):
+                try:
+                    room.presence.remote(others.get(room.name) or Headcount())
+                except Exception:
+                    self.log.failure("Taking other nodes' presence into {room} failed", room=room.name)
 
-        return self._store.share_presence(node, counts, int(ttl * 1000)).addCallback(take)
+        return self._store.share_presence(node, rooms, int(ttl * 1000)).addCallback(take)
 
     def withdraw_presence(self, node: str) -> Deferred:
         """

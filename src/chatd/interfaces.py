@@ -140,13 +140,15 @@ class IMessageStore(Interface):
         @return: Deferred firing with the number of messages deleted.
         """
 
-    def share_presence(node, clients, ttl_ms):
+    def share_presence(node, rooms, ttl_ms):
         """
-        Replace C{node}'s presence lease: its client count per room
-        (C{{room: count}}), valid for C{ttl_ms} ms unless renewed.
+        Replace C{node}'s presence lease: who is in each room there
+        (C{{room: Headcount}}, L{chatd.model.Headcount}), valid for
+        C{ttl_ms} ms unless renewed.
 
-        @return: Deferred firing with C{{room: count}} summed over the
-            other nodes whose leases are live.
+        @return: Deferred firing with C{{room: Headcount}} over the other
+            nodes whose leases are live (their users joined, their guests
+            summed).
         """
 
     def ping():
@@ -287,6 +289,14 @@ class IBusListener(Interface):
         bus is not connected.
         """
 
+    def signal(room, signal):
+        """
+        An ephemeral signal of C{room} (a typing start or stop: a small
+        dict), as some node published it (this one's too: a listener
+        tells its own apart).  Never stored, no seq: one that is lost is
+        lost.
+        """
+
 
 class IBus(Interface):
     """
@@ -309,4 +319,13 @@ class IBus(Interface):
         C{catch_up} is called once the subscription is live.
 
         @return: an L{IBusSubscription}.
+        """
+
+    def signal(room, signal):
+        """
+        Tell every listener (this node's as well) an ephemeral signal of
+        C{room}: a small JSON-able dict, delivered to the other nodes'
+        rooms without a seq and without touching the log.  Never raises,
+        never waits: a bus that cannot send it now (not connected, or the
+        signal too big) drops it.
         """

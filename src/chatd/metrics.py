@@ -109,6 +109,22 @@ class Metrics:
             self.events.labels(kind, "")
         for action in ("kick", "ban", "unban", "mute", "unmute"):
             self.events.labels("moderation", action)
+        self.typing_signals = Counter(
+            "chatd_typing_signals",
+            "Typing signals, by what became of them: started, stopped, expired (6 s after "
+            "the last start), dropped (too soon after the last start, or too many typing), "
+            "remote (from another node).",
+            ["event"], registry=r,
+        )
+        self.presence_frames = Counter(
+            "chatd_presence_frames",
+            "Presence and typing frames sent to WebSocket and SSE clients, by kind.",
+            ["kind"], registry=r,
+        )
+        for event in ("started", "stopped", "expired", "dropped", "remote"):
+            self.typing_signals.labels(event)
+        for kind in ("presence", "typing"):
+            self.presence_frames.labels(kind)
         for transport in ("websocket", "longpoll", "sse"):
             self.connections.labels(transport)
             self.posted.labels(transport)
@@ -157,6 +173,15 @@ class Metrics:
         Read how far behind the store this node is from C{count}.
         """
         self.behind.set_function(count)
+
+    # Presence's observer interface (L{chatd.presence}).
+
+    def typing_signal(self, event: str) -> None:
+        self.typing_signals.labels(event).inc()
+
+    def presence_frame(self, kind: str, count: int) -> None:
+        if count:
+            self.presence_frames.labels(kind).inc(count)
 
     # The bus's observer interface.
 

@@ -955,3 +955,66 @@ class Peer:
     def __init__(self, ip: str, connection: object = None) -> None:
         self.ip = ip
         self.connection = connection
+
+
+# -- presence ------------------------------------------------------------------
+
+# (Added here, at the end, so that the list above stays as it was.)
+__all__ += ["Headcount"]
+
+
+class Headcount:
+    """
+    Who is in a room, as presence leases say: users by id (with their
+    names) and how many guests, on one node or summed over several (a
+    user on two nodes is one user).
+
+    It is stored in a lease as JSON, C{{"users": {id: name}, "guests": n}}.
+    """
+
+    __slots__ = ("users", "guests")
+
+    def __init__(self, users: Optional[Dict[str, str]] = None, guests: int = 0) -> None:
+        self.users = {} if users is None else users
+        self.guests = guests
+
+    def __repr__(self) -> str:
+        return f"<Headcount users={sorted(self.users)} guests={self.guests}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Headcount):
+            return NotImplemented
+        return (self.users, self.guests) == (other.users, other.guests)
+
+    @property
+    def clients(self) -> int:
+        """
+        Users plus guests.
+        """
+        return len(self.users) + self.guests
+
+    def add(self, other: "Headcount") -> None:
+        """
+        Count C{other}'s too: its users joined to these, its guests added.
+        """
+        self.users.update(other.users)
+        self.guests += other.guests
+
+    def to_json(self) -> str:
+        return json.dumps({"users": self.users, "guests": self.guests}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: object, clients: int) -> "Headcount":
+        """
+        A lease's headcount from its JSON; a lease that names no one (an
+        older node's, C{clients} alone) counts its clients as guests.
+        """
+        try:
+            data: Any = json.loads(text) if isinstance(text, str) else None
+            users = data["users"]
+            guests = data["guests"]
+            if isinstance(users, dict) and type(guests) is int:
+                return cls({str(k): str(v) for k, v in users.items()}, max(0, guests))
+        except (ValueError, TypeError, KeyError):
+            pass
+        return cls({}, max(0, int(clients)))

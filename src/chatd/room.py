@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from chatd.model import Batch, ChatError, Message, RoomAccess, banned, kicked, not_member
+from chatd.presence import Presence
 
 __all__ = ["Answer", "Deliver", "OnReset", "Room", "Subscription", "MAX_PENDING"]
 
@@ -135,16 +136,21 @@ class Room:
     """
 
     def __init__(
-        self, name: str, last_seq: int, history: int, access: Optional[RoomAccess] = None
+        self,
+        name: str,
+        last_seq: int,
+        history: int,
+        access: Optional[RoomAccess] = None,
+        presence: Optional[Presence] = None,
     ) -> None:
         self.name = name
+        #: Who is here and who is typing (L{chatd.presence}).
+        self.presence = presence if presence is not None else Presence(name)
         #: Who may use it (kept up to date by its member events).
         self.access = access if access is not None else RoomAccess()
         self.last_seq = last_seq
         self.known_last = last_seq
         self.filling = False
-        #: Clients of this room connected to other nodes (their leases).
-        self.remote_clients = 0
         self._cache: Deque[Message] = deque(maxlen=history)
         #: The seqs of each cached message's edits, for its deletion.
         self._edits: Dict[int, List[int]] = {}
@@ -297,6 +303,7 @@ class Room:
                 # message: drop it and carry on.
                 _log.failure("Dropping subscriber of {room} after a delivery error", room=self.name)
                 subscription.stop()
+        self.presence.delivered(message)
         if kind != "message" and kind != "edit" and kind != "delete":
             self._access_changed(message)
         if self._reaching:
@@ -518,20 +525,27 @@ class Room:
         _answer_each(due, Batch(self.name, [], self.last_seq), self.name)
 
     @property
+    def subscribers(self) -> int:
+        """
+        How many subscribers follow the room here.
+        """
+        return len(self._subscriptions)
+
+    @property
     def local_clients(self) -> int:
         """
-        How many clients are connected to this node: subscribers plus
-        waiting polls.
+        How many people are here on this node: distinct users plus guests
+        (L{chatd.presence}).
         """
-        return len(self._subscriptions) + len(self._waiters)
+        return self.presence.local_clients
 
     @property
     def clients(self) -> int:
         """
-        How many clients are connected, to this node and (as their
-        presence leases last said) to the others.
+        How many people are here, on this node and (as their presence
+        leases last said) the others: distinct users plus guests.
         """
-        return len(self._subscriptions) + len(self._waiters) + self.remote_clients
+        return self.presence.clients
 
 
 def _answer_each(waiters: List[Answer], batch: Batch, room: str) -> None:

@@ -70,6 +70,19 @@ def event_bytes(message: Message) -> bytes:
     return _last[1]  # type: ignore[no-any-return]
 
 
+_last_signal: List[Any] = [None, b""]
+
+
+def _signal_bytes(kind: str, body: bytes) -> bytes:
+    """
+    A presence or typing frame as an event without an id; the last one
+    made is kept (a room hands every stream the same frame).
+    """
+    if _last_signal[0] is not body:
+        _last_signal[0], _last_signal[1] = body, b"event: %s\ndata: %s\n\n" % (kind.encode("ascii"), body)
+    return _last_signal[1]  # type: ignore[no-any-return]
+
+
 Subscribe = Callable[
     [Callable[[Message], None], Callable[[int], None], Callable[[ChatError], None]], Subscription
 ]
@@ -114,6 +127,8 @@ class EventStream:
         #: cancelling it (the client went away) stops the stream.
         self.done: Deferred = Deferred(lambda _: self._stop())
         self._over = False
+        #: Whether it ended because its reader was removed from the room.
+        self.was_revoked = False
 
     def start(self, subscribe: Subscribe) -> Deferred:
         """
@@ -161,6 +176,23 @@ class EventStream:
         self._held = [event]
         self._ticks.flush_later(self)
 
+    def signal(self, kind: str, body: bytes) -> None:
+        """
+        A presence or typing frame (L{chatd.presence}): C{event: KIND}
+        with its JSON, and no C{id:} (it is not in the log, so a
+        reconnecting browser's Last-Event-ID stays the last seq), in order
+        with the log's events.
+        """
+        event = _signal_bytes(kind, body)
+        held = self._held
+        if held is not None:
+            held.append(event)
+        elif self._ticks is None:
+            self._write(event)
+        else:
+            self._held = [event]
+            self._ticks.flush_later(self)
+
     def flush(self) -> None:
         """
         Write the events held back, in one piece (L{chatd._send.Ticks}).
@@ -186,6 +218,7 @@ class EventStream:
         banned): say why, and end.
         """
         self._subscription = None
+        self.was_revoked = True
         self.flush()
         body = encode_json({"type": "revoked", "error": why.code, "detail": why.detail})
         self._write(b"event: revoked\ndata: %s\n\n" % body)

@@ -646,6 +646,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         observer=metrics,
         guests=options["auth"] == "open",
         edit_window=options["edit-window"] or None,
+        node=node,
     )
     passwords = Passwords(reactor)
     accounts = None

@@ -86,12 +86,17 @@ from chatd.model import (
     validate_display_name,
     validate_user_id,
 )
+from chatd.presence import POLL_GRACE, STREAM_GRACE, Visit, validate_client, validate_flag
 from chatd.room import Room
 from chatd.sse import EventStream
 
 __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "canonical_origin", "make_environment"]
 
 DEFAULT_LIMIT = 100
+#: POST /api/rooms/<room>/typing: a burst of this many, then this many a
+#: second, per user (per IP for guests).  A page sends one every few seconds.
+TYPING_BURST = 10
+TYPING_PER_SECOND = 2.0
 MAX_LIMIT = 1000
 DEFAULT_TIMEOUT = 25.0
 MAX_TIMEOUT = 60.0
@@ -403,6 +408,60 @@ def _jsonp(callback: Optional[bytes], body: bytes) -> Tuple[bytes, bytes]:
     return _JSON, body
 
 
+class _PresentBodies:
+    """
+    Long-poll bodies that carry the room's presence and typing: a batch's
+    body (L{_BatchBodies}) with the presence's fields, encoded once per
+    change, spliced in before its closing brace.  The last one made is
+    kept, so a room's waiters answered together share one.
+    """
+
+    __slots__ = ("_body", "_fields", "_present", "_wake_key", "_wake")
+
+    def __init__(self) -> None:
+        self._body = b""
+        self._fields = b""
+        self._present = b""
+        self._wake_key: Tuple[str, int, int] = ("", -1, -1)
+        self._wake: Optional[Batch] = None
+
+    def body(self, body: bytes, fields: bytes) -> bytes:
+        if body is not self._body or fields is not self._fields:
+            self._present = body[:-1] + b"," + fields + b"}"
+            self._body, self._fields = body, fields
+        return self._present
+
+    def wake_batch(self, room: Room) -> Batch:
+        """
+        The empty batch that answers the room's polls woken by a change of
+        its presence: one for all of them.
+        """
+        key = (room.name, room.last_seq, room.presence.version)
+        if key != self._wake_key or self._wake is None:
+            self._wake_key = key
+            self._wake = Batch(room.name, [], room.last_seq)
+        return self._wake
+
+
+class _PollPresence(NamedTuple):
+    """
+    A long-poll's presence parameters: C{presence=1} (woken by changes,
+    answers carry the room's presence and typing) and C{client=ID} (the
+    guest browser it belongs to).
+    """
+
+    wanted: bool
+    client: Optional[str]
+
+
+def _presence_query(request: IRequest) -> _PollPresence:
+    """
+    @raise ChatError: C{invalid_parameter}.
+    """
+    wanted = validate_flag(_query(request, "presence"), "presence", False)
+    return _PollPresence(wanted, validate_client(_query(request, "client")))
+
+
 class _MessagesQuery(NamedTuple):
     """
     The checked parameters of C{GET /api/rooms/<room>/messages}.
@@ -440,7 +499,7 @@ class _Poll:
     away, and then no more, once.
     """
 
-    __slots__ = ("_web", "_request", "_waiting", "_forget", "_timeout", "_failed", "_unwatch")
+    __slots__ = ("_web", "_request", "_waiting", "_forget", "_timeout", "_failed", "_unwatch", "_visit")
 
     def __init__(self, web: "ChatWeb", request: Any, timeout: float) -> None:
         self._web = web
@@ -450,6 +509,8 @@ class _Poll:
         self._forget: Optional[Callable[[], None]] = None
         self._failed: Optional[Callable[[Failure], None]] = None
         self._unwatch: Optional[Callable[[], None]] = None
+        #: Its place in the room's presence while it waits.
+        self._visit: Optional[Visit] = None
 
     def wait(
         self,
@@ -458,21 +519,29 @@ class _Poll:
         answer: Callable[[bytes], None],
         failed: Callable[[Failure], None],
         identity: Identity = GUEST,
+        here: Optional["_PollPresence"] = None,
     ) -> None:
         """
         Wait in C{room} after C{query.after}, for C{identity}: C{answer}
         gets the body of the answer (its status and headers set on the
-        request), C{failed} the failure (a refusal, a store error).
+        request), C{failed} the failure (a refusal, a store error).  While
+        it waits it is counted in the room's presence; with C{here.wanted}
+        it is also answered when the presence changes, and its answer
+        carries it.
         """
         web = self._web
         request = self._request
         timeout = web._start_poll(self._timeout)
         self._waiting = True
+        present = web._core.room(room) if here is not None and here.wanted else None
 
         def got(batch: Batch) -> None:
             if self._done():
                 try:
-                    body = web._respond_batch(batch, request)
+                    if present is None:
+                        body = web._respond_batch(batch, request)
+                    else:
+                        body = web._respond_present(batch, request, present)
                 except Exception:
                     failed(Failure())
                     return
@@ -490,6 +559,29 @@ class _Poll:
             self._failed = failed
             if web.sessions is not None:
                 self._unwatch = web.sessions.watch(identity, self.session_ended)
+            if here is not None:
+                self._arrive(room, identity, here, got)
+
+    def _arrive(self, room: str, identity: Identity, here: "_PollPresence", got: Callable[[Batch], None]) -> None:
+        """
+        Count the waiting poll in the room's presence (the room is one this
+        node follows: the poll was admitted to it).
+        """
+        web = self._web
+        found = web._core.room(room)
+        wake = None
+        if here.wanted:
+
+            def wake() -> None:
+                # What the room's presence shows changed: answered now,
+                # with no messages (the same cursor) and the new presence.
+                forget = self._forget
+                if forget is not None:
+                    forget()
+                    got(web._wake_batch(found))
+
+        anonymous = "ip:" + _ip(self._request)
+        self._visit = web._core.arrive(found, identity, here.client, anonymous, None, wake)
 
     def _done(self) -> bool:
         waiting, self._waiting = self._waiting, False
@@ -501,6 +593,10 @@ class _Poll:
         unwatch, self._unwatch = self._unwatch, None
         if unwatch is not None:
             unwatch()
+        visit, self._visit = self._visit, None
+        if visit is not None:
+            # Polling again at once, as clients do, it stays here.
+            visit.leave(POLL_GRACE)
         if waiting:
             self._web._end_poll()
         return waiting
@@ -780,6 +876,9 @@ class ChatWeb:
         self._static.childNotFound = _NotFound(self)  # type: ignore[assignment]
         self._websocket = websocket
         self._bodies = _BatchBodies()
+        self._present = _PresentBodies()
+        #: POST .../typing, per user (or IP, for guests).
+        self._typing_limiter = RateLimiter(clock, TYPING_BURST, TYPING_PER_SECOND)
         # Loaded once here, never per request.
         self._index = env.get_template("index.html")
         self._room_page = env.get_template("room.html")
@@ -1527,16 +1626,28 @@ class ChatWeb:
 
     def _get_messages(self, identity: Identity, room: Room, request: IRequest) -> Deferred:
         query = _messages_query(request)
+        here = _presence_query(request)
         if query.before is not None:
             d = self._core.read_before(room.name, query.before, query.limit, identity)
             return d.addCallback(self._respond_batch, request)
         poll = _Poll(self, request, query.timeout)
         d = Deferred(lambda _: poll.cancel())
-        poll.wait(room.name, query, d.callback, d.errback, identity)
+        poll.wait(room.name, query, d.callback, d.errback, identity, here)
         return d
 
     def _respond_batch(self, batch: Batch, request: IRequest) -> bytes:
         return self._json(request, self._bodies.body(batch))
+
+    def _respond_present(self, batch: Batch, request: IRequest, room: Room) -> bytes:
+        """
+        L{_respond_batch}, with the room's presence and typing spliced in
+        (neither the batch nor the presence is encoded again).
+        """
+        body = self._present.body(self._bodies.body(batch), room.presence.poll_fields())
+        return self._json(request, body)
+
+    def _wake_batch(self, room: Room) -> Batch:
+        return self._present.wake_batch(room)
 
     def long_poll(self, request: Any, room: str) -> object:
         """
@@ -1553,6 +1664,7 @@ class ChatWeb:
                 raise _NotNow()
             self._core.admit(self._core.room(room), identity)
             query = _messages_query(request)
+            here = _presence_query(request)
             if query.before is not None:
                 raise _NotNow()
         except Exception:
@@ -1563,7 +1675,7 @@ class ChatWeb:
             return NOT_DONE_YET
         poll = _Poll(self, request, query.timeout)
         request.notifyFinish().addErrback(poll.gone)
-        poll.wait(room, query, poll.write, poll.write_error, identity)
+        poll.wait(room, query, poll.write, poll.write_error, identity, here)
         return NOT_DONE_YET
 
     def _answer_later(self, request: Any, handler: Callable[..., Any], *args: Any) -> None:
@@ -1767,6 +1879,29 @@ class ChatWeb:
             return self._core.mark_read(found.name, fields.get("seq"), identity).addCallback(render)
 
         return self._in_room(request, room, mark)
+    # -- typing ----------------------------------------------------------------
+
+    @app.route("/api/rooms/<room>/typing", methods=["POST"])
+    def post_typing(self, request: IRequest, room: str) -> Deferred:
+        """
+        C{{"typing": true|false}} (JSON or form; a guest may add C{nick}
+        and C{client}): the sender started (or is still) typing, or
+        stopped.  204, or the usual error; a start too soon after the last
+        one is dropped quietly.
+        """
+        return self._in_room(request, room, self._typing, request)
+
+    def _typing(self, identity: Identity, room: Room, request: IRequest) -> bytes:
+        wait = self._typing_limiter.take(identity.user_id or _ip(request))
+        if wait:
+            raise rate_limited("Too many typing signals", wait)
+        fields = self._fields(request, identity)
+        on = validate_flag(fields.get("typing"), "typing", True)
+        client = validate_client(fields.get("client"))
+        self._core.typing(room, identity, on, fields.get("nick"), client, "ip:" + _ip(request))
+        request.setResponseCode(204)
+        request.setHeader(b"cache-control", b"no-store")
+        return b""
 
     # -- Server-Sent Events ----------------------------------------------------
 
@@ -1790,6 +1925,7 @@ class ChatWeb:
             expires = identity.expires + TOKEN_GRACE
         if self.shutting_down:
             raise ChatError("not_ready", "The server is shutting down; try another.")
+        here = _presence_query(request)
         stream = EventStream(request, self._clock, expires, self._slow_stream, self._ticks)
         self._streams.add(stream)
         unwatch = None if self.sessions is None else self.sessions.watch(identity, stream.session_ended)
@@ -1803,7 +1939,31 @@ class ChatWeb:
                 unwatch()
             return result
 
-        return stream.start(subscribe).addBoth(over)
+        d = stream.start(subscribe).addBoth(over)
+        self._stream_here(stream, d, room, identity, here)
+        return d
+
+    def _stream_here(
+        self, stream: EventStream, done: Deferred, room: Room, identity: Identity, here: _PollPresence
+    ) -> None:
+        """
+        Count an event stream in the room's presence, right after its
+        backlog (listening, with C{?presence=1}), until it ends; a stream
+        the server ended stays a while, as its browser comes back.
+        """
+        if done.called:
+            return
+        listener = stream.signal if here.wanted else None
+        visit = self._core.arrive(room, identity, here.client, None, listener)
+        if visit is None:
+            return
+
+        def leave(result: object) -> object:
+            ended = not isinstance(result, Failure) and not stream.was_revoked
+            visit.leave(STREAM_GRACE if ended else 0.0)
+            return result
+
+        done.addBoth(leave)
 
     def _slow_stream(self) -> None:
         self.log.info("Dropped an event stream that was not being read")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, Optional, Set, cast
+from typing import Any, Dict, List, Optional, Set, cast
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import (
@@ -47,6 +47,7 @@ from chatd.model import (
     parse_cursor,
     rate_limited,
 )
+from chatd.presence import Visit, validate_client, validate_flag
 from chatd.room import Subscription
 
 __all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "frame_limit"]
@@ -136,6 +137,12 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
     _expiry: Any = None
     #: Stops watching its session (L{SessionWatch}).
     _unwatch: Any = None
+    #: Its place in the room's presence (L{chatd.presence}), and whether it
+    #: asked for presence and typing frames (C{?presence=1}), as which
+    #: guest browser (C{?client=}).
+    _visit: Optional[Visit] = None
+    _wants_presence = False
+    _client: Optional[str] = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
@@ -174,6 +181,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         try:
             after = request.params.get("after", [None])[-1]
             self._after = parse_cursor(after, "after")
+            self._presence_params(request.params)
         except ChatError as e:
             self._refuse(Failure(e), request.path)
         self._room = name
@@ -229,6 +237,61 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         except ChatError as e:
             self._send_error(e)
             self.close_with(CLOSE_INTERNAL_ERROR, e.detail)
+            return
+        self._arrive()
+
+    # -- presence and typing -----------------------------------------------------
+
+    def _presence_params(self, params: Dict[str, List[str]]) -> None:
+        """
+        C{?presence=1} (presence and typing frames) and C{?client=ID} (the
+        guest browser this tab belongs to).
+
+        @raise ChatError: C{invalid_parameter}.
+        """
+        self._wants_presence = validate_flag(params.get("presence", [None])[-1], "presence", False)
+        self._client = validate_client(params.get("client", [None])[-1])
+
+    def _arrive(self) -> None:
+        """
+        Count the connection in the room's presence (listening, if it
+        asked to), right after its backlog.
+        """
+        assert self._room is not None
+        core = self.factory.core
+        listener = self._send_signal if self._wants_presence else None
+        self._visit = core.arrive(core.room(self._room), self._identity, self._client, None, listener)
+
+    def _leave(self) -> None:
+        visit, self._visit = self._visit, None
+        if visit is not None:
+            visit.leave()
+
+    def _send_signal(self, kind: str, body: bytes) -> None:
+        """
+        A presence or typing frame (its JSON made once for every
+        listener, and framed once: L{ChatWebSocketFactory.signal_frame}).
+        """
+        if not self._sending or self.state != self.STATE_OPEN:
+            return
+        frame = self.factory.signal_frame(body)
+        if self._backlog_exceeded(len(frame)):
+            return
+        writer = self._writer
+        assert writer is not None
+        writer.queue(frame)
+
+    def _typing(self, frame: Dict[str, Any]) -> None:
+        """
+        C{{"type": "typing"}} (started, or still typing) or
+        C{{"type": "typing", "typing": false}} (stopped); a guest's may
+        carry its C{nick}.  Taken or dropped quietly (the rate limit);
+        answered only when malformed.
+        """
+        assert self._room is not None
+        on = validate_flag(frame.get("typing"), "typing", True)
+        core = self.factory.core
+        core.typing(core.room(self._room), self._identity, on, frame.get("nick"), visit=self._visit)
 
     def _watch_expiry(self) -> None:
         """
@@ -506,10 +569,13 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if kind in ("edit", "delete", "read"):
             self._change(kind, frame)
             return
+        if kind == "typing":
+            self._typing(frame)
+            return
         if kind != "message":
             raise ChatError(
                 "unknown_type",
-                "A frame's type is 'message', 'edit', 'delete', 'read', 'ping' or 'auth'.",
+                "A frame's type is 'message', 'edit', 'delete', 'read', 'typing', 'ping' or 'auth'.",
             )
         assert self._room is not None
         client_id = frame.get("client_id")
@@ -594,6 +660,7 @@ class ChatWebSocketProtocol(WebSocketServerProtocol):
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
+        self._leave()
         # The connection's place, taken by the HTTP channel that carried
         # the handshake, is this protocol's to give back now.
         self.factory.connection_lost(self.transport)
@@ -695,6 +762,8 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         )
         self._last_message: Optional[Message] = None
         self._last_prepared: Optional[PreparedMessage] = None
+        self._last_signal: Optional[bytes] = None
+        self._last_signal_frame = b""
 
     def prepared(self, message: Message) -> PreparedMessage:
         """
@@ -708,6 +777,17 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             self._last_prepared = self.prepareMessage(message.json)
             self._last_message = message
         return self._last_prepared
+
+    def signal_frame(self, body: bytes) -> bytes:
+        """
+        A presence or typing frame's JSON as a complete WebSocket frame:
+        made once per frame however many connections it goes to (the
+        presence of a room hands every listener the same bytes).
+        """
+        if body is not self._last_signal:
+            self._last_signal_frame = self.prepareMessage(body).payloadHybi
+            self._last_signal = body
+        return self._last_signal_frame
 
     def frame(self, message: Message) -> bytes:
         """

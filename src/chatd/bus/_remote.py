@@ -67,14 +67,20 @@ def encode(room: str, last_seq: int, messages: Sequence[Message], limit: int) ->
 
 def decode(payload: bytes) -> Optional[tuple]:
     """
-    A hint's C{(room, last_seq, messages)} or a heartbeat's
-    C{(None, node, n)}; C{None} for anything else (a payload of
-    some other program on the same channel is ignored, not trusted).
+    A hint's C{(room, last_seq, messages)}, a heartbeat's
+    C{(None, node, n)} or an ephemeral signal's C{(room, None, signal)};
+    C{None} for anything else (a payload of some other program on the
+    same channel is ignored, not trusted).
     """
     try:
         data = json.loads(payload)
         if "hb" in data:
             return (None, str(data["hb"]), int(data["n"]))
+        if "g" in data:
+            room, signal = data["g"], data["d"]
+            if not isinstance(room, str) or not isinstance(signal, dict):
+                return None
+            return (room, None, signal)
         room, last_seq = data["r"], data["s"]
         if not isinstance(room, str) or type(last_seq) is not int:
             return None
@@ -217,6 +223,29 @@ class RemoteBus(Service):
         if self.state == CONNECTED:
             self._listeners.catch_up(subscription)
         return subscription
+
+    def signal(self, room: str, signal: Dict[str, Any]) -> None:
+        """
+        Send an ephemeral signal at once (signals are rare, and rate
+        limited where they come from), or drop it: not connected, or
+        bigger than the bus takes.
+        """
+        if self.state != CONNECTED:
+            return
+        try:
+            payload = _dumps({"g": room, "d": signal})
+        except (TypeError, ValueError):
+            self.log.failure("A signal for {room} could not be encoded", room=room)
+            return
+        if len(payload) <= self.limit:
+            self._send_signal(payload)
+
+    def _send_signal(self, payload: bytes) -> None:
+        """
+        Publish a signal's payload (subclasses keep a node's signals in
+        order where their sends could overtake each other).
+        """
+        self._send_safely(payload)
 
     # -- the connection's life -----------------------------------------------
 
@@ -373,6 +402,9 @@ class RemoteBus(Service):
                     self._observer.bus_heartbeat()
             return
         room, last_seq, messages = decoded
+        if last_seq is None:
+            self._listeners.signal(room, messages)
+            return
         self._listeners.hint(room, last_seq, messages)
 
     def _send_safely(self, payload: bytes) -> None:

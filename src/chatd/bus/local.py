@@ -10,7 +10,7 @@ may share one to act as nodes of one service.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -64,6 +64,13 @@ class Listeners:
             except Exception:
                 _log.failure("A bus listener failed on a hint for {room}", room=room)
 
+    def signal(self, room: str, signal: Dict[str, Any]) -> None:
+        for subscription in list(self._subscriptions):
+            try:
+                subscription.listener.signal(room, signal)
+            except Exception:
+                _log.failure("A bus listener failed on a signal for {room}", room=room)
+
     def catch_up(self, only: Optional[Subscription] = None) -> None:
         """
         Tell every listener (or C{only} that one) to catch up.
@@ -93,3 +100,6 @@ class LocalBus:
         subscription = self._listeners.add(listener)
         self._listeners.catch_up(subscription)
         return subscription
+
+    def signal(self, room: str, signal: Dict[str, Any]) -> None:
+        self._listeners.signal(room, signal)

@@ -27,7 +27,8 @@ makes every announcing commit fail).
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections import deque
+from typing import Any, Deque, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReadDescriptor
@@ -42,6 +43,9 @@ __all__ = ["PostgresBus", "MAX_PAYLOAD"]
 
 #: PostgreSQL refuses payloads of 8000 bytes or more; hints stay well under.
 MAX_PAYLOAD = 7000
+#: Signals waiting to be sent past which more are dropped (a slow database
+#: must not grow this node's memory; a lost typing signal expires anyway).
+MAX_QUEUED_SIGNALS = 100
 
 
 @implementer(IReadDescriptor)
@@ -161,6 +165,9 @@ class PostgresBus(RemoteBus):
         self.channel = store.notify_channel
         self.target = _describe(conninfo)
         self._reader: Optional[_Reader] = None
+        #: Signals waiting for the one before them to be sent.
+        self._signals: Deque[bytes] = deque()
+        self._signalling = False
 
     def publish(self, room: str, last_seq: int, messages: Sequence[Message]) -> None:
         """
@@ -210,6 +217,32 @@ class PostgresBus(RemoteBus):
             self.log.warn("A heartbeat on the postgresql bus failed: {error}", error=failure.getErrorMessage())
 
         d.addCallbacks(usage, failed)
+
+    def _send_signal(self, payload: bytes) -> None:
+        """
+        Signals go out one after the other, in the order sent (the
+        store's connections could otherwise overtake each other: a stop
+        heard before its start), at most L{MAX_QUEUED_SIGNALS} waiting.
+        """
+        if len(self._signals) >= MAX_QUEUED_SIGNALS:
+            return
+        self._signals.append(payload)
+        if not self._signalling:
+            self._next_signal()
+
+    def _next_signal(self) -> None:
+        if not self._signals or not self.running:
+            self._signals.clear()
+            self._signalling = False
+            return
+        self._signalling = True
+        d = self._store.announce(self._signals.popleft())
+
+        def failed(failure: Failure) -> None:
+            self.log.warn("A signal on the postgresql bus failed: {error}", error=failure.getErrorMessage())
+
+        d.addCallbacks(lambda _: None, failed)
+        d.addCallback(lambda _: self._next_signal())
 
     def _disconnect(self) -> Deferred:
         reader, self._reader = self._reader, None

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from chatd.model import (
     ChatError,
     Guard,
+    Headcount,
     Message,
     RoomAccess,
     RoomLimitReached,
@@ -726,37 +727,41 @@ class SQLStore:
 
     # -- presence ------------------------------------------------------------
 
-    def share_presence(self, node: str, clients: Dict[str, int], ttl_ms: int) -> Deferred:
+    def share_presence(self, node: str, rooms: Dict[str, Headcount], ttl_ms: int) -> Deferred:
         """
-        Replace C{node}'s presence lease (its client count per room, valid
+        Replace C{node}'s presence lease (who is in each room there, valid
         for C{ttl_ms} by the database's clock), forget expired leases, and
         read everyone else's.
 
-        @return: a Deferred firing with C{{room: clients}} summed over the
+        @return: a Deferred firing with C{{room: Headcount}} over the
             other nodes' live leases.
         """
 
-        def share(conn: Any) -> Dict[str, int]:
+        def share(conn: Any) -> Dict[str, Headcount]:
             if self.begin:
                 conn.execute(self.begin)
             conn.execute(self._sql("DELETE FROM presence WHERE node = ?"), (node,))
             conn.execute(self._sql(self.expire_presence.format(now=self.now_ms)), (node,))
-            rows = [(node, room, count, ttl_ms) for room, count in sorted(clients.items()) if count]
+            rows = [
+                (node, room, here.clients, here.to_json(), ttl_ms)
+                for room, here in sorted(rooms.items())
+                if here.clients
+            ]
             if rows:
                 conn.cursor().executemany(
                     self._sql(
-                        "INSERT INTO presence (node, room, clients, expires_ms) "
-                        f"VALUES (?, ?, ?, {self.now_ms} + ?)"
+                        "INSERT INTO presence (node, room, clients, users, expires_ms) "
+                        f"VALUES (?, ?, ?, ?, {self.now_ms} + ?)"
                     ),
                     rows,
                 )
             found = conn.execute(
-                self._sql(
-                    "SELECT room, SUM(clients) FROM presence WHERE node <> ? GROUP BY room"
-                ),
-                (node,),
+                self._sql("SELECT room, clients, users FROM presence WHERE node <> ?"), (node,)
             ).fetchall()
-            return {room: int(count) for room, count in found}
+            others: Dict[str, Headcount] = {}
+            for room, clients, users in found:
+                others.setdefault(room, Headcount()).add(Headcount.from_json(users, clients))
+            return others
 
         return self._write.runWithConnection(share)
 

@@ -17,6 +17,7 @@ from chatd.interfaces import IIdentityStore, IMessageStore
 from chatd.model import (
     ChatError,
     Guard,
+    Headcount,
     Message,
     RoomAccess,
     RoomLimitReached,
@@ -66,11 +67,11 @@ class MemoryStore:
             raise ValueError("retain must be at least 1")
         self._retain = retain
         self._rooms: Dict[str, _RoomLog] = {}
-        #: Each node's client counts (nodes sharing one memory store live
-        #: in one process, so a lease never outlives its node).
-        self._presence: Dict[str, Dict[str, int]] = {}
         #: user id: {room: last read seq}
         self._read_marks: Dict[str, Dict[str, int]] = {}
+        #: Each node's users and guests per room (nodes sharing one memory
+        #: store live in one process, so a lease never outlives its node).
+        self._presence: Dict[str, Dict[str, Headcount]] = {}
         #: id: [name, password hash, disabled]
         self._users: Dict[str, List[Any]] = {}
         #: session: (user_id, csrf, expires_ms)
@@ -227,13 +228,15 @@ class MemoryStore:
                 deleted += 1
         return succeed(deleted)
 
-    def share_presence(self, node: str, clients: Dict[str, int], ttl_ms: int) -> Deferred:
-        self._presence[node] = {room: count for room, count in clients.items() if count}
-        others: Dict[str, int] = {}
-        for other, counts in self._presence.items():
+    def share_presence(self, node: str, rooms: Dict[str, Headcount], ttl_ms: int) -> Deferred:
+        self._presence[node] = {
+            room: Headcount(dict(here.users), here.guests) for room, here in rooms.items() if here.clients
+        }
+        others: Dict[str, Headcount] = {}
+        for other, leases in self._presence.items():
             if other != node:
-                for room, count in counts.items():
-                    others[room] = others.get(room, 0) + count
+                for room, here in leases.items():
+                    others.setdefault(room, Headcount()).add(here)
         return succeed(others)
 
     # -- users, sessions, invitations and API keys ---------------------------
