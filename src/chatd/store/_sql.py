@@ -249,15 +249,18 @@ class SQLStore:
 
         return self._read.runWithConnection(read)
 
-    def _access(self, conn: Any, row: Sequence[Any]) -> RoomAccess:
+    def _access(self, conn: Any, row: Sequence[Any], with_members: bool = True) -> RoomAccess:
         """
         A room's access from its row (C{id, last_seq, private, guests,
-        topic, edits}), its members and its restrictions.
+        topic, edits}), its members (unless not C{with_members}) and its
+        restrictions.
         """
         room_id, last_seq, private, guests, topic, edits = row
-        members = conn.execute(
-            self._sql("SELECT user_id, role, name FROM members WHERE room_id = ?"), (room_id,)
-        ).fetchall()
+        members = []
+        if with_members:
+            members = conn.execute(
+                self._sql("SELECT user_id, role, name FROM members WHERE room_id = ?"), (room_id,)
+            ).fetchall()
         restrictions = conn.execute(
             self._sql("SELECT user_id, action, until_ms FROM restrictions WHERE room_id = ?"),
             (room_id,),
@@ -429,13 +432,21 @@ class SQLStore:
         # The rooms whose events are checked (L{chatd.model.Guard}) or
         # settled against the room: as committed, then as each event of
         # the batch changes it.
+        # A plain post's guard needs only the room's bans and mutes; the
+        # members are read where a role counts.
         accesses: Dict[str, RoomAccess] = {}
-        for name in sorted({item[0] for item in items if item[9] is not None or item[6] == "room"}):
+        checked: Dict[str, bool] = {}
+        for item in items:
+            guard, kind = item[9], item[6]
+            if guard is not None or kind == "room":
+                roles = kind != "message" or guard is None or guard.role is not None or guard.over is not None
+                checked[item[0]] = checked.get(item[0], False) or roles
+        for name, roles in sorted(checked.items()):
             row = conn.execute(
                 self._sql("SELECT id, last_seq, private, guests, topic, edits FROM rooms WHERE id = ?"),
                 (rooms[name][0],),
             ).fetchone()
-            accesses[name] = self._access(conn, row)
+            accesses[name] = self._access(conn, row, with_members=roles)
         known = self._originals(conn, rooms, items)
         results: List[Union[Tuple[Message, bool], ChatError]] = []
         rows = []
