@@ -1130,3 +1130,56 @@ class LiveRoomInTheBrowserTests(BrowserTestCase):
             back.wait_for_function("() => !document.title.startsWith('(')")
 
         await self.in_browser(scenario)
+
+    async def test_edits_resume_after_a_restart(self) -> None:
+        """
+        Edits and deletions made while the pages were cut off reach each
+        page (WebSocket, SSE, long-poll) once, when it resumes from the
+        last seq it showed, and change the messages it shows in place.
+        """
+        from chatd.model import User
+        from chatd.store.sqlite import SQLiteStore
+
+        async def change_while_down() -> None:
+            store = SQLiteStore(os.path.join(self.folder, "chatd.sqlite3"), reactor=reactor)
+            await store.open()
+            ann = User("alice", "Alice")
+            await store.append("demo", "Alice", "edited while you were away", 9_000_000_000_000, None, ann, "edit", 1)
+            await store.append("demo", "Alice", "", 9_000_000_000_001, None, ann, "delete", 2)
+            await store.close()
+
+        def scenario(b: Browser) -> None:
+            b.expected_errors += [
+                r"ERR_CONNECTION_REFUSED", r"WebSocket connection to .* failed", r"status of 503",
+            ]
+            self.api("POST", "/api/rooms", {"name": "demo"}, "alice")
+            pages = [
+                b.open(f"/rooms/demo?token={self.token('alice')}"),
+                b.open(f"/rooms/demo/sse?token={self.token('bob')}"),
+                b.open(f"/rooms/demo/longpoll?token={self.token('carol')}"),
+            ]
+            for page in pages:
+                b.wait_connected(page)
+            b.say(pages[0], "first")
+            b.say(pages[0], "second")
+            for page in pages:
+                b.wait_messages(page, 2)
+            port = self.server.port
+            blockingCallFromThread(reactor, lambda: self.server.stop("TERM"))
+            for page in pages:
+                page.wait_for_function("() => document.getElementById('status').dataset.state === 'reconnecting'")
+            blockingCallFromThread(reactor, lambda: ensureDeferred(change_while_down()))
+            blockingCallFromThread(
+                reactor, lambda: ensureDeferred(ChatdProcess.start(self, *self.chatd_args(), port=port))
+            )
+            for page in pages:
+                page.wait_for_function(
+                    "() => document.querySelector('li.message[data-seq=\"2\"]')?.classList.contains('deleted')"
+                )
+                seen = b.messages(page)
+                assert [(m["seq"], m["body"]) for m in seen] == [
+                    (1, "edited while you were away"), (2, "message deleted"),
+                ], seen
+                assert page.locator("li.message[data-seq=\"1\"] .edited").count() == 1
+
+        await self.in_browser(scenario)
