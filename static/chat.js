@@ -10,6 +10,8 @@
 // it is asked for one before the current one expires and whenever the
 // server says it has.
 
+import {Presence, clientId} from "./presence.js";
+
 const chat = document.getElementById("chat");
 const room = chat.dataset.room;
 // "websocket" (the default order), "sse" or "longpoll" (that one only).
@@ -57,6 +59,15 @@ let token = null;            // the token connections carry, if any
 let tokenExpires = null;     // its exp (seconds)
 let refreshTimer = null;
 let mutedTimer = null;       // lifts a timed mute on this page
+// Who is here and who is typing (static/presence.js); every transport
+// asks for its frames with presenceQuery.
+const presence = new Presence({
+  myId,
+  myNick: () => (nickInput ? nickInput.value.trim() : ""),
+  send: (on) => { if (transport && transport.open) transport.typing(on); },
+});
+const clientQuery = `client=${encodeURIComponent(clientId())}`;
+const presenceQuery = `presence=1&${clientQuery}`;
 
 {
   // The page was opened with ?token=JWT (the server needed it to serve a
@@ -676,7 +687,8 @@ function retry(item) {
 }
 
 async function refreshMembers() {
-  if (stopped) return;
+  // The presence frames say it live, once they come.
+  if (stopped || presence.live) return;
   try {
     const info = await getJSON(withToken(api));
     membersEl.textContent = `${info.clients} here`;
@@ -773,8 +785,8 @@ class WebSocketTransport {
     this.name = "websocket";
     this.open = false;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const after = lastSeq === null ? "" : `?after=${lastSeq}`;
-    const url = withToken(`${scheme}://${location.host}/ws/${encodeURIComponent(room)}${after}`);
+    const after = lastSeq === null ? "" : `after=${lastSeq}&`;
+    const url = withToken(`${scheme}://${location.host}/ws/${encodeURIComponent(room)}?${after}${presenceQuery}`);
     this.token = token;
     this.ws = new WebSocket(url);
     this.ws.onopen = () => {
@@ -828,6 +840,7 @@ class WebSocketTransport {
   receive(frame) {
     if ("seq" in frame && frame.type !== "read") show(frame);
     else if (frame.type === "reset") reset(frame.first_seq);
+    else if (frame.type === "presence" || frame.type === "typing") presence.receive(frame);
     else if (frame.type === "error") {
       if (frame.client_id) failed(frame.client_id, frame.detail, frame.retry_after);
       else notice(frame.detail, "error");
@@ -836,6 +849,11 @@ class WebSocketTransport {
 
   send(item) {
     this.ws.send(JSON.stringify(payload(item)));
+  }
+
+  typing(on) {
+    const nick = nickInput ? nickInput.value.trim() || undefined : undefined;
+    this.ws.send(JSON.stringify({type: "typing", typing: on, nick}));
   }
 }
 
@@ -861,7 +879,12 @@ class LongPollTransport {
       this.open = true;
       connected();
       for (;;) {
-        const batch = await getJSON(withToken(`${api}/messages?after=${lastSeq}&timeout=25`));
+        // presence=VERSION: the presence this page has seen (a change since
+        // is answered at once).
+        const seen = `presence=${encodeURIComponent(this.seen || "1")}&${clientQuery}`;
+        const batch = await getJSON(withToken(`${api}/messages?after=${lastSeq}&timeout=25&${seen}`));
+        if (batch.presence) this.seen = batch.presence.version;
+        presence.answer(batch);
         if (batch.reset) reset(batch.first_seq);
         for (const msg of batch.messages) show(msg);
         if (batch.reset && !batch.messages.length) lastSeq = batch.last_seq;
@@ -880,6 +903,27 @@ class LongPollTransport {
 
   send(item) {
     post(item);
+  }
+
+  typing(on) {
+    postTyping(on);
+  }
+}
+
+async function postTyping(on) {
+  // Long-poll and SSE pages say they type over HTTP; a refusal (a rate
+  // limit) costs nothing but the signal.
+  const headers = {"Content-Type": "application/json", "X-CSRF-Token": csrf};
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const nick = nickInput ? nickInput.value.trim() || undefined : undefined;
+  try {
+    await fetch(`${api}/typing`, {
+      method: "POST",
+      headers,
+      body: JSON.stringify({typing: on, nick, client: clientId()}),
+    });
+  } catch (err) {
+    // Offline: the next start (or the server's expiry) sets it right.
   }
 }
 
@@ -909,8 +953,8 @@ class EventStreamTransport {
   constructor() {
     this.name = "sse";
     this.open = false;
-    const after = lastSeq === null ? "" : `?after=${lastSeq}`;
-    this.es = new EventSource(withToken(`${api}/events${after}`));
+    const after = lastSeq === null ? "" : `after=${lastSeq}&`;
+    this.es = new EventSource(withToken(`${api}/events?${after}${presenceQuery}`));
     this.dropped = null;
     this.es.onopen = () => {
       clearTimeout(this.dropped);
@@ -922,6 +966,9 @@ class EventStreamTransport {
     };
     this.es.onmessage = (event) => show(JSON.parse(event.data));
     this.es.addEventListener("reset", (event) => reset(JSON.parse(event.data).first_seq));
+    for (const kind of ["presence", "typing"]) {
+      this.es.addEventListener(kind, (event) => presence.receive(JSON.parse(event.data)));
+    }
     this.es.addEventListener("revoked", (event) => {
       this.es.close();
       const why = JSON.parse(event.data);
@@ -972,6 +1019,10 @@ class EventStreamTransport {
 
   send(item) {
     post(item);
+  }
+
+  typing(on) {
+    postTyping(on);
   }
 }
 
@@ -1031,8 +1082,10 @@ sendForm.addEventListener("submit", (event) => {
   input.value = "";
   input.style.height = "auto";
   if (nickInput) localStorage.setItem(NICK_KEY, nickInput.value.trim());
+  presence.stopTyping();
   queue(body);
 });
+presence.attach(input);
 
 olderButton.addEventListener("click", loadOlder);
 

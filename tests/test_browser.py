@@ -1183,3 +1183,146 @@ class LiveRoomInTheBrowserTests(BrowserTestCase):
                 assert page.locator("li.message[data-seq=\"1\"] .edited").count() == 1
 
         await self.in_browser(scenario)
+
+
+class PresenceInTheBrowserTests(BrowserTestCase):
+    """
+    Who is here and who is typing, on every transport's page, with users
+    who are who they say (tokens) in two browser profiles; and the "N
+    here" count's defects, each pinned.
+    """
+
+    def chatd_args(self) -> List[str]:
+        self.secret = b"browser-secret-browser-secret-0123"
+        path = os.path.join(self.folder, "secret")
+        with open(path, "wb") as f:
+            f.write(self.secret)
+        return ["--data-dir", self.folder, "--auth", "token", "--auth-secret-file", path]
+
+    def token(self, user: str) -> str:
+        from chatd.auth import mint
+
+        return mint(self.secret, user, user.title(), 3600)
+
+    async def make_room(self, name: str) -> None:
+        code, _, _ = await self.http.request(
+            "POST", "/api/rooms", data=json.dumps({"name": name}).encode("utf-8"),
+            headers={"Content-Type": ["application/json"], "Authorization": [f"Bearer {self.token('owner')}"]},
+        )
+        self.assertEqual(code, 201)
+
+    @staticmethod
+    def wait_text(page: Any, selector: str, text: str) -> None:
+        page.wait_for_function(
+            "([s, t]) => document.querySelector(s).textContent === t", arg=[selector, text]
+        )
+
+    @staticmethod
+    def close(b: Browser, page: Any) -> None:
+        """
+        Close a page (its CSP is checked first, as for every page).
+        """
+        assert page.evaluate("window.__chatd_test.violations") == []
+        b.pages.remove(page)
+        page.close()
+
+    @staticmethod
+    def here(page: Any) -> List[str]:
+        return page.eval_on_selector_all("#presence_list li.here", "els => els.map(e => e.textContent)")
+
+    async def test_two_users_see_each_other_on_every_transport(self) -> None:
+        """
+        On the WebSocket, SSE and long-poll pages alike, two users see
+        each other in the presence list and "2 here", see "… is typing…"
+        while the other types (never themselves), and see it end when the
+        other sends; the typing line is not in the message list.
+        """
+        for room in ("ws", "sse", "lp"):
+            await self.make_room(room)
+
+        def scenario(b: Browser) -> None:
+            for room, suffix in (("ws", ""), ("sse", "/sse"), ("lp", "/longpoll")):
+                alice = b.open(f"/rooms/{room}{suffix}?token={self.token('alice')}")
+                bob = b.open(f"/rooms/{room}{suffix}?token={self.token('bob')}")
+                for page in (alice, bob):
+                    b.wait_connected(page)
+                    self.wait_text(page, "#members", "2 here")
+                    page.wait_for_function("() => document.querySelectorAll('#presence_list li.here').length === 2")
+                    assert self.here(page) == ["Alice", "Bob"], (room, self.here(page))
+                    assert page.is_visible("#presence_list")
+                alice.fill("#inputbox", "hello b")
+                self.wait_text(bob, "#typing", "Alice is typing…")
+                assert alice.text_content("#typing") == "", room
+                bob.fill("#inputbox", "hi")
+                self.wait_text(alice, "#typing", "Bob is typing…")
+                self.wait_text(bob, "#typing", "Alice is typing…")
+                alice.press("#inputbox", "Enter")
+                b.wait_messages(bob, 1)
+                self.wait_text(bob, "#typing", "")
+                bob.fill("#inputbox", "")
+                self.wait_text(alice, "#typing", "")
+                assert alice.locator("#message_list li").count() == 1, room
+                for page in (alice, bob):
+                    self.close(b, page)
+
+        await self.in_browser(scenario)
+
+    async def test_here_count_defects(self) -> None:
+        """
+        Five tabs of five users (on all three transports) read the same
+        count once settled; a long-poll user does not drop out after a
+        message; one user with three tabs counts once; the count shows on
+        a phone; three typers read "3 people are typing…".
+        """
+        await self.make_room("five")
+
+        def scenario(b: Browser) -> None:
+            paths = ["", "/sse", "/longpoll", "", "/longpoll"]
+            pages = [
+                b.open(f"/rooms/five{suffix}?token={self.token(f'u{i}')}") for i, suffix in enumerate(paths)
+            ]
+            for page in pages:
+                b.wait_connected(page)
+            for page in pages:
+                self.wait_text(page, "#members", "5 here")
+            watched = pages[0]
+            watched.evaluate(
+                """() => {
+                  window.__counts = [];
+                  const el = document.getElementById('members');
+                  new MutationObserver(() => window.__counts.push(el.textContent))
+                    .observe(el, {childList: true, characterData: true, subtree: true});
+                }"""
+            )
+            for i in range(3):
+                b.say(pages[3], f"message {i}")
+            for page in pages:
+                b.wait_messages(page, 3)
+            # The long-poll pages have been answered and polled again.
+            b.say(pages[2], "from long-poll")
+            for page in pages:
+                b.wait_messages(page, 4)
+            more = [b.open(f"/rooms/five{suffix}?token={self.token('u0')}") for suffix in ("", "/longpoll")]
+            for page in more:
+                b.wait_connected(page)
+                self.wait_text(page, "#members", "5 here")
+            for page in pages:
+                self.wait_text(page, "#members", "5 here")
+            counts = watched.evaluate("window.__counts")
+            assert set(counts) <= {"5 here"}, counts
+            for page in more:
+                self.close(b, page)
+            phone = b.open(f"/rooms/five?token={self.token('u5')}", viewport={"width": 375, "height": 667})
+            b.wait_connected(phone)
+            self.wait_text(phone, "#members", "6 here")
+            box = phone.locator("#members").bounding_box()
+            assert phone.is_visible("#members") and box is not None and box["x"] + box["width"] <= 375, box
+            for page in pages[:3]:
+                page.fill("#inputbox", "typing along")
+            self.wait_text(pages[4], "#typing", "3 people are typing…")
+            self.wait_text(phone, "#typing", "3 people are typing…")
+            self.wait_text(pages[0], "#typing", "U1 and U2 are typing…")
+            self.screenshot(pages[0], "presence-desktop.png")
+            self.screenshot(phone, "presence-phone.png")
+
+        await self.in_browser(scenario)

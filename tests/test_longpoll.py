@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote_from_bytes
@@ -140,8 +141,13 @@ COMPARED = (
 )
 
 
+#: A presence version names its server's presence too: it differs.
+_PRESENCE_VERSION = re.compile(rb'"version":"[0-9a-f]{12}\.')
+
+
 def same(a: Response, b: Response) -> bool:
-    return a[0] == b[0] and a[2] == b[2] and all(a[1].get(h) == b[1].get(h) for h in COMPARED)
+    bodies = [_PRESENCE_VERSION.sub(b'"version":"TAG.', r[2]) for r in (a, b)]
+    return a[0] == b[0] and bodies[0] == bodies[1] and all(a[1].get(h) == b[1].get(h) for h in COMPARED)
 
 
 def get(target: bytes, *headers: bytes) -> bytes:
@@ -195,6 +201,7 @@ class SameAnswerTests(SynchronousTestCase):
             b"/api/rooms/lobby/messages?after=1&timeout=0&presence=1&client=tab-1",
             b"/api/rooms/lobby/messages?after=0&timeout=0&presence=1&callback=got",
             b"/api/rooms/lobby/messages?after=0&presence=maybe",
+            b"/api/rooms/lobby/messages?after=0&presence=abc.12x",
             b"/api/rooms/lobby/messages?after=0&client=two%20words",
             b"/api/rooms/lobby/messages?before=3&presence=1",
         ]:
@@ -216,11 +223,13 @@ class SameAnswerTests(SynchronousTestCase):
         """
         [(status, _, body)] = self.assertSame(get(b"/api/rooms/lobby/messages?after=3&timeout=5"), wait=5)
         self.assertEqual(json.loads(body), {"room": "lobby", "messages": [], "last_seq": 3, "reset": False})
-        [(status, _, body)] = self.assertSame(
-            get(b"/api/rooms/lobby/messages?after=3&timeout=5&presence=1"), wait=5
-        )
+        # Asking for presence, the first poll is answered at once, with it
+        # (and its version); sending that back, the next one waits.
+        [(status, _, body)] = self.assertSame(get(b"/api/rooms/lobby/messages?after=3&timeout=5&presence=1"))
+        answer = json.loads(body)
+        version = answer["presence"].pop("version")
         self.assertEqual(
-            json.loads(body),
+            answer,
             {
                 "room": "lobby",
                 "messages": [],
@@ -230,6 +239,11 @@ class SameAnswerTests(SynchronousTestCase):
                 "typing": [],
             },
         )
+        for server in (self.direct, self.klein):
+            seen = server.core.room("lobby").presence.seen
+            self.assertEqual(version.split(".")[1], seen.split(".")[1])
+            target = b"/api/rooms/lobby/messages?after=3&timeout=5&presence=" + seen.encode("ascii")
+            self.assertEqual(server.exchange(get(target)), [])
 
     @FUZZ
     @given(

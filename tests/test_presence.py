@@ -25,6 +25,7 @@ from chatd.presence import (
     presence_key,
     validate_client,
     validate_flag,
+    validate_seen,
 )
 from chatd.store.memory import MemoryStore
 
@@ -247,7 +248,10 @@ class PresenceTests(SynchronousTestCase):
         """
         fields = self.presence.poll_fields()
         self.assertIs(self.presence.poll_fields(), fields)
-        self.assertEqual(json.loads(b"{" + fields + b"}"), {"presence": {"users": [], "guests": 1}, "typing": []})
+        self.assertEqual(
+            json.loads(b"{" + fields + b"}"),
+            {"presence": {"users": [], "guests": 1, "version": self.presence.seen}, "typing": []},
+        )
         snapshot = self.presence.snapshot()
         self.presence.arrive("user:alice", ALICE)
         self.assertIsNot(self.presence.poll_fields(), fields)
@@ -256,7 +260,7 @@ class PresenceTests(SynchronousTestCase):
         self.assertEqual(
             json.loads(b"{" + self.presence.poll_fields() + b"}"),
             {
-                "presence": {"users": [ALICE.as_dict()], "guests": 1},
+                "presence": {"users": [ALICE.as_dict()], "guests": 1, "version": self.presence.seen},
                 "typing": [{"user": ALICE.as_dict(), "nick": "Alice"}],
             },
         )
@@ -458,6 +462,22 @@ class RulesTests(SynchronousTestCase):
         with self.assertRaises(ChatError) as caught:
             validate_flag("maybe", "typing", True)
         self.assertEqual((caught.exception.code, caught.exception.detail), ("invalid_parameter", "typing must be true or false."))
+
+    def test_seen(self) -> None:
+        """
+        A long-poll's presence=: a flag, or the version its last answer
+        carried (which names the presence: another's never matches).
+        """
+        presence, other = Presence("lobby"), Presence("lobby")
+        self.assertEqual(validate_seen(presence.seen), (True, presence.seen))
+        self.assertNotEqual(presence.seen, other.seen)
+        self.assertEqual([validate_seen(v) for v in (None, "0", "1")], [(False, None), (False, None), (True, None)])
+        for bad in ("2", "x.1", "abc.", "abc.1.2"):
+            self.assertRaises(ChatError, validate_seen, bad)
+        before = presence.seen
+        presence.arrive("user:alice", ALICE)
+        self.assertNotEqual(presence.seen, before)
+        self.assertEqual(json.loads(b"{" + presence.poll_fields() + b"}")["presence"]["version"], presence.seen)
 
     def test_old_leases_count_guests(self) -> None:
         """

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from chatd.auth import mint
+from chatd.web import TYPING_BURST
 
 from ._support import HTTP, WSClient
 from .test_access import SECRET, Browser, _server
@@ -185,35 +186,41 @@ class PresenceOverSocketsTests(TestCase):
 
     async def test_long_poll_carries_presence_and_is_woken(self) -> None:
         """
-        A long-poll that asks is answered when someone comes or starts
-        typing, its answer (JSON or JSONP) carrying the room's presence
-        and typing; one that does not ask waits for messages only, its
-        answers as they always were.  A long-poll user does not drop out
-        after a message.
+        A long-poll that asks for presence is answered at once the first
+        time (it has seen none), its answer carrying the room's presence,
+        typing and their version; sending that version back it waits, and
+        is answered when someone starts typing (JSON or JSONP alike).  One
+        that does not ask waits for messages only, its answers as they
+        always were.  A long-poll user does not drop out after a message.
         """
         alice = await self.ws("alice")
         token = as_user("bob")
         plain = Deferred.fromCoroutine(self.http.get_json("/api/rooms/lobby/messages?after=0&timeout=20"))
-        waiting = Deferred.fromCoroutine(
-            self.http.get_json(f"/api/rooms/lobby/messages?after=0&timeout=20&presence=1&token={token}")
-        )
+        asking = f"/api/rooms/lobby/messages?after=0&timeout=20&token={token}&presence="
+        code, first = await self.http.get_json(asking + "1")
+        self.assertEqual(code, 200)
+        self.assertEqual(first["messages"], [])
+        version = first["presence"].pop("version")
+        self.assertEqual(first["presence"], {"users": [user("alice"), user("bob")], "guests": 1})
+        self.assertEqual(first["typing"], [])
         await alice.wait_for(lambda: any(user("bob") in f.get("joined", []) for f in presence(alice)))
+        waiting = Deferred.fromCoroutine(self.http.get_json(asking + version))
+        await alice.sync()
+        self.assertNoResult(waiting)
         alice.send_json({"type": "typing"})
         code, answer = await waiting
         self.assertEqual(code, 200)
         self.assertEqual(answer["messages"], [])
-        self.assertEqual(answer["presence"], {"users": [user("alice"), user("bob")], "guests": 1})
+        self.assertNotEqual(answer["presence"]["version"], version)
         self.assertEqual(answer["typing"], [{"user": user("alice"), "nick": "Alice"}])
         self.assertNoResult(plain)
-        code, _, body = await self.http.request(
-            "GET", f"/api/rooms/lobby/messages?after=0&timeout=0&presence=1&callback=got&token={token}"
-        )
+        code, _, body = await self.http.request("GET", asking.replace("timeout=20", "timeout=0") + "1&callback=got")
         self.assertTrue(body.startswith(b"got({") and body.endswith(b"});"), body)
         self.assertEqual(json.loads(body[4:-2])["typing"], [{"user": user("alice"), "nick": "Alice"}])
         await self.http.post_json("/api/rooms/lobby/messages", {"body": "hi"})
         code, answer = await plain
         self.assertEqual(set(answer), {"room", "messages", "last_seq", "reset"})
-        # Bob's poll was answered, and he has not polled since: still here.
+        # Bob's polls were answered, and he has not polled since: still here.
         self.assertEqual(await self.headcount(), 3)
         await alice.sync()
         self.assertFalse(any(f.get("left") for f in presence(alice)))
@@ -244,8 +251,8 @@ class PresenceOverSocketsTests(TestCase):
             code, answer = await self.typing_post(None, payload, room)
             self.assertEqual((code, answer["error"]), (status, error))
             self.assertEqual(set(answer), {"error", "detail"})
-        codes = [(await self.typing_post("carol", {"typing": False}))[0] for _ in range(12)]
-        self.assertEqual(codes[:10], [204] * 10)
+        codes = [(await self.typing_post("carol", {"typing": False}))[0] for _ in range(TYPING_BURST + 2)]
+        self.assertEqual(codes[:TYPING_BURST], [204] * TYPING_BURST)
         self.assertEqual(codes[-1], 429)
 
 

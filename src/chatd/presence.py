@@ -21,7 +21,9 @@ names) and how many guests.  Listeners (the room's WebSocket and SSE
 connections that asked for it) get a snapshot when they arrive, then a
 diff whenever the union changes, and a frame whenever someone starts or
 stops typing; long-polls that asked for it are woken (at most every
-L{WAKE_SPACING} seconds) so that their answers carry the new state.
+L{WAKE_SPACING} seconds) so that their answers carry the new state, and
+one that has not seen the current state (its L{Presence.seen}) is
+answered at once.
 
 Typing: a start is accepted at most once per L{TYPING_EVERY} seconds per
 typer (more are dropped quietly), and expires L{TYPING_EXPIRES} seconds
@@ -60,6 +62,7 @@ __all__ = [
     "presence_key",
     "validate_client",
     "validate_flag",
+    "validate_seen",
 ]
 
 #: Seconds a typing start lasts unless another one comes.
@@ -84,6 +87,7 @@ MAX_TYPERS = 50
 Listener = Callable[[str, bytes], None]
 
 _CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_SEEN = re.compile(r"[0-9a-f]{1,16}\.[0-9]{1,19}\Z")
 
 _log = Logger(namespace="chatd.presence")
 
@@ -118,6 +122,25 @@ def validate_flag(value: object, name: str, default: bool) -> bool:
     if isinstance(value, str) and value.lower() in ("0", "false", "off", "no"):
         return False
     raise ChatError("invalid_parameter", f"{name} must be true or false.")
+
+
+def validate_seen(value: Optional[str]) -> Tuple[bool, Optional[str]]:
+    """
+    A long-poll's C{presence}: absent or C{0}/C{false} (not wanted),
+    C{1}/C{true} (wanted, nothing seen yet), or the C{version} of the
+    presence its last answer carried.
+
+    @return: C{(wanted, version seen)}.
+    @raise ChatError: C{invalid_parameter}.
+    """
+    if value is not None and _SEEN.match(value):
+        return True, value
+    try:
+        return validate_flag(value, "presence", False), None
+    except ChatError:
+        raise ChatError(
+            "invalid_parameter", "presence must be 1, 0, or the presence version of the last answer."
+        ) from None
 
 
 def presence_key(identity: Identity, client: Optional[str], anonymous: str) -> Optional[str]:
@@ -251,6 +274,9 @@ class Presence:
         self._woke_at = float("-inf")
         self._connections = itertools.count(1)
         self.version = 0
+        #: Tells this presence's versions apart from another's (another
+        #: node's, another life of this one's).
+        self._tag = f"{id(self) & 0xFFFFFFFFFFFF:012x}"
         self._snapshot: Tuple[int, bytes] = (-1, b"")
         self._fields: Tuple[int, bytes] = (-1, b"")
 
@@ -311,6 +337,17 @@ class Presence:
             self._snapshot = (self.version, body)
         return body
 
+    @property
+    def seen(self) -> str:
+        """
+        What a long-poll answer calls this state (its C{presence.version}):
+        a poll that sends it back is answered when it changes, one that
+        sends another at once.  It names this presence as well as its
+        version, so a client that moves to another node is answered there
+        at once too.
+        """
+        return f"{self._tag}.{self.version}"
+
     def poll_fields(self) -> bytes:
         """
         A long-poll answer's C{"presence": {...}, "typing": [...]} (the
@@ -319,7 +356,9 @@ class Presence:
         """
         version, body = self._fields
         if version != self.version:
-            here = encode_json({"users": [u.as_dict() for u in self.users], "guests": self._shown_guests})
+            here = encode_json(
+                {"users": [u.as_dict() for u in self.users], "guests": self._shown_guests, "version": self.seen}
+            )
             typing = encode_json([t.as_dict() for t in self._typers.values()])
             body = b'"presence":' + here + b',"typing":' + typing
             self._fields = (self.version, body)

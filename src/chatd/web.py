@@ -86,7 +86,14 @@ from chatd.model import (
     validate_display_name,
     validate_user_id,
 )
-from chatd.presence import POLL_GRACE, STREAM_GRACE, Visit, validate_client, validate_flag
+from chatd.presence import (
+    POLL_GRACE,
+    STREAM_GRACE,
+    Visit,
+    validate_client,
+    validate_flag,
+    validate_seen,
+)
 from chatd.room import Room
 from chatd.sse import EventStream
 
@@ -94,9 +101,11 @@ __all__ = ["ChatWeb", "MAX_REQUEST_BODY", "canonical_origin", "make_environment"
 
 DEFAULT_LIMIT = 100
 #: POST /api/rooms/<room>/typing: a burst of this many, then this many a
-#: second, per user (per IP for guests).  A page sends one every few seconds.
-TYPING_BURST = 10
-TYPING_PER_SECOND = 2.0
+#: second, per user (per IP for guests, who may be many behind one).  A
+#: page sends one every few seconds; a typer's starts are limited again in
+#: the room (chatd.presence).
+TYPING_BURST = 30
+TYPING_PER_SECOND = 5.0
 MAX_LIMIT = 1000
 DEFAULT_TIMEOUT = 25.0
 MAX_TIMEOUT = 60.0
@@ -445,21 +454,28 @@ class _PresentBodies:
 
 class _PollPresence(NamedTuple):
     """
-    A long-poll's presence parameters: C{presence=1} (woken by changes,
-    answers carry the room's presence and typing) and C{client=ID} (the
-    guest browser it belongs to).
+    A request's presence parameters: C{presence=1} (presence and typing
+    wanted: a long-poll's answers carry them, and it is woken by changes)
+    or, on a long-poll, C{presence=VERSION} (the version its last answer
+    carried: a poll that has not seen the current one is answered at
+    once); and C{client=ID} (the guest browser it belongs to).
     """
 
     wanted: bool
     client: Optional[str]
+    seen: Optional[str] = None
 
 
-def _presence_query(request: IRequest) -> _PollPresence:
+def _presence_query(request: IRequest, poll: bool = False) -> _PollPresence:
     """
     @raise ChatError: C{invalid_parameter}.
     """
-    wanted = validate_flag(_query(request, "presence"), "presence", False)
-    return _PollPresence(wanted, validate_client(_query(request, "client")))
+    value = _query(request, "presence")
+    if poll:
+        wanted, seen = validate_seen(value)
+    else:
+        wanted, seen = validate_flag(value, "presence", False), None
+    return _PollPresence(wanted, validate_client(_query(request, "client")), seen)
 
 
 class _MessagesQuery(NamedTuple):
@@ -582,6 +598,10 @@ class _Poll:
 
         anonymous = "ip:" + _ip(self._request)
         self._visit = web._core.arrive(found, identity, here.client, anonymous, None, wake)
+        if wake is not None and here.seen != found.presence.seen:
+            # It has not seen this state (its first poll, or a change came
+            # between its last answer and this poll): answered now.
+            wake()
 
     def _done(self) -> bool:
         waiting, self._waiting = self._waiting, False
@@ -1626,7 +1646,7 @@ class ChatWeb:
 
     def _get_messages(self, identity: Identity, room: Room, request: IRequest) -> Deferred:
         query = _messages_query(request)
-        here = _presence_query(request)
+        here = _presence_query(request, poll=True)
         if query.before is not None:
             d = self._core.read_before(room.name, query.before, query.limit, identity)
             return d.addCallback(self._respond_batch, request)
@@ -1664,7 +1684,7 @@ class ChatWeb:
                 raise _NotNow()
             self._core.admit(self._core.room(room), identity)
             query = _messages_query(request)
-            here = _presence_query(request)
+            here = _presence_query(request, poll=True)
             if query.before is not None:
                 raise _NotNow()
         except Exception:
