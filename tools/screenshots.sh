@@ -1,5 +1,5 @@
 #!/bin/sh
-# Regenerate docs/screenshots/*.png (room list and chat page, desktop and
+# Regenerate docs/screenshots/*.png (room list, chat page and a moderated room, desktop and
 # phone width) from the browser tests, which save them when
 # CHATD_SCREENSHOTS is set. Run from the checkout with chatd installed.
 set -e
