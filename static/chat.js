@@ -22,7 +22,6 @@ const input = document.getElementById("inputbox");
 const nickInput = document.getElementById("nick");
 const statusEl = document.getElementById("status");
 const transportEl = document.getElementById("transport");
-const membersEl = document.getElementById("members");
 const olderButton = document.getElementById("load_older");
 const sendForm = document.getElementById("send");
 const myId = chat.dataset.user || null;
@@ -686,24 +685,12 @@ function retry(item) {
   if (transport && transport.open) transport.send(item);
 }
 
-async function refreshMembers() {
-  // The presence frames say it live, once they come.
-  if (stopped || presence.live) return;
-  try {
-    const info = await getJSON(withToken(api));
-    membersEl.textContent = `${info.clients} here`;
-  } catch (err) {
-    // The status already says we are disconnected.
-  }
-}
-
 function connected() {
   attempts = 0;
   reconnectNow.hidden = true;
   setStatus("connected", "connected");
   transportEl.textContent = transport.name;
   for (const item of pending.values()) transport.send(item);
-  refreshMembers();
 }
 
 function stop(text) {
@@ -1318,6 +1305,5 @@ window.addEventListener("focus", refreshSidebar);
 setInterval(refreshSidebar, 10000);
 refreshSidebar();
 
-setInterval(refreshMembers, 20000);
 scheduleRefresh();
 connect();

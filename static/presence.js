@@ -50,7 +50,6 @@ export class Presence {
     this.users = new Map();   // id -> name
     this.guests = 0;
     this.typers = new Map();  // key -> {user, nick, timer}
-    this.live = false;        // a presence frame or answer has come
     this.typing = false;      // this page said it is typing
     this.sentAt = 0;
     this.countEl = document.getElementById("members");
@@ -71,7 +70,6 @@ export class Presence {
         for (const id of frame.left || []) this.users.delete(id);
       }
       this.guests = frame.guests;
-      this.live = true;
       this.render();
     } else if (frame.type === "typing") {
       this.typed(frame, frame.typing);
@@ -86,7 +84,6 @@ export class Presence {
     this.guests = batch.presence.guests;
     this.clearTypers();
     for (const typer of batch.typing || []) this.typed(typer, true);
-    this.live = true;
     this.render();
   }
 

@@ -532,11 +532,19 @@ class AcrossCoresTests(SynchronousTestCase):
         Bob on B shows on A once both have shared their leases; API keys
         are no one.
         """
-        on_a = Frames()
+        on_a, bot = Frames(), Frames()
         self.a.arrive(self.a.room("lobby"), GUEST, listener=on_a)
-        self.assertIsNone(self.b.arrive(self.b.room("lobby"), Identity(None, "key", key="k1")))
+        key = Identity(None, "key", key="k1")
+        self.assertIsNone(self.b.arrive(self.b.room("lobby"), key))
+        # An API key may listen all the same.
+        listening = self.a.arrive(self.a.room("lobby"), key, listener=bot)
+        assert listening is not None
+        self.assertRaises(ChatError, self.a.typing, self.a.room("lobby"), key, True, visit=listening)
         self.b.arrive(self.b.room("lobby"), Identity(BOB, "token"))
         self.successResultOf(self.b.share_presence("b", 15))
         self.successResultOf(self.a.share_presence("a", 15))
         self.assertEqual(on_a.of("presence")[-1], {**diff([BOB], [], 1)})
+        self.assertEqual(bot.frames, [("presence", {"type": "presence", "room": "lobby", "users": [], "guests": 1})] + [("presence", diff([BOB], [], 1))])
+        self.assertEqual(self.a.room("lobby").clients, 2)
+        listening.leave()
         self.assertEqual(self.a.room("lobby").clients, 2)

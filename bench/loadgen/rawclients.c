@@ -7,7 +7,9 @@
  *       on its own keep-alive socket, and a sender POSTing "P<i>" at RATE a
  *       second; latency is from a POST being written to an answer holding it
  *       being read.  (node spent ~40 us per answer-and-ask-again: with a
- *       thousand pollers it saturated its core.)
+ *       thousand pollers it saturated its core.)  With RAWCLIENTS_PRESENCE=1
+ *       in the environment each poller also asks for the room's presence
+ *       (&presence=VERSION, the last answer's, and a client id of its own).
  *
  *   rawclients latency HOST PORT[,PORT...] PATH RECEIVERS RATE DURATION
  *       R WebSocket receivers and one sender of "L<i>" messages at RATE a
@@ -68,10 +70,12 @@ typedef struct {
     long cursor;
     char *buf;
     size_t len, cap;
+    char seen[64]; /* the presence version of the last answer (RAWCLIENTS_PRESENCE) */
 } conn_t;
 
 static const char *host, *room;
 static int port;
+static int with_presence;
 
 static int dial(void) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -97,11 +101,13 @@ static void write_all(int fd, const char *data, size_t len) {
 }
 
 static void ask(conn_t *c) {
-    char req[512];
+    char req[512], extra[128] = "";
+    if (with_presence)
+        snprintf(extra, sizeof extra, "&presence=%s&client=c%d", c->seen[0] ? c->seen : "1", c->fd);
     int n = snprintf(req, sizeof req,
-                     "GET /api/rooms/%s/messages?after=%ld&timeout=30&limit=1000 HTTP/1.1\r\n"
+                     "GET /api/rooms/%s/messages?after=%ld&timeout=30&limit=1000%s HTTP/1.1\r\n"
                      "Host: %s:%d\r\n\r\n",
-                     room, c->cursor, host, port);
+                     room, c->cursor, extra, host, port);
     write_all(c->fd, req, (size_t)n);
 }
 
@@ -202,6 +208,14 @@ static void got(double t, const char *body, size_t len, conn_t *c) {
         long seq = strtol(p, NULL, 10);
         if (seq > c->cursor) c->cursor = seq;
     }
+    const char *v = memmem(body, len, "\"version\":\"", 11);
+    if (v) {
+        v += 11;
+        size_t k = 0;
+        while (v + k < end && v[k] != '"' && k + 1 < sizeof c->seen) k++;
+        memcpy(c->seen, v, k);
+        c->seen[k] = 0;
+    }
 }
 
 static double cpu_seconds(void) {
@@ -270,6 +284,7 @@ static void send_frame(long i) {
 }
 
 static int longpoll_main(char **argv) {
+    with_presence = getenv("RAWCLIENTS_PRESENCE") != NULL;
     host = argv[1];
     port = atoi(argv[2]);
     room = argv[3];

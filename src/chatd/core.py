@@ -1129,13 +1129,13 @@ class ChatCore:
         (None: a key of the connection's own).  See L{Presence.arrive} for
         C{listener} and C{wake}.
 
-        @return: the L{Visit} to leave once the connection ends; None for
-            an API key, which is no one here.
+        @return: the L{Visit} to leave once the connection ends; an API
+            key is no one here, and gets one only to listen (or None).
         """
         presence = room.presence
         key = presence_key(identity, client, anonymous or presence.anonymous_key())
         if key is None:
-            return None
+            return None if listener is None and wake is None else presence.listen(listener, wake)
         return presence.arrive(key, identity.user, listener, wake)
 
     def typing(
@@ -1165,7 +1165,7 @@ class ChatCore:
             mute = room.access.restricted("mute", user.id, self._now_ms())
             if mute is not None:
                 raise muted(room.name, mute[0])
-        if visit is not None:
+        if visit is not None and visit.key:
             return visit.typing(on, name)
         key = presence_key(identity, client, anonymous)
         if key is None:

@@ -411,7 +411,18 @@ class Presence:
             self._user_here(user)
         if entry is not None:
             entry.visits += 1
-        visit = Visit(self, key, user, counted)
+        return self._register(Visit(self, key, user, counted), listener, wake)
+
+    def listen(self, listener: Optional[Listener] = None, wake: Optional[Callable[[], None]] = None) -> Visit:
+        """
+        L{arrive} for a connection that is no one here (an API key's): it
+        hears and is woken like the others, and is not counted.
+        """
+        return self._register(Visit(self, "", None, False), listener, wake)
+
+    def _register(
+        self, visit: Visit, listener: Optional[Listener], wake: Optional[Callable[[], None]]
+    ) -> Visit:
         if listener is not None:
             self._listeners[visit] = listener
             self._tell(visit, listener, "presence", self.snapshot())
