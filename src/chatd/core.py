@@ -1232,10 +1232,15 @@ class ChatCore:
     def _read_cache(self, room: Room, after: Optional[int], limit: int) -> Optional[Batch]:
         """
         L{_read} from the room's cache, or None when the cursor is not in
-        it (older than the cache, or ahead of this node).
+        it (older than the cache, or ahead of this node), or is at this
+        node's last seq while the store holds more.
         """
         if after is None:
             after = room.last_seq
+        if after == room.last_seq and room.behind:
+            # The store holds more than this node has delivered yet (a
+            # fill is under way): the cache would answer nothing.
+            return None
         if 0 <= after <= room.last_seq:
             return room.cached_batch(after, limit)
         return None
