@@ -9,6 +9,10 @@ frames are a JSON object C{{"type": "message", "nick": ..., "body": ...,
 ...}} (a fresh token, before the connection's expires), or plain text,
 which is taken as a message body.
 
+With C{?presence=1} a connection also gets C{presence} and C{typing}
+frames (L{chatd.presence}), and may send C{{"type": "typing"}} (C{"typing":
+false} to stop).
+
 Who the client is comes from the handshake, by the rules every transport
 shares (L{chatd.auth.Authenticator}): C{?token=}, C{Authorization: Bearer},
 or the session cookie.
