@@ -985,12 +985,10 @@ class FailedSendTests(BrowserTestCase):
         await self.in_browser(scenario)
 
 
-class LiveRoomInTheBrowserTests(BrowserTestCase):
+class TokenUsersTestCase(BrowserTestCase):
     """
-    --auth token: Alice owns a room; Bob reads it over SSE, Carol over
-    long-poll, Alice over WebSocket.  Edits, deletions, the topic, a mute,
-    a kick and a ban reach every page live; unread counts and the "new
-    messages" divider follow what each has read.
+    chatd with --auth token, and tokens for any user (named after their
+    id) signed with its secret.
     """
 
     def chatd_args(self) -> List[str]:
@@ -1004,6 +1002,15 @@ class LiveRoomInTheBrowserTests(BrowserTestCase):
         from chatd.auth import mint
 
         return mint(self.secret, user, user.title(), 3600)
+
+
+class LiveRoomInTheBrowserTests(TokenUsersTestCase):
+    """
+    --auth token: Alice owns a room; Bob reads it over SSE, Carol over
+    long-poll, Alice over WebSocket.  Edits, deletions, the topic, a mute,
+    a kick and a ban reach every page live; unread counts and the "new
+    messages" divider follow what each has read.
+    """
 
     def api(self, method: str, path: str, payload: Any, user: str) -> Any:
         """
@@ -1185,24 +1192,12 @@ class LiveRoomInTheBrowserTests(BrowserTestCase):
         await self.in_browser(scenario)
 
 
-class PresenceInTheBrowserTests(BrowserTestCase):
+class PresenceInTheBrowserTests(TokenUsersTestCase):
     """
     Who is here and who is typing, on every transport's page, with users
     who are who they say (tokens) in two browser profiles; and the "N
     here" count's defects, each pinned.
     """
-
-    def chatd_args(self) -> List[str]:
-        self.secret = b"browser-secret-browser-secret-0123"
-        path = os.path.join(self.folder, "secret")
-        with open(path, "wb") as f:
-            f.write(self.secret)
-        return ["--data-dir", self.folder, "--auth", "token", "--auth-secret-file", path]
-
-    def token(self, user: str) -> str:
-        from chatd.auth import mint
-
-        return mint(self.secret, user, user.title(), 3600)
 
     async def make_room(self, name: str) -> None:
         code, _, _ = await self.http.request(
