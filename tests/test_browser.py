@@ -718,10 +718,10 @@ class AccountsInTheBrowserTests(BrowserTestCase):
         await self.in_browser(scenario)
 
 
-class TokenInTheBrowserTests(BrowserTestCase):
+class TokenUsersTestCase(BrowserTestCase):
     """
-    --auth token: the chat page takes its token from the URL's fragment,
-    and asks the embedding application's hook for fresh ones.
+    chatd with --auth token, and tokens for any user (named after their
+    id) signed with its secret.
     """
 
     def chatd_args(self) -> List[str]:
@@ -730,6 +730,18 @@ class TokenInTheBrowserTests(BrowserTestCase):
         with open(path, "wb") as f:
             f.write(self.secret)
         return ["--data-dir", self.folder, "--auth", "token", "--auth-secret-file", path]
+
+    def token(self, user: str) -> str:
+        from chatd.auth import mint
+
+        return mint(self.secret, user, user.title(), 3600)
+
+
+class TokenInTheBrowserTests(TokenUsersTestCase):
+    """
+    --auth token: the chat page takes its token from the URL's fragment,
+    and asks the embedding application's hook for fresh ones.
+    """
 
     async def test_fragment_token_and_refresh_hook(self) -> None:
         """
@@ -983,25 +995,6 @@ class FailedSendTests(BrowserTestCase):
             assert page.is_hidden("#reconnect_now")
 
         await self.in_browser(scenario)
-
-
-class TokenUsersTestCase(BrowserTestCase):
-    """
-    chatd with --auth token, and tokens for any user (named after their
-    id) signed with its secret.
-    """
-
-    def chatd_args(self) -> List[str]:
-        self.secret = b"browser-secret-browser-secret-0123"
-        path = os.path.join(self.folder, "secret")
-        with open(path, "wb") as f:
-            f.write(self.secret)
-        return ["--data-dir", self.folder, "--auth", "token", "--auth-secret-file", path]
-
-    def token(self, user: str) -> str:
-        from chatd.auth import mint
-
-        return mint(self.secret, user, user.title(), 3600)
 
 
 class LiveRoomInTheBrowserTests(TokenUsersTestCase):
