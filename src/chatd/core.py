@@ -331,12 +331,20 @@ class ChatCore:
         @raise ChatError: as L{admit}, and C{muted}.
         """
         self.admit(room, identity)
-        user = identity.user
-        if user is not None and room.access.mutes:
-            mute = room.access.restricted("mute", user.id, self._now_ms())
-            if mute is not None:
-                raise muted(room.name, mute[0])
+        mute = self.mute_of(room, identity)
+        if mute is not None:
+            raise muted(room.name, mute[0])
         return room
+
+    def mute_of(self, room: Room, identity: Identity) -> Optional[Tuple[Optional[int]]]:
+        """
+        C{(until_ms,)} while C{identity}'s user is muted in C{room}
+        (C{until_ms} None: until lifted), else None.
+        """
+        user_id = identity.user_id
+        if user_id is None or not room.access.mutes:
+            return None
+        return room.access.restricted("mute", user_id, self._now_ms())
 
     def visible(self, room: Room, identity: Identity) -> bool:
         """
@@ -1160,11 +1168,10 @@ class ChatCore:
         """
         user = identity.user
         name = user.name if user is not None else validate_nick(nick)
-        if on and user is not None and room.access.mutes:
+        mute = self.mute_of(room, identity) if on else None
+        if mute is not None:
             # A muted user's typing would be words to everyone.
-            mute = room.access.restricted("mute", user.id, self._now_ms())
-            if mute is not None:
-                raise muted(room.name, mute[0])
+            raise muted(room.name, mute[0])
         if visit is not None and visit.key:
             return visit.typing(on, name)
         key = presence_key(identity, client, anonymous)

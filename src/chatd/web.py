@@ -1478,11 +1478,8 @@ class ChatWeb:
         L{_room_info} for C{identity}, with its read markers C{marks}.
         """
         read = None if identity.user is None else marks.get(room.name, 0)
-        muted = None
-        if identity.user is not None:
-            mute = room.access.restricted("mute", identity.user.id, int(self._clock.seconds() * 1000))
-            if mute is not None:
-                muted = {"until": None if mute[0] is None else mute[0] / 1000.0}
+        mute = self._core.mute_of(room, identity)
+        muted = None if mute is None else {"until": None if mute[0] is None else mute[0] / 1000.0}
         return _room_info(room, _role(room, identity), read, muted)
 
     # -- members API -----------------------------------------------------------
