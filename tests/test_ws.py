@@ -2,6 +2,7 @@
 Unit tests for L{chatd.ws} that need no socket.
 """
 
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -10,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from chatd.core import ChatCore
 from chatd.store.memory import MemoryStore
-from chatd.ws import ChatWebSocketFactory, frame_limit
+from chatd.ws import ChatWebSocketFactory, ChatWebSocketProtocol, frame_limit
 
 
 class FactoryTests(SynchronousTestCase):
@@ -144,3 +145,74 @@ class SendTests(SynchronousTestCase):
         self.assertEqual(written[0][0], "write")
         self.assertIn(b'{"type":"pong","id":7}', written[0][1])
         self.assertEqual(written[1], ("queue", protocol.factory.frame(message)))
+
+
+class ConfiguredTests(SynchronousTestCase):
+    """
+    The factory's protocol options live on its protocol class
+    (L{chatd.ws.configured}), not on each connection: what that relies on
+    in Autobahn, and that every connection still sees every option.
+    """
+
+    def open(self, factory: ChatWebSocketFactory) -> ChatWebSocketProtocol:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        transport.registerProducer(_NoProducer(), True)
+        self.addCleanup(lambda: protocol.state == protocol.STATE_CLOSED or protocol.connectionLost(Failure(ConnectionDone())))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(HANDSHAKE)
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        return protocol
+
+    def factory(self) -> ChatWebSocketFactory:
+        core = ChatCore(MemoryStore(), Clock())
+        core.start()
+        factory = ChatWebSocketFactory(core, clock=Clock(), auto_ping=0)
+        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        return factory
+
+    def test_autobahn_copies_config_attrs_only(self) -> None:
+        """
+        What the seam relies on: Autobahn copies exactly the names in a
+        protocol's C{CONFIG_ATTRS} from its factory onto a connection that
+        lacks them (a plain Autobahn protocol gets every one of them in its
+        own dict), and each is an attribute of the factory.
+        """
+        factory = WebSocketServerFactory()
+        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        factory.protocol = WebSocketServerProtocol
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            self.assertIn(name, vars(protocol))
+            self.assertEqual(getattr(protocol, name), getattr(factory, name))
+
+    def test_options_on_the_class(self) -> None:
+        """
+        A chatd connection has every option of its factory, read from its
+        class: none is copied into its own dict (but C{trackTimings}, which
+        Autobahn may set itself), and a function stays a function.
+        """
+        factory = self.factory()
+        protocol = self.open(factory)
+        self.assertIsInstance(protocol, ChatWebSocketProtocol)
+        self.assertEqual(type(protocol).CONFIG_ATTRS, ())
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            self.assertEqual(getattr(protocol, name), getattr(factory, name), name)
+        copied = set(vars(protocol)) & set(WebSocketServerProtocol.CONFIG_ATTRS)
+        self.assertLessEqual(copied, {"trackTimings"})
+        self.assertIs(protocol.perMessageCompressionAccept, factory.perMessageCompressionAccept)
+
+    def test_options_changed_later(self) -> None:
+        """
+        Options set after the factory was made reach the connections made
+        after that, as Autobahn's own copies would.
+        """
+        factory = self.factory()
+        factory.setProtocolOptions(maxFramePayloadSize=1234, autoPingInterval=7)
+        protocol = self.open(factory)
+        self.assertEqual(protocol.maxFramePayloadSize, 1234)
+        self.assertEqual(protocol.autoPingInterval, 7)
+        factory.resetProtocolOptions()
+        self.assertEqual(factory.buildProtocol(None).maxFramePayloadSize, factory.maxFramePayloadSize)

@@ -129,6 +129,12 @@ class Metrics:
             self.connections.labels(transport)
             self.posted.labels(transport)
             self.delivered.labels(transport)
+        # The children every connection and every delivery counts in,
+        # looked up once (labels() takes the metric's lock).
+        self.websocket_connections = self.connections.labels("websocket")
+        self.websocket_posted = self.posted.labels("websocket")
+        self._delivered_websocket = self.delivered.labels("websocket")
+        self._delivered_longpoll = self.delivered.labels("longpoll")
 
     def watch_waiters(self, count: Callable[[], int]) -> None:
         """
@@ -153,9 +159,9 @@ class Metrics:
 
     def delivered_to(self, subscribers: int, waiters: int, seconds: Optional[float]) -> None:
         if subscribers:
-            self.delivered.labels("websocket").inc(subscribers)
+            self._delivered_websocket.inc(subscribers)
         if waiters:
-            self.delivered.labels("longpoll").inc(waiters)
+            self._delivered_longpoll.inc(waiters)
         if seconds is not None:
             # Only for this node's own posts: a message from another node
             # arrived at this one at a time this node does not know.

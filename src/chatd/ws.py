@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, Dict, List, Optional, Set, cast
+from typing import Any, Dict, List, Optional, Set, Type, TypeVar, cast
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import (
@@ -54,7 +54,7 @@ from chatd.model import (
 from chatd.presence import Visit, validate_client, validate_flag
 from chatd.room import Subscription
 
-__all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "frame_limit"]
+__all__ = ["ChatWebSocketFactory", "ChatWebSocketProtocol", "configured", "frame_limit"]
 
 # RFC 6455 close codes.
 CLOSE_GOING_AWAY = 1001
@@ -108,6 +108,32 @@ def frame_limit(max_body: int) -> int:
     (each character up to 6 bytes once JSON-escaped) and its other fields.
     """
     return max(64 * 1024, 6 * max_body + 4096)
+
+
+_P = TypeVar("_P", bound=WebSocketServerProtocol)
+
+
+def configured(base: Type[_P], factory: WebSocketServerFactory) -> Type[_P]:
+    """
+    A subclass of protocol class C{base} that holds C{factory}'s protocol
+    options (C{setProtocolOptions}) as class attributes, and whose
+    C{CONFIG_ATTRS} is empty.
+
+    Autobahn copies every name in a protocol's public C{CONFIG_ATTRS}
+    from its factory onto each new connection, unless the connection
+    already has it, and formats the whole list for a debug log line
+    whether or not debug logging is on (C{_connectionMade}).  That
+    formatting was a fifth of the server's CPU per connection in a
+    reconnect storm, and the 29 copies a quarter of an idle connection's
+    instance dict.  The protocol reads the same values from its class
+    instead: one copy per factory.  (C{tests.test_ws.ConfiguredTests}
+    pins what this relies on.)
+    """
+    # Each value as it is: a function (perMessageCompressionAccept) is
+    # not made a method of the connection.
+    options = {name: staticmethod(getattr(factory, name)) for name in WebSocketServerProtocol.CONFIG_ATTRS}
+    subclass = type(base.__name__, (base,), {**options, "CONFIG_ATTRS": (), "__module__": base.__module__})
+    return cast(Type[_P], subclass)
 
 
 class ChatWebSocketProtocol(WebSocketServerProtocol):
@@ -719,6 +745,8 @@ class ChatWebSocketFactory(WebSocketServerFactory):
     """
 
     protocol = ChatWebSocketProtocol  # type: ignore[assignment]
+    #: The class L{configured} subclasses with this factory's options.
+    base_protocol: Type[ChatWebSocketProtocol] = ChatWebSocketProtocol
 
     def __init__(
         self,
@@ -769,6 +797,18 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         self._last_signal: Optional[bytes] = None
         self._last_signal_frame = b""
 
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        """
+        Autobahn's, and the protocol class that holds the options
+        (L{configured}).
+        """
+        super().setProtocolOptions(*args, **kwargs)
+        self.protocol = configured(self.base_protocol, self)
+
+    def resetProtocolOptions(self) -> None:
+        super().resetProtocolOptions()
+        self.protocol = configured(self.base_protocol, self)
+
     def prepared(self, message: Message) -> PreparedMessage:
         """
         C{message} framed for sending (C{prepareMessage}).  The core offers
@@ -806,13 +846,13 @@ class ChatWebSocketFactory(WebSocketServerFactory):
     def opened(self, protocol: ChatWebSocketProtocol) -> None:
         self.connections.add(protocol)
         if self.metrics is not None:
-            self.metrics.connections.labels("websocket").inc()
+            self.metrics.websocket_connections.inc()
 
     def closed(self, protocol: ChatWebSocketProtocol) -> None:
         if protocol in self.connections:
             self.connections.discard(protocol)
             if self.metrics is not None:
-                self.metrics.connections.labels("websocket").dec()
+                self.metrics.websocket_connections.dec()
 
     def connection_lost(self, transport: Any) -> None:
         """
@@ -824,7 +864,7 @@ class ChatWebSocketFactory(WebSocketServerFactory):
 
     def posted(self) -> None:
         if self.metrics is not None:
-            self.metrics.posted.labels("websocket").inc()
+            self.metrics.websocket_posted.inc()
 
     def rejected(self, reason: str) -> None:
         if self.metrics is not None:
