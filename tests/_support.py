@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import treq
+from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
@@ -33,6 +34,7 @@ from chatd.service import ChatService
 from chatd.store.memory import MemoryStore
 from chatd.tap import Options, makeService
 from chatd.web import ChatWeb, make_environment
+from chatd.ws import ChatWebSocketFactory
 
 
 def make_web(
@@ -40,10 +42,13 @@ def make_web(
     rooms: Sequence[str] = (),
     limits: Optional[Callable[[Clock], Limits]] = None,
     store: Optional[IMessageStore] = None,
+    websocket: bool = False,
 ) -> Tuple[ChatCore, ChatWeb, Clock]:
     """
     A chat core on a fake clock with its web adapter, for StubTreq (or a
-    site on the same clock), with the limits C{limits(clock)} makes.
+    site on the same clock), with the limits C{limits(clock)} makes; with
+    C{websocket}, its C{/ws/} upgrades go to chatd's WebSocket factory (on
+    the same clock) as they do in chatd.
     """
     clock = Clock()
     clock.advance(1_700_000_000)
@@ -57,7 +62,13 @@ def make_web(
     templates = find_data_dir("templates")
     static = find_data_dir("static")
     assert templates is not None and static is not None
-    web = ChatWeb(core, make_environment(templates), static, Resource())
+    upgrades: Any = Resource()
+    if websocket:
+        factory = ChatWebSocketFactory(core, clock=clock, auto_ping=0)
+        # Autobahn's handshake timers run on the global reactor.
+        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        upgrades = WebSocketResource(factory)
+    web = ChatWeb(core, make_environment(templates), static, upgrades)
     return core, web, clock
 
 

@@ -691,3 +691,80 @@ class PipelineFloodTests(TestCase):
             flood.transport.loseConnection()
             await flood.lost
 
+
+
+def upgrade(target: bytes, *headers: bytes) -> bytes:
+    return get(
+        target,
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+        *headers,
+    )
+
+
+class SameUpgradeTests(SynchronousTestCase):
+    """
+    A WebSocket upgrade handed to Autobahn at the site's root
+    (L{chatd.web.ChatWeb.websocket_now}) and through Klein's route: the
+    same handshake answer and the same first frames, or the same refusal.
+    """
+
+    def setUp(self) -> None:
+        self.servers = []
+        for klein in (False, True):
+            core, web, clock = make_web(rooms=["lobby"], websocket=True)
+            web.ready = True
+            site = ChatSite(web.app.resource() if klein else web.resource(), reactor=clock)
+            site.startFactory()
+            for i in range(3):
+                core.post("lobby", "ann", f"m{i}", None, None)
+            self.servers.append((site, clock))
+
+    def exchange(self, raw: bytes) -> List[bytes]:
+        answers = []
+        for site, clock in self.servers:
+            channel = site.buildProtocol(PEER)
+            transport = StringTransport(peerAddress=PEER)
+            # As a TCP transport has it: Autobahn's resource hands the
+            # connection on by replacing it.
+            transport.protocol = channel
+            channel.makeConnection(transport)
+            channel.dataReceived(raw)
+            clock.advance(0)
+            # The date differs by a second at most; nothing else may.
+            answers.append(re.sub(rb"(?im)^date: .*$", b"date: -", transport.value()))
+            transport.protocol.connectionLost(Failure(ConnectionDone()))
+        return answers
+
+    def test_same_answers(self) -> None:
+        """
+        Accepted upgrades (resuming, or not) and refused ones: the same
+        bytes either way.
+        """
+        for raw in [
+            upgrade(b"/ws/lobby"),
+            upgrade(b"/ws/lobby?after=1"),
+            upgrade(b"/ws/lobby?after=x"),
+            upgrade(b"/ws/lobby?after=" + b"9" * 5000),
+            upgrade(b"/ws/lobby?presence=maybe"),
+            upgrade(b"/ws/lobby?token=nonsense"),
+            upgrade(b"/ws/nowhere"),
+            upgrade(b"/ws/lo%62by"),
+            upgrade(b"/ws/lobby", b"Origin: http://chatd.test"),
+            get(b"/ws/lobby"),
+        ]:
+            direct, klein = self.exchange(raw)
+            self.assertEqual(direct, klein, raw)
+            self.assertTrue(direct.startswith(b"HTTP/1.1 "), direct)
+
+    def test_accepted_at_the_root(self) -> None:
+        """
+        An upgrade the root can accept at once is Autobahn's: it switches
+        protocols and sends the history asked for.
+        """
+        direct, _ = self.exchange(upgrade(b"/ws/lobby?after=1"))
+        self.assertIn(b"101 Switching Protocols", direct)
+        self.assertIn(b'"body":"m1"', direct)
+        self.assertNotIn(b'"body":"m0"', direct)

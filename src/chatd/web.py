@@ -727,8 +727,9 @@ class _Root(Resource):
     by another site's page (L{ChatWeb.check_request}), URLs that are not
     UTF-8 with a JSON 400 (Klein would answer them with a bare text page),
     and everything but C{/healthz} with a 503 until chatd is ready; sends
-    long-poll GETs straight to their handler (L{ChatWeb.long_poll});
-    routes the rest through Klein.
+    long-poll GETs straight to their handler (L{ChatWeb.long_poll}), and
+    WebSocket upgrades it can accept at once straight to Autobahn
+    (L{ChatWeb.websocket_now}); routes the rest through Klein.
     """
 
     isLeaf = True
@@ -757,6 +758,18 @@ class _Root(Resource):
             # ASCII, so werkzeug would read the segment as it is.
             if web.ready:
                 return web.long_poll(request, postpath[2].decode("ascii"))
+        elif (
+            request.method == b"GET"
+            and len(postpath) == 2
+            and postpath[0] == b"ws"
+            and _ROOM_SEGMENT.match(postpath[1])
+            and web.ready
+        ):
+            # Likewise the WebSocket upgrade, which a crowd reconnecting
+            # after a restart sends all at once.
+            upgrade = web.websocket_now(request, postpath[1].decode("ascii"))
+            if upgrade is not None:
+                return upgrade.render(request)
         else:
             try:
                 b"/".join(postpath).decode("utf-8")
@@ -2008,6 +2021,22 @@ class ChatWeb:
         (which checks who it is again, from the same credentials).
         """
         return self._in_room(request, room, self._websocket_upgrade, request)
+
+    def websocket_now(self, request: IRequest, name: str) -> Optional[IResource]:
+        """
+        L{websocket}'s answer without Klein's routing, where it is known at
+        once (a room this node follows, credentials that need no store,
+        an upgrade it accepts): Autobahn's resource.  None otherwise: the
+        route's own way gives the answer (a lookup, an error).
+        """
+        try:
+            identity = self._identify_now(request)
+            if identity is None:
+                return None
+            room = self._core.admit(self._core.room(name), identity)
+            return self._websocket_upgrade(identity, room, request)
+        except Exception:
+            return None
 
     def _websocket_upgrade(self, identity: Identity, room: Room, request: IRequest) -> IResource:
         parse_cursor(_query(request, "after"), "after")
