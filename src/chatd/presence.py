@@ -556,6 +556,11 @@ class Presence:
 
     def _announce(self, joined: List[User], left: List[str]) -> None:
         self.version += 1
+        if not self._listeners:
+            # Nobody to tell (no connection asked for presence frames): no
+            # frame to make, as each client of a crowd arrives.
+            self._wake_soon()
+            return
         frame = encode_json(
             {
                 "type": "presence",
