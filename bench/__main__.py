@@ -2,7 +2,7 @@
 chatd's benchmark: chatd and its peers side by side, driven by one load
 generator (Node.js, bench/loadgen), in one run.
 
-    python -m bench [--runs 3] [--only fanout,sse,latency,idle,longpoll,getcost,store]
+    python -m bench [--runs 3] [--only fanout,sse,latency,idle,longpoll,getcost,store,storm]
                     [--servers chatd-sqlite,chatd,autobahn,websockets,tornado,socketio]
                     [--out bench/results.jsonl]
     python -m bench --only multinode,notify
@@ -16,6 +16,10 @@ messages behind (chatd; the peers keep no history, so theirs is the same
 storm of handshakes without resume), until every client has exactly its
 missed messages.  chatd-sqlite-backlog50 is chatd-sqlite listening with
 backlog=50 (Twisted's default, chatd's before it asked for 1024).
+
+The latency cell also runs the floor (bench/peers/floor_peer.py): a
+bare Twisted server that writes each message's frame to every recipient
+with one send() each and does nothing else.
 
 multinode runs one and three chatd nodes on one PostgreSQL schema (a fresh
 one each time, dropped afterwards), hearing each other through each bus
@@ -65,6 +69,9 @@ REDIS = os.environ.get("CHATD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 #: The buses of the multinode cells, by the name the results use.
 BUSES = {"postgresql": "postgresql", "redis": REDIS}
 CPUS = os.cpu_count() or 1
+#: The latency cell's floor (bench/peers/floor_peer.py): a bare Twisted
+#: server that writes each message's frame with one send() per recipient.
+FLOOR = "floor"
 
 
 def pin(cpu: int) -> List[str]:
@@ -219,6 +226,7 @@ def latency(name: str, receivers: int) -> Dict[str, Any]:
             r["loadgen"] = "node"
     finally:
         server.stop()
+    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r.get("received", 0), 1), 2)
     return {"bench": "latency", "server": name, "receivers": receivers, **r}
 
 
@@ -227,6 +235,7 @@ def idle(name: str, connections: int) -> Dict[str, Any]:
     try:
         time.sleep(0.5)  # let start-up allocations settle before the baseline
         base = rss_kib(server.process.pid)
+        cpu = cpu_seconds(server.process.pid)
         gen = subprocess.Popen(
             pin(1) + node({"mode": "idle", "url": server.url, "connections": connections,
                            "protocol": protocol(name)}),
@@ -236,6 +245,7 @@ def idle(name: str, connections: int) -> Dict[str, Any]:
         ready = json.loads(gen.stdout.readline())
         time.sleep(1.0)  # every handshake handled
         held = rss_kib(server.process.pid)
+        spent = cpu_seconds(server.process.pid) - cpu
         gen.stdin.write(b"done\n")
         gen.stdin.flush()
         gen.wait(30)
@@ -243,7 +253,9 @@ def idle(name: str, connections: int) -> Dict[str, Any]:
         server.stop()
     return {"bench": "idle", "server": name, "connections": ready["ready"],
             "rss_base_kib": base, "rss_held_kib": held,
-            "kib_per_connection": round((held - base) / max(ready["ready"], 1), 2)}
+            "kib_per_connection": round((held - base) / max(ready["ready"], 1), 2),
+            "server_cpu_s": round(spent, 3),
+            "server_ms_per_connect": round(spent * 1e3 / max(ready["ready"], 1), 3)}
 
 
 def raw_clients() -> Optional[str]:
@@ -503,7 +515,7 @@ def store() -> List[Dict[str, Any]]:
 def main(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="fanout,sse,latency,idle,longpoll,getcost,store")
+    parser.add_argument("--only", default="fanout,sse,latency,idle,longpoll,getcost,store,storm")
     parser.add_argument("--servers", default="chatd-sqlite,chatd,autobahn,websockets,tornado,socketio")
     parser.add_argument("--out", default=str(HERE / "results.jsonl"))
     parser.add_argument("--idle-connections", type=int, default=5000)
@@ -544,7 +556,8 @@ def main(argv: List[str]) -> None:
                         if name.startswith("chatd"):
                             emit(sse_fanout(name, receivers), run)
             if "latency" in only:
-                for name in servers:
+                # And the floor: one send() per recipient, nothing else.
+                for name in servers + [FLOOR]:
                     emit(latency(name, 1000), run)
             if "idle" in only:
                 for name in servers:
@@ -572,7 +585,11 @@ def main(argv: List[str]) -> None:
                     emit(row, run)
             if "storm" in only:
                 clients = args.storm_clients or storm_clients()
-                for name in servers:
+                # chatd beside itself on Twisted's default listen queue.
+                storm_servers = list(servers)
+                if "chatd-sqlite" in servers and "chatd-sqlite-backlog50" not in servers:
+                    storm_servers.insert(servers.index("chatd-sqlite") + 1, "chatd-sqlite-backlog50")
+                for name in storm_servers:
                     if protocol(name) == "ws":  # raw WebSocket clients
                         emit(storm(name, clients, args.storm_inflight), run)
 

@@ -27,7 +27,12 @@ NAMES = {
     "tornado": "Tornado WebSocketHandler",
     "socketio": "python-socketio (aiohttp)",
     "chatd-sqlite-backlog50": "chatd (default SQLite store, backlog=50)",
+    "floor": "floor: bare Twisted, one send() per recipient",
 }
+#: The latency cell's servers: the peers, then the floor.
+LATENCY_SERVERS = SERVERS + ["floor"]
+#: Fan-out targets (issue 15): at least this many times raw Autobahn.
+FANOUT_TARGETS = {"chatd-sqlite": 1.5, "chatd": 2.0}
 #: The storm cell's servers, in the order of its table.
 STORM_SERVERS = ["chatd-sqlite", "chatd-sqlite-backlog50", "chatd", "autobahn", "websockets", "tornado"]
 
@@ -471,32 +476,43 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "",
         "1000 receivers; one sender at 20 messages/s for 10 s; send to receive on "
         "the load generator's clock. The receivers are bare sockets (in C) that "
-        "only look for the message in what arrives; Socket.IO's use its node client.",
+        "only look for the message in what arrives; Socket.IO's use its node client. "
+        "The floor (`bench/peers/floor_peer.py`) is Autobahn for the handshakes and a "
+        "message handler that frames each message once and writes it with one "
+        "`send()` per recipient, at once: what any server on one process must spend. "
+        "Server µs/delivery is the server's CPU (the 1000 handshakes included) over "
+        "the frames received.",
         "",
-        "| server | p50 ms | p99 ms | max ms | not delivered | server CPU s | load-gen CPU s | load generator |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| server | p50 ms | p99 ms | max ms | not delivered | server µs/delivery | server CPU s | load-gen CPU s | load generator |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for server in SERVERS:
+    for server in LATENCY_SERVERS:
         g = group(rows, "latency", server=server)
         if g:
             out.append(
                 f"| {NAMES[server]} | {fmt(cell(g, 'p50_ms'), 1)} | {fmt(cell(g, 'p99_ms'), 1)} | "
                 f"{fmt(cell(g, 'max_ms'), 1)} | {fmt(cell(g, 'undelivered'))} | "
+                f"{fmt(cell(g, 'server_us_per_delivery'), 1)} | "
                 f"{fmt(cell(g, 'server_cpu_s'), 2)} | {fmt(cell(g, 'loadgen_cpu_s'), 2)} | {loadgens(g)} |"
             )
     out += [
         "",
         "## Idle connections",
         "",
-        "Server RSS growth while holding idle WebSocket connections.",
+        "Server RSS growth while holding idle WebSocket connections (opened by node's "
+        "`ws`, 1 s after the last handshake), and the server's CPU per connection "
+        "opened (its handshake, and for chatd its subscription and presence).",
         "",
-        "| server | connections | KiB per connection |",
-        "| --- | --- | --- |",
+        "| server | connections | KiB per connection | server ms/connect |",
+        "| --- | --- | --- | --- |",
     ]
     for server in SERVERS:
         g = group(rows, "idle", server=server)
         if g:
-            out.append(f"| {NAMES[server]} | {g[0]['connections']} | {fmt(cell(g, 'kib_per_connection'), 1)} |")
+            out.append(
+                f"| {NAMES[server]} | {g[0]['connections']} | {fmt(cell(g, 'kib_per_connection'), 2)} | "
+                f"{fmt(cell(g, 'server_ms_per_connect'), 2)} |"
+            )
     out += [
         "",
         "## Long-poll (chatd)",
@@ -563,7 +579,7 @@ def report(rows: List[Dict[str, Any]]) -> str:
             if c is None:
                 continue
             out.append(
-                f"| {NAMES[server]}: fan-out R={receivers} >= 1.5x Autobahn | "
+                f"| {NAMES[server]}: fan-out R={receivers} >= {FANOUT_TARGETS[server]}x Autobahn | "
                 f"{ratio(c, med('fanout', 'deliveries_per_s', server='autobahn', receivers=receivers))} Autobahn, "
                 f"{ratio(c, med('fanout', 'deliveries_per_s', server='websockets', receivers=receivers))} websockets |"
             )
@@ -571,16 +587,22 @@ def report(rows: List[Dict[str, Any]]) -> str:
         c = med("latency", "p99_ms", server=server)
         if c is None:
             continue
-        a = med("latency", "p99_ms", server="autobahn")
+        w = med("latency", "p99_ms", server="websockets")
+        floor = med("latency", "p99_ms", server="floor")
         und = med("latency", "undelivered", server=server)
         out.append(
-            f"| {NAMES[server]}: latency p99 <= 0.5x Autobahn's, nothing undelivered | "
-            f"{ratio(c, a)} ({fmt(c, 1)} ms against {fmt(a, 1)} ms), undelivered {fmt(und)} |"
+            f"| {NAMES[server]}: latency p99 <= 0.5x websockets', nothing undelivered | "
+            f"{ratio(c, w)} ({fmt(c, 1)} ms against {fmt(w, 1)} ms), undelivered {fmt(und)}; "
+            f"the floor's p99 is {fmt(floor, 1)} ms ({ratio(floor, w)} websockets'), chatd's {ratio(c, floor)} the floor's |"
         )
     for server in CHATDS:
         c = med("idle", "kib_per_connection", server=server)
+        a = med("idle", "kib_per_connection", server="autobahn")
         if c is not None:
-            out.append(f"| {NAMES[server]}: idle WebSocket <= 12 KiB per connection | {fmt(c, 1)} KiB |")
+            out.append(
+                f"| {NAMES[server]}: idle WebSocket <= raw Autobahn's per connection | "
+                f"{fmt(c, 2)} KiB against {fmt(a, 2)} KiB ({ratio(c, a)}) |"
+            )
     for server in CHATDS:
         for clients, bound in ((100, 20), (1000, 150)):
             c = med("longpoll", "p99_ms", clients=clients, server=server)
@@ -616,7 +638,14 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "`sendData` writes each frame on its own and formats debug-log arguments "
         "on every call. This VM's speed moves "
         "from run to run (the ranges): compare the servers within a run.",
-        "- Latency: chatd sends a connection's first frame of each reactor "
+        "- Latency: the floor is one `send()` per recipient: on loopback the kernel "
+        "does the receiving side's TCP work inside that call, so the last of 1000 "
+        "recipients waits for 999 sends, whatever the server does around them. "
+        "Its p99 is "
+        f"{fmt(med('latency', 'p99_ms', server='floor'), 1)} ms "
+        f"({us_per(med('latency', 'server_cpu_s', server='floor'), 200_000)} µs of server CPU per delivery); "
+        "a p99 of half websockets' would be below it.",
+        "- chatd sends a connection's first frame of each reactor "
         "iteration at once (`chatd._send`, the one seam that writes past "
         "Twisted's buffer, pinned by `tests/test_send.py`; Twisted otherwise "
         "queues every write until the next iteration). What remains is about "

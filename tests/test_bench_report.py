@@ -35,7 +35,13 @@ class ReportTests(SynchronousTestCase):
                 server_cpu_s=2.0, loadgen_cpu_s=1.0, loadgen="c"),
             row(bench="latency", server="autobahn", p50_ms=10.0, p99_ms=20.0, max_ms=30.0, undelivered=0,
                 server_cpu_s=4.0, loadgen_cpu_s=1.0, loadgen="c"),
-            row(bench="idle", server="chatd", connections=5000, kib_per_connection=11.5),
+            row(bench="latency", server="websockets", p50_ms=8.0, p99_ms=16.0, max_ms=30.0, undelivered=0,
+                server_cpu_s=3.0, loadgen_cpu_s=1.0, loadgen="c"),
+            row(bench="latency", server="floor", p50_ms=4.0, p99_ms=9.0, max_ms=12.0, undelivered=0,
+                server_cpu_s=1.6, server_us_per_delivery=8.0, loadgen_cpu_s=1.0, loadgen="c"),
+            row(bench="idle", server="chatd", connections=5000, kib_per_connection=11.5,
+                server_ms_per_connect=0.25),
+            row(bench="idle", server="autobahn", connections=5000, kib_per_connection=11.5 / 1.25),
             row(bench="longpoll", server="chatd", clients=1000, deliveries_per_s=1.0,
                 p50_ms=1.0, p99_ms=2.0, max_ms=3.0, undelivered=0, received=200_000,
                 server_cpu_s=4.0, loadgen_cpu_s=2.0, loadgen="c"),
@@ -56,15 +62,26 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| chatd (--store memory:) | 100 | 1,000 (900-1,100) |", text)
         self.assertIn("| chatd (default SQLite store) | 100 | 750 (750-750) |", text)
         self.assertIn(
-            "| chatd (--store memory:): fan-out R=100 >= 1.5x Autobahn | 2.00x Autobahn, 5.00x websockets |",
+            "| chatd (--store memory:): fan-out R=100 >= 2.0x Autobahn | 2.00x Autobahn, 5.00x websockets |",
             text,
         )
         self.assertIn("| chatd (default SQLite store): fan-out R=100 >= 1.5x Autobahn | 1.50x Autobahn", text)
         self.assertIn(
-            "| chatd (--store memory:): latency p99 <= 0.5x Autobahn's, nothing undelivered | 0.50x", text
+            "| chatd (--store memory:): latency p99 <= 0.5x websockets', nothing undelivered | 0.62x "
+            "(10.0 (10.0-10.0) ms against 16.0 (16.0-16.0) ms), undelivered 0 (0-0); the floor's p99 is "
+            "9.0 (9.0-9.0) ms (0.56x websockets'), chatd's 1.11x the floor's |",
+            text,
         )
+        # The floor has its row in the latency table, with its CPU per delivery.
+        self.assertIn("| floor: bare Twisted, one send() per recipient | 4.0 (4.0-4.0) | 9.0 (9.0-9.0) |", text)
+        self.assertIn("| 0 (0-0) | 8.0 (8.0-8.0) | 1.60 (1.60-1.60) |", text)
         self.assertIn("1.10x", text)
-        self.assertIn("11.5 (11.5-11.5) KiB", text)
+        self.assertIn("| chatd (--store memory:) | 5000 | 11.50 (11.50-11.50) | 0.25 (0.25-0.25) |", text)
+        self.assertIn(
+            "| chatd (--store memory:): idle WebSocket <= raw Autobahn's per connection | "
+            "11.50 (11.50-11.50) KiB against 9.20 (9.20-9.20) KiB (1.25x) |",
+            text,
+        )
         # Long-poll: server CPU per request-response cycle, and which load
         # generator ran; latency: server CPU per recipient.
         self.assertIn("| 0 (0-0) | 20.0 (20.0-20.0) | 2.00 (2.00-2.00) | c |", text)
