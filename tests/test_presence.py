@@ -15,6 +15,7 @@ from chatd.bus.local import LocalBus
 from chatd.core import ChatCore
 from chatd.model import GUEST, ChatError, Headcount, Identity, Message, User
 from chatd.presence import (
+    ANNOUNCE_SPACING,
     MAX_ENTRIES,
     MAX_TYPERS,
     POLL_GRACE,
@@ -71,7 +72,9 @@ class PresenceTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.signals: List[Dict[str, Any]] = []
-        self.presence = Presence("lobby", self.clock, self.signals.append)
+        # A diff for every change (what each one says; how a busy moment's
+        # are told together is ANNOUNCE_SPACING's test).
+        self.presence = Presence("lobby", self.clock, self.signals.append, spacing=0)
         self.watcher = Frames()
         self.presence.arrive("guest:watcher", None, self.watcher)
 
@@ -298,6 +301,78 @@ class WakeTests(SynchronousTestCase):
         presence.arrive("user:bob", BOB)
         clock.advance(1)
         self.assertEqual(woken, [])
+
+
+class CrowdTests(SynchronousTestCase):
+    """
+    A busy moment's changes reach listeners together: the first change
+    after a quiet spell at once, the rest in one diff each
+    L{ANNOUNCE_SPACING}, so a crowd of N arriving costs each listener a
+    few frames, not N.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.presence = Presence("lobby", self.clock)
+        self.listeners = [Frames() for _ in range(50)]
+        for i, frames in enumerate(self.listeners):
+            self.presence.arrive(f"guest:{i}", None, frames)
+            self.clock.advance(ANNOUNCE_SPACING)
+
+    def diffs(self, frames: Frames) -> List[Dict[str, Any]]:
+        return [f for f in frames.of("presence") if "joined" in f]
+
+    def test_crowd_told_together(self) -> None:
+        """
+        1000 users arriving at once (a reconnect storm): every listener
+        gets the first at once, then one diff with all the others; what
+        the diffs add up to is the room as it is.
+        """
+        first = self.listeners[0]
+        told = len(self.diffs(first))
+        users = [User(f"u{i:04}", f"User {i}") for i in range(1000)]
+        for user in users:
+            self.presence.arrive("user:" + user.id, user)
+        self.assertEqual(len(self.diffs(first)), told + 1)
+        self.clock.advance(ANNOUNCE_SPACING)
+        last = self.diffs(first)[-1]
+        self.assertEqual(len(self.diffs(first)), told + 2)
+        self.assertEqual([u["id"] for u in last["joined"]], [u.id for u in sorted(users[1:], key=lambda u: (u.name, u.id))])
+        self.assertEqual((last["left"], last["guests"]), ([], 50))
+        self.assertEqual(self.diffs(first)[-2:], self.diffs(self.listeners[-1])[-2:])
+        # Quiet again: the next change is told at once.
+        self.clock.advance(10)
+        self.presence.arrive("user:late", User("late", "Late"))
+        self.assertEqual(self.diffs(first)[-1]["joined"], [{"id": "late", "name": "Late"}])
+
+    def test_joined_and_left_within_a_moment(self) -> None:
+        """
+        Someone who came and went between two diffs is told as gone (a
+        left for someone a listener never saw changes nothing for it);
+        someone who went and came back, as here.
+        """
+        first = self.listeners[0]
+        self.presence.arrive("user:x", User("x", "X")).leave()
+        self.assertEqual(self.diffs(first)[-1], diff([User("x", "X")], [], 50))
+        visit = self.presence.arrive("user:alice", ALICE)
+        self.clock.advance(ANNOUNCE_SPACING)
+        self.assertEqual(self.diffs(first)[-1], diff([ALICE], ["x"], 50))
+        visit.leave()
+        self.presence.arrive("user:bob", BOB).leave()
+        self.presence.arrive("user:alice", ALICE)
+        self.clock.advance(ANNOUNCE_SPACING)
+        self.assertEqual(self.diffs(first)[-1], diff([ALICE], ["bob"], 50))
+        self.assertEqual(self.presence.clients, 51)
+
+    def test_closed_cancels(self) -> None:
+        """
+        A diff waiting when the node stops is not sent, and no timer is left.
+        """
+        self.presence.arrive("user:alice", ALICE)
+        self.presence.arrive("user:bob", BOB)
+        self.presence.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class TypingTests(SynchronousTestCase):

@@ -25,6 +25,7 @@
  *
  *   rawclients storm HOST PORT PATH CLIENTS INFLIGHT AFTER LAST
  *       A reconnect storm: CLIENTS WebSocket clients open PATH?after=AFTER
+ *       (and &presence=1 with RAWCLIENTS_PRESENCE=1, as chatd's pages ask)
  *       (AFTER < 0: PATH as it is, no resume) on non-blocking sockets, all
  *       at once with INFLIGHT handshakes in flight (a new one starts as
  *       each is answered); each must then receive the messages AFTER+1 ..
@@ -586,7 +587,11 @@ static int storm_main(char **argv) {
     storm_addr.sin_port = htons(port);
     if (inet_pton(AF_INET, host, &storm_addr.sin_addr) != 1) die("address");
     char query[64] = "";
-    if (storm_after >= 0) snprintf(query, sizeof query, "?after=%ld", storm_after);
+    const char *presence = getenv("RAWCLIENTS_PRESENCE") ? "presence=1" : "";
+    if (storm_after >= 0)
+        snprintf(query, sizeof query, "?after=%ld%s%s", storm_after, *presence ? "&" : "", presence);
+    else if (*presence)
+        snprintf(query, sizeof query, "?%s", presence);
     storm_req_len = (size_t)snprintf(
         storm_req, sizeof storm_req,
         "GET %s%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from chatd.model import ChatError, Headcount, Identity, Message, User, encode_json
 
 __all__ = [
+    "ANNOUNCE_SPACING",
     "Listener",
     "MAX_ENTRIES",
     "MAX_TYPERS",
@@ -76,6 +77,11 @@ POLL_GRACE = 10.0
 STREAM_GRACE = 10.0
 #: Long-polls waiting for presence are woken at most this often.
 WAKE_SPACING = 0.5
+#: Presence diffs go to listening connections at most this often: the
+#: first change after a quiet spell at once, the changes of a busier one
+#: together in one diff (a crowd of N arriving would otherwise send each
+#: of N listeners N frames).
+ANNOUNCE_SPACING = 0.1
 #: The most entries a room tracks on one node; past it, newcomers are not
 #: counted (their connections still work).
 MAX_ENTRIES = 10_000
@@ -247,8 +253,12 @@ class Presence:
         clock: Optional[IReactorTime] = None,
         publish: Optional[Callable[[Dict[str, Any]], None]] = None,
         observer: Any = None,
+        spacing: float = ANNOUNCE_SPACING,
     ) -> None:
         self.room = room
+        #: Seconds between diffs (L{ANNOUNCE_SPACING}; 0: a diff for every
+        #: change).
+        self.spacing = spacing
         self._clock = clock
         self._publish = publish
         self._observer = observer
@@ -272,6 +282,12 @@ class Presence:
         self._expiry_at = 0.0
         self._wake_call: Optional[IDelayedCall] = None
         self._woke_at = float("-inf")
+        #: Changes not yet told to listeners (L{_announce}): user id to
+        #: name, or None for gone; and whether any change (guests too) is.
+        self._pending: Dict[str, Optional[str]] = {}
+        self._pending_any = False
+        self._tell_call: Optional[IDelayedCall] = None
+        self._told_at = float("-inf")
         self._connections = itertools.count(1)
         self.version = 0
         #: Tells this presence's versions apart from another's (another
@@ -555,23 +571,60 @@ class Presence:
         self._announce(sorted(joined, key=lambda u: (u.name, u.id)), sorted(left))
 
     def _announce(self, joined: List[User], left: List[str]) -> None:
+        """
+        What clients see changed: listeners hear it in the next diff
+        (L{spacing}), waiting long-polls are woken.  With no
+        listener nothing is kept (one that comes gets the snapshot).
+        """
         self.version += 1
-        if not self._listeners:
-            # Nobody to tell (no connection asked for presence frames): no
-            # frame to make, as each client of a crowd arrives.
-            self._wake_soon()
+        if self._listeners:
+            pending = self._pending
+            for user in joined:
+                pending[user.id] = user.name
+            for user_id in left:
+                pending[user_id] = None
+            self._pending_any = True
+            self._tell_soon()
+        self._wake_soon()
+
+    def _tell_soon(self) -> None:
+        clock = self._clock
+        if clock is None:
+            self._tell_pending()
             return
+        if self._tell_call is not None:
+            return
+        wait = self._told_at + self.spacing - clock.seconds()
+        if wait <= 0:
+            self._tell_pending()
+        else:
+            self._tell_call = clock.callLater(wait, self._tell_pending)
+
+    def _tell_pending(self) -> None:
+        """
+        One diff of the changes since the last: who joined (or changed
+        name), who left, and the guests now.
+        """
+        self._tell_call = None
+        if not self._pending_any:
+            return
+        pending, self._pending = self._pending, {}
+        self._pending_any = False
+        if not self._listeners:
+            return
+        if self._clock is not None:
+            self._told_at = self._clock.seconds()
+        joined = sorted((User(i, n) for i, n in pending.items() if n is not None), key=lambda u: (u.name, u.id))
         frame = encode_json(
             {
                 "type": "presence",
                 "room": self.room,
                 "joined": [u.as_dict() for u in joined],
-                "left": left,
+                "left": sorted(i for i, n in pending.items() if n is None),
                 "guests": self._shown_guests,
             }
         )
         self._tell_all("presence", frame)
-        self._wake_soon()
 
     def _tell_all(self, kind: str, frame: bytes) -> None:
         listeners = list(self._listeners.items())
@@ -774,10 +827,10 @@ class Presence:
         once).
         """
         self._clock = None
-        for call in [self._expiry, self._wake_call, *(t.call for t in self._typers.values())]:
+        for call in [self._expiry, self._wake_call, self._tell_call, *(t.call for t in self._typers.values())]:
             if call is not None and call.active():
                 call.cancel()
-        self._expiry = self._wake_call = None
+        self._expiry = self._wake_call = self._tell_call = None
         for typer in self._typers.values():
             typer.call = None
 
