@@ -670,6 +670,26 @@ def report(rows: List[Dict[str, Any]]) -> str:
         "answer (a `Request`, its headers, the parse of three lines) is about "
         "two thirds of a cycle: it is the floor of this path on one process.",
     ]
+    if storm_groups(rows):
+        out += [
+            "- Reconnect storm: where a chatd connect's CPU goes (py-spy, a 10,000-client "
+            "storm): twisted.web parsing the upgrade request, the one HTTP parser (about "
+            "a sixth); Autobahn's `WebSocketResource`, which hands Autobahn the request "
+            "serialised again, and Autobahn parsing it again and doing its handshake "
+            "(about a third: most of what raw Autobahn spends per connect by itself); "
+            "chatd's own work, the room's backlog, the subscription, presence and the two "
+            "log lines of each connection (about a fifth); accepting the socket and the "
+            "garbage collector the rest. Before issue 15 Autobahn also formatted its 29 "
+            "protocol options for a debug line on every connection (a fifth of the CPU; "
+            "`chatd.ws.configured` keeps them on the class), Klein routed every upgrade "
+            "(a sixth; the root hands the ones it can accept at once to Autobahn, "
+            "`tests/test_longpoll.py` compares both ways byte for byte), and Python's "
+            "collector thresholds ran 1,391 collections in 1.38 s (`chatd.service.GC_THRESHOLDS`). "
+            "What is left is two parses of one request and chatd's work per client: on "
+            "one process a storm is served faster only by a handshake that takes "
+            "twisted.web's parsed request, which Autobahn does not offer; past that, by "
+            "more processes (several nodes behind a balancer, docs/deploy.md).",
+        ]
     return "\n".join(out) + "\n"
 
 
