@@ -365,14 +365,44 @@ class CrowdTests(SynchronousTestCase):
         self.assertEqual(self.diffs(first)[-1], diff([ALICE], ["bob"], 50))
         self.assertEqual(self.presence.clients, 51)
 
-    def test_closed_cancels(self) -> None:
+    def test_closed_tells_what_waits(self) -> None:
         """
-        A diff waiting when the node stops is not sent, and no timer is left.
+        A diff waiting when the node stops is sent then, and no timer is
+        left.
         """
         self.presence.arrive("user:alice", ALICE)
         self.presence.arrive("user:bob", BOB)
         self.presence.close()
+        self.assertEqual(self.diffs(self.listeners[0])[-1], diff([BOB], [], 50))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_every_listener_gone_meanwhile(self) -> None:
+        """
+        Changes held for listeners that all went before the diff are
+        forgotten: listeners that come back get the snapshot, and no
+        stale diff after it (a blip that drops and reconnects a whole
+        small room).
+        """
+        presence = Presence("lobby", self.clock)
+        a, b = Frames(), Frames()
+        visit_a = presence.arrive("user:alice", ALICE, a)
+        visit_b = presence.arrive("user:bob", BOB, b)  # told at once
+        self.clock.advance(ANNOUNCE_SPACING / 10)
+        visit_b.leave()  # held: bob left
+        visit_a.leave()
+        b = Frames()
+        presence.arrive("user:bob", BOB, b)
+        a = Frames()
+        presence.arrive("user:alice", ALICE, a)
+        self.clock.advance(ANNOUNCE_SPACING)
+        for frames in (a, b):
+            snapshot, *diffs = frames.of("presence")
+            here = {u["id"] for u in snapshot["users"]}
+            for d in diffs:
+                here |= {u["id"] for u in d["joined"]}
+                here -= set(d["left"])
+            self.assertEqual(here, {"alice", "bob"})
+        self.assertEqual([u.id for u in presence.users], ["alice", "bob"])
 
 
 class TypingTests(SynchronousTestCase):

@@ -440,6 +440,10 @@ class Presence:
         self, visit: Visit, listener: Optional[Listener], wake: Optional[Callable[[], None]]
     ) -> Visit:
         if listener is not None:
+            if not self._listeners:
+                # Changes held for listeners that have all gone since (and
+                # none recorded after): the snapshot says what is now.
+                self._forget_pending()
             self._listeners[visit] = listener
             self._tell(visit, listener, "presence", self.snapshot())
             typers = list(self._typers.values())
@@ -587,6 +591,13 @@ class Presence:
             self._tell_soon()
         self._wake_soon()
 
+    def _forget_pending(self) -> None:
+        self._pending = {}
+        self._pending_any = False
+        if self._tell_call is not None and self._tell_call.active():
+            self._tell_call.cancel()
+        self._tell_call = None
+
     def _tell_soon(self) -> None:
         clock = self._clock
         if clock is None:
@@ -605,7 +616,9 @@ class Presence:
         One diff of the changes since the last: who joined (or changed
         name), who left, and the guests now.
         """
-        self._tell_call = None
+        call, self._tell_call = self._tell_call, None
+        if call is not None and call.active():
+            call.cancel()  # told sooner (the node is stopping)
         if not self._pending_any:
             return
         pending, self._pending = self._pending, {}
@@ -826,6 +839,8 @@ class Presence:
         (entries leave at once, typing is ignored, long-polls are woken at
         once).
         """
+        # What listeners were still to hear, they hear now.
+        self._tell_pending()
         self._clock = None
         for call in [self._expiry, self._wake_call, self._tell_call, *(t.call for t in self._typers.values())]:
             if call is not None and call.active():
