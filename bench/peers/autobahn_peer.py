@@ -17,22 +17,33 @@ class Broadcast(WebSocketServerProtocol):
     def onClose(self, wasClean, code, reason):
         self.factory.clients.discard(self)
 
-    def onMessage(self, payload, isBinary):
+    def prepared(self, payload):
+        """
+        The message for the room: the client's JSON with a seq, framed once.
+        """
         frame = json.loads(payload)
         self.factory.seq += 1
         out = json.dumps(
             {"type": "message", "room": "bench", "seq": self.factory.seq,
              "nick": frame.get("nick"), "body": frame.get("body"), "ts": reactor.seconds()}
         ).encode()
-        prepared = self.factory.prepareMessage(out)
+        return self.factory.prepareMessage(out)
+
+    def onMessage(self, payload, isBinary):
+        prepared = self.prepared(payload)
         for client in self.factory.clients:
             client.sendPreparedMessage(prepared)
 
 
-factory = WebSocketServerFactory()
-factory.protocol = Broadcast
-factory.clients = set()
-factory.seq = 0
-port = reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1", backlog=4096)
-print("READY", port.getHost().port, flush=True)
-reactor.run()
+def serve(protocol):
+    factory = WebSocketServerFactory()
+    factory.protocol = protocol
+    factory.clients = set()
+    factory.seq = 0
+    port = reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1", backlog=4096)
+    print("READY", port.getHost().port, flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    serve(Broadcast)
