@@ -82,39 +82,62 @@ function connectRaw(url) {
 // is handed over as the number of events in it (one "id: " line each),
 // without parsing the rest, as the raw WebSocket client does.
 function connectSSE(url) {
+  // An event stream the way a browser's EventSource reads it: the server
+  // ends a stream after 4 MiB or 55 s (chatd.sse), and the receiver
+  // connects again at once with Last-Event-ID, resuming after the last
+  // event it had.
   const net = require("net");
   const u = new URL(url);
   const room = u.pathname.split("/").pop();
   return new Promise((resolve, reject) => {
-    const sock = net.connect(Number(u.port), u.hostname);
-    sock.setNoDelay(true);
-    const client = {onmessage: null, send: () => { throw new Error("receive-only"); }, close: () => sock.destroy()};
-    let started = false;
-    let head = "";
-    let tail = "";  // an "id: " split across two reads is counted once
-    const count = (text) => {
-      const joined = tail + text;
-      const n = (joined.match(/\nid: /g) || []).length;
-      tail = joined.slice(-4);
-      if (n && client.onmessage) client.onmessage(n);
+    let closed = false;
+    let lastId = null;
+    let sock = null;
+    const client = {
+      onmessage: null,
+      send: () => { throw new Error("receive-only"); },
+      close: () => { closed = true; if (sock) sock.destroy(); },
     };
-    sock.on("connect", () => {
-      sock.write(`GET /api/rooms/${room}/events HTTP/1.1\r\nHost: ${u.host}\r\n\r\n`);
-    });
-    sock.on("data", (data) => {
-      if (!started) {
-        head += data.toString("latin1");
-        const end = head.indexOf("\r\n\r\n");
-        if (end < 0) return;
-        if (!head.startsWith("HTTP/1.1 200")) { reject(new Error(head)); return; }
-        started = true;
-        resolve(client);
-        count(head.slice(end + 2));
-        return;
-      }
-      count(data.toString("latin1"));
-    });
-    sock.on("error", reject);
+    const open = () => {
+      let started = false;
+      let head = "";
+      let tail = "";  // an "id: " split across two reads is counted once
+      let recent = "";  // enough of the last read for an id line split across two
+      const count = (text) => {
+        const joined = tail + text;
+        const n = (joined.match(/\nid: /g) || []).length;
+        tail = joined.slice(-4);
+        const seen = recent + text;
+        const at = seen.lastIndexOf("\nid: ");
+        const eol = at < 0 ? -1 : seen.indexOf("\n", at + 5);
+        if (eol > 0) lastId = seen.slice(at + 5, eol).trim();
+        if (seen.includes("\r\n0\r\n\r\n")) sock.destroy();  // the stream's last chunk: it ended
+        recent = seen.slice(-64);
+        if (n && client.onmessage) client.onmessage(n);
+      };
+      sock = net.connect(Number(u.port), u.hostname);
+      sock.setNoDelay(true);
+      sock.on("connect", () => {
+        const resume = lastId === null ? "" : `Last-Event-ID: ${lastId}\r\n`;
+        sock.write(`GET /api/rooms/${room}/events HTTP/1.1\r\nHost: ${u.host}\r\n${resume}\r\n`);
+      });
+      sock.on("data", (data) => {
+        if (!started) {
+          head += data.toString("latin1");
+          const end = head.indexOf("\r\n\r\n");
+          if (end < 0) return;
+          if (!head.startsWith("HTTP/1.1 200")) { reject(new Error(head)); return; }
+          started = true;
+          resolve(client);
+          count(head.slice(end + 2));
+          return;
+        }
+        count(data.toString("latin1"));
+      });
+      sock.on("close", () => { if (!closed && started) open(); });  // (destroy() closes too)
+      sock.on("error", (err) => { if (!started) reject(err); });
+    };
+    open();
   });
 }
 
