@@ -451,7 +451,9 @@ def report(rows: List[Dict[str, Any]]) -> str:
             "## Fan-out over Server-Sent Events",
             "",
             "The same cell with chatd's SSE receivers (bare sockets reading "
-            "`/api/rooms/<room>/events`, counting its `id:` lines) beside its "
+            "`/api/rooms/<room>/events`, counting its `id:` lines, and connecting "
+            "again with `Last-Event-ID` when chatd ends a stream at 4 MiB or 55 s, as "
+            "a browser's EventSource does) beside its "
             "WebSocket receivers, from the same run; the sender is the same "
             "WebSocket client.",
             "",
