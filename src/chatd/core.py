@@ -336,6 +336,22 @@ class ChatCore:
             raise muted(room.name, mute[0])
         return room
 
+    def _check_post(self, peer: Optional[Peer]) -> None:
+        """
+        Take a post from C{peer}'s allowance (none without a peer or limits).
+
+        @raise ChatError: C{rate_limited}.
+        """
+        if peer is not None and self._limits is not None:
+            self._limits.check_post(peer)
+
+    def _in_room(self, room_name: str, identity: Identity, act: Callable[[Room], Any]) -> Deferred:
+        """
+        Coroutine C{act(room)}, once C{identity} has entered room
+        C{room_name} (L{enter}).
+        """
+        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(act(room)))
+
     def mute_of(self, room: Room, identity: Identity) -> Optional[Tuple[Optional[int]]]:
         """
         C{(until_ms,)} while C{identity}'s user is muted in C{room}
@@ -436,9 +452,7 @@ class ChatCore:
                 meta = {"by": None if identity.user is None else identity.user.as_dict()}
             return await self._event(room, user, "member", new or "", meta=meta)
 
-        return self.enter(room_name, identity).addCallback(
-            lambda room: Deferred.fromCoroutine(change(room))
-        )
+        return self._in_room(room_name, identity, change)
 
     async def _event(
         self,
@@ -501,6 +515,7 @@ class ChatCore:
         """
 
         async def edit(room: Room) -> Message:
+            self._speak(room, identity)
             user = identity.user
             if user is None:
                 raise auth_required("Sign in, or send a token, to edit your messages.")
@@ -518,14 +533,12 @@ class ChatCore:
             return await self._event(room, user, "edit", text, target=seq, guard=guard)
 
         try:
-            if peer is not None and self._limits is not None:
-                self._limits.check_post(peer)
+            self._check_post(peer)
             seq = validate_seq(target_seq)
             text = validate_body(body, self.max_body)
         except ChatError as e:
             return _fail(e)
-        d = self.enter(room_name, identity).addCallback(self._speak, identity)
-        return d.addCallback(lambda room: Deferred.fromCoroutine(edit(room)))
+        return self._in_room(room_name, identity, edit)
 
     def delete(
         self, room_name: str, target_seq: object, identity: Identity, peer: Optional[Peer] = None
@@ -560,12 +573,11 @@ class ChatCore:
             return await self._event(room, user, "delete", target=seq, guard=guard)
 
         try:
-            if peer is not None and self._limits is not None:
-                self._limits.check_post(peer)
+            self._check_post(peer)
             seq = validate_seq(target_seq)
         except ChatError as e:
             return _fail(e)
-        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(delete(room)))
+        return self._in_room(room_name, identity, delete)
 
     def moderate(
         self,
@@ -632,15 +644,14 @@ class ChatCore:
             return await self._event(room, User(target_id, name), "moderation", meta=meta, guard=guard)
 
         try:
-            if peer is not None and self._limits is not None:
-                self._limits.check_post(peer)
+            self._check_post(peer)
             target_id = validate_user_id(user_id)
             what = validate_action(action)
             seconds = validate_duration(duration) if what in ("ban", "mute") else None
             why = validate_reason(reason)
         except ChatError as e:
             return _fail(e)
-        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(moderate(room)))
+        return self._in_room(room_name, identity, moderate)
 
     def configure_room(
         self,
@@ -679,8 +690,7 @@ class ChatCore:
             return await self._event(room, identity.user, "room", meta={"change": change}, guard=guard)
 
         try:
-            if peer is not None and self._limits is not None:
-                self._limits.check_post(peer)
+            self._check_post(peer)
             text = None if topic is None else validate_topic(topic)
             if edits is not None and not isinstance(edits, bool):
                 raise ChatError("invalid_parameter", "edits must be true or false.")
@@ -688,7 +698,7 @@ class ChatCore:
                 raise ChatError("invalid_parameter", "Give a topic, edits, or both.")
         except ChatError as e:
             return _fail(e)
-        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(configure(room)))
+        return self._in_room(room_name, identity, configure)
 
     # -- read markers --------------------------------------------------------
 
@@ -725,7 +735,7 @@ class ChatCore:
                     self._flush_call = self._clock.callLater(READ_FLUSH, self.flush_read_markers)
             return read, max(0, room.last_seq - read)
 
-        return self.enter(room_name, identity).addCallback(lambda room: Deferred.fromCoroutine(mark(room)))
+        return self._in_room(room_name, identity, mark)
 
     def _remember(self, user_id: str, marks: Dict[str, int]) -> None:
         """
@@ -893,8 +903,7 @@ class ChatCore:
         """
         user = identity.user
         try:
-            if peer is not None and self._limits is not None:
-                self._limits.check_post(peer)
+            self._check_post(peer)
             nick = validate_nick(nick) if user is None else user.name
             body = validate_body(body, self.max_body)
             client_id = validate_client_id(client_id)
