@@ -1689,10 +1689,7 @@ class ChatWeb:
         sends after every answer, so it does without Deferreds of its own.
         """
         try:
-            identity = self._identify_now(request)
-            if identity is None:
-                raise _NotNow()
-            self._core.admit(self._core.room(room), identity)
+            identity, _ = self._enter_now(request, room)
             query = _messages_query(request)
             here = _presence_query(request, poll=True)
             if query.before is not None:
@@ -2030,13 +2027,23 @@ class ChatWeb:
         route's own way gives the answer (a lookup, an error).
         """
         try:
-            identity = self._identify_now(request)
-            if identity is None:
-                return None
-            room = self._core.admit(self._core.room(name), identity)
-            return self._websocket_upgrade(identity, room, request)
+            return self._websocket_upgrade(*self._enter_now(request, name), request)
         except Exception:
             return None
+
+    def _enter_now(self, request: IRequest, name: str) -> Tuple[Identity, Room]:
+        """
+        The request's identity and room C{name}, where both are known at
+        once: credentials that need no store (L{_identify_now}), a room
+        this node follows, admitted.
+
+        @raise _NotNow: the credentials must be looked up.
+        @raise ChatError: not a room this node follows, or refused.
+        """
+        identity = self._identify_now(request)
+        if identity is None:
+            raise _NotNow()
+        return identity, self._core.admit(self._core.room(name), identity)
 
     def _websocket_upgrade(self, identity: Identity, room: Room, request: IRequest) -> IResource:
         parse_cursor(_query(request, "after"), "after")
