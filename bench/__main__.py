@@ -177,6 +177,14 @@ def measured(server: Union[Server, Sequence[Server]], argv: List[str], timeout: 
     return result
 
 
+def us_per_delivery(result: Dict[str, Any], count: str) -> float:
+    """
+    The server's CPU in microseconds per delivery: over C{result[count]}
+    (the deliveries or frames the load generator counted).
+    """
+    return round(result["server_cpu_s"] * 1e6 / max(result.get(count, 0), 1), 2)
+
+
 def protocol(name: str) -> str:
     return "socketio" if name == "socketio" else "ws"
 
@@ -188,7 +196,7 @@ def fanout(name: str, receivers: int) -> Dict[str, Any]:
                                    "window": 100, "duration": 5, "protocol": protocol(name)}))
     finally:
         server.stop()
-    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
+    r["server_us_per_delivery"] = us_per_delivery(r, "delivered")
     return {"bench": "fanout", "server": name, "receivers": receivers, **r}
 
 
@@ -204,7 +212,7 @@ def sse_fanout(name: str, receivers: int) -> Dict[str, Any]:
                                    "window": 100, "duration": 5, "protocol": "ws", "sse": True}))
     finally:
         server.stop()
-    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
+    r["server_us_per_delivery"] = us_per_delivery(r, "delivered")
     return {"bench": "sse", "server": name, "receivers": receivers, **r}
 
 
@@ -226,7 +234,7 @@ def latency(name: str, receivers: int) -> Dict[str, Any]:
             r["loadgen"] = "node"
     finally:
         server.stop()
-    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r.get("received", 0), 1), 2)
+    r["server_us_per_delivery"] = us_per_delivery(r, "received")
     return {"bench": "latency", "server": name, "receivers": receivers, **r}
 
 
@@ -443,7 +451,7 @@ def multinode_fanout(bus: str, nodes: int, receivers: int) -> Dict[str, Any]:
                                             "protocol": "ws"}))
     finally:
         cluster.stop()
-    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["delivered"], 1), 2)
+    r["server_us_per_delivery"] = us_per_delivery(r, "delivered")
     return {"bench": "multinode", "test": "fanout", "bus": bus, "nodes": nodes, "receivers": receivers, **r}
 
 
@@ -466,7 +474,7 @@ def multinode_latency(bus: str, nodes: int, receivers: int) -> Dict[str, Any]:
             r["loadgen"] = "node"
     finally:
         cluster.stop()
-    r["server_us_per_delivery"] = round(r["server_cpu_s"] * 1e6 / max(r["received"], 1), 2)
+    r["server_us_per_delivery"] = us_per_delivery(r, "received")
     return {"bench": "multinode", "test": "latency", "bus": bus, "nodes": nodes, "receivers": receivers, **r}
 
 
