@@ -62,14 +62,20 @@ def make_web(
     templates = find_data_dir("templates")
     static = find_data_dir("static")
     assert templates is not None and static is not None
-    upgrades: Any = Resource()
-    if websocket:
-        factory = ChatWebSocketFactory(core, clock=clock, auto_ping=0)
-        # Autobahn's handshake timers run on the global reactor.
-        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
-        upgrades = WebSocketResource(factory)
+    upgrades: Any = WebSocketResource(quiet_factory(core, clock)) if websocket else Resource()
     web = ChatWeb(core, make_environment(templates), static, upgrades)
     return core, web, clock
+
+
+def quiet_factory(core: ChatCore, clock: Clock) -> ChatWebSocketFactory:
+    """
+    chatd's WebSocket factory on C{clock}, without the timers Autobahn
+    runs on the global reactor (auto-ping, handshake timeouts), in
+    batches that outlive a cancel.
+    """
+    factory = ChatWebSocketFactory(core, clock=clock, auto_ping=0)
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    return factory
 
 
 def _unlimited(args: Sequence[str]) -> Tuple[str, ...]:

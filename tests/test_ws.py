@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from chatd.core import ChatCore
 from chatd.store.memory import MemoryStore
 from chatd.ws import ChatWebSocketFactory, ChatWebSocketProtocol, frame_limit
+from tests._support import quiet_factory
 
 
 class FactoryTests(SynchronousTestCase):
@@ -81,10 +82,7 @@ class SendTests(SynchronousTestCase):
         core = ChatCore(MemoryStore(), Clock())
         core.start()
         self.clock = Clock()
-        factory = ChatWebSocketFactory(core, clock=self.clock, auto_ping=0)
-        # Autobahn's handshake timers run on the global reactor, in
-        # batches that outlive a cancel: none for these tests.
-        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        factory = quiet_factory(core, self.clock)
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
         self.addCleanup(lambda: protocol.state == protocol.STATE_CLOSED or protocol.connectionLost(Failure(ConnectionDone())))
@@ -167,9 +165,7 @@ class ConfiguredTests(SynchronousTestCase):
     def factory(self) -> ChatWebSocketFactory:
         core = ChatCore(MemoryStore(), Clock())
         core.start()
-        factory = ChatWebSocketFactory(core, clock=Clock(), auto_ping=0)
-        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
-        return factory
+        return quiet_factory(core, Clock())
 
     def test_autobahn_copies_config_attrs_only(self) -> None:
         """
