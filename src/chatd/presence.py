@@ -572,7 +572,7 @@ class Presence:
             return
         self._shown = shown
         self._shown_guests = guests
-        self._announce(sorted(joined, key=lambda u: (u.name, u.id)), sorted(left))
+        self._announce(joined, left)
 
     def _announce(self, joined: List[User], left: List[str]) -> None:
         """
@@ -592,6 +592,9 @@ class Presence:
         self._wake_soon()
 
     def _forget_pending(self) -> None:
+        """
+        Drop the changes not yet told, and the timer that would tell them.
+        """
         self._pending = {}
         self._pending_any = False
         if self._tell_call is not None and self._tell_call.active():
@@ -616,14 +619,10 @@ class Presence:
         One diff of the changes since the last: who joined (or changed
         name), who left, and the guests now.
         """
-        call, self._tell_call = self._tell_call, None
-        if call is not None and call.active():
-            call.cancel()  # told sooner (the node is stopping)
-        if not self._pending_any:
-            return
-        pending, self._pending = self._pending, {}
-        self._pending_any = False
-        if not self._listeners:
+        pending, changed = self._pending, self._pending_any
+        # (Its timer, if it is told sooner: the node is stopping.)
+        self._forget_pending()
+        if not changed or not self._listeners:
             return
         if self._clock is not None:
             self._told_at = self._clock.seconds()
@@ -842,10 +841,10 @@ class Presence:
         # What listeners were still to hear, they hear now.
         self._tell_pending()
         self._clock = None
-        for call in [self._expiry, self._wake_call, self._tell_call, *(t.call for t in self._typers.values())]:
+        for call in [self._expiry, self._wake_call, *(t.call for t in self._typers.values())]:
             if call is not None and call.active():
                 call.cancel()
-        self._expiry = self._wake_call = self._tell_call = None
+        self._expiry = self._wake_call = None
         for typer in self._typers.values():
             typer.call = None
 
